@@ -1,0 +1,122 @@
+"""`jaxrlhf rm | ppo | grpo | dpo | generate | export | plot | demo`.
+
+Training commands take `--config FILE.yaml` and `dotted.key=value` overrides, e.g.
+`jaxrlhf rm --config configs/rm_tiny.yaml lora.r=8 run.run_dir=runs/rm1`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _setup_env() -> None:
+    # Quiet, offline defaults; XLA's CPU collectives need a larger thread pool on small hosts.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("NPROC", "16")
+
+
+def _training_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxrlhf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _training_parser(sub, "rm", "train a reward model (Bradley–Terry)")
+    _training_parser(sub, "ppo", "PPO with a LoRA policy and critic")
+    _training_parser(sub, "grpo", "GRPO (group-relative, no critic)")
+    _training_parser(sub, "dpo", "direct preference optimisation")
+
+    g = sub.add_parser("generate", help="print completions for prompts")
+    g.add_argument("prompts", nargs="*", help="prompts (default: one example prompt)")
+    g.add_argument("--model", default="default", help="HF folder, .gguf, 'default' or 'tiny'")
+    g.add_argument("--adapter", help="a PEFT adapter folder to apply (merged)")
+    g.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    g.add_argument("--max-new-tokens", type=int, default=48)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+
+    e = sub.add_parser("export", help="export an adapter (PEFT) or the merged model (HF)")
+    e.add_argument("--model", default="default", help="the base model")
+    e.add_argument("--adapter", required=True, help="a PEFT adapter folder (from a run)")
+    e.add_argument("--peft", help="write the adapter (PEFT format) here")
+    e.add_argument("--merged", help="write the merged model (HF safetensors) here")
+
+    pl = sub.add_parser("plot", help="draw a run's metrics to PNG")
+    pl.add_argument("run_dir")
+    pl.add_argument("--keys", nargs="*", help="metrics to plot (default: all)")
+
+    d = sub.add_parser("demo", help="the end-to-end PE-RLHF pipeline (sentiment, VADER judge)")
+    d.add_argument("--quick", action="store_true", help="a minute-long run on a tiny model")
+    d.add_argument("--run-dir", default=None)
+    d.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the demo config")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_env()
+    args = build_parser().parse_args(argv)
+    from jaxrlhf.train.loop import TrainingInterrupted
+
+    try:
+        return _dispatch(args)
+    except TrainingInterrupted as e:
+        print(f"jaxrlhf: {e}", file=sys.stderr)
+        return 143
+    except (ValueError, FileNotFoundError) as e:
+        print(f"jaxrlhf {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from jaxrlhf import config as C
+
+    if args.command == "rm":
+        from jaxrlhf.commands.rm import run_rm
+
+        run_rm(C.load_config(C.RMConfig, args.config, args.overrides), resume=args.resume)
+    elif args.command == "ppo":
+        from jaxrlhf.commands.ppo import run_ppo
+
+        run_ppo(C.load_config(C.PPOConfig, args.config, args.overrides), resume=args.resume)
+    elif args.command == "grpo":
+        from jaxrlhf.commands.grpo import run_grpo
+
+        run_grpo(C.load_config(C.GRPOConfig, args.config, args.overrides), resume=args.resume)
+    elif args.command == "dpo":
+        from jaxrlhf.commands.dpo import run_dpo
+
+        run_dpo(C.load_config(C.DPOConfig, args.config, args.overrides), resume=args.resume)
+    elif args.command == "generate":
+        from jaxrlhf.commands.generate import run_generate
+
+        run_generate(args)
+    elif args.command == "export":
+        from jaxrlhf.commands.generate import run_export
+
+        run_export(args)
+    elif args.command == "plot":
+        from jaxrlhf.train.metrics import plot_run
+
+        for path in plot_run(args.run_dir, keys=args.keys):
+            print(path)
+    elif args.command == "demo":
+        from jaxrlhf.commands.demo import run_demo
+
+        run_demo(quick=args.quick, run_dir=args.run_dir, overrides=args.overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Functional LoRA: an adapter is a small pytree beside the frozen base params.
+
+For every targeted projection `W: [in, out]` (stacked over layers) the adapter holds
+
+    lora_A: [L, in, r]   (random at init)      lora_B: [L, r, out]   (zero at init)
+
+and the layer computes `x·W + s·(dropout(x)·A)·B` with `s = alpha / r` (or `alpha / sqrt(r)`
+with rsLoRA). Because `B = 0` at init, a fresh adapter is the base model exactly. The adapter
+may also carry full copies of heads (`modules_to_save`, e.g. `score`, `value`), which are
+trained fully; the base keeps its own, so "adapter off" is always the original model.
+
+    lora = init_lora(key, params, lora_cfg, model_cfg)
+    logits = forward(params, ids, mask, cfg=model_cfg, lora=lora, lora_scale=lora_cfg.scale)
+    ref_logits = forward(params, ids, mask, cfg=model_cfg)    # reference: adapter off
+    merged = merge(params, lora, lora_cfg)                    # W + s·A·B, for rollouts/export
+
+Only the adapter tree is differentiated, so no full-size gradient of a frozen weight exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.models.hf_names import module_path
+from jaxrlhf.models.transformer import PROJECTIONS, init_head
+
+Params = dict[str, Any]
+HEADS = ("score", "value")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | str = PROJECTIONS
+    """Module names matched by suffix (`q_proj`), or one regex matched against the full module
+    name (`model.layers.3.self_attn.q_proj`), as PEFT does."""
+    modules_to_save: tuple[str, ...] = ()
+    use_rslora: bool = False
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    task_type: Literal["CAUSAL_LM", "SEQ_CLS"] = "CAUSAL_LM"
+    max_rank: int | None = None
+    """Largest rank the rollout engine is compiled for; a larger `r` is refused."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if isinstance(self.modules_to_save, list | str):
+            mts = (self.modules_to_save,) if isinstance(self.modules_to_save, str) else self.modules_to_save
+            object.__setattr__(self, "modules_to_save", tuple(mts))
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"LoraConfig.r must be an integer >= 1, got {self.r!r}")
+        if self.alpha <= 0:
+            raise ValueError(f"LoraConfig.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in ("kaiming", "gaussian"):
+            raise ValueError(f"LoraConfig.init must be 'kaiming' or 'gaussian', got {self.init!r}")
+        if self.task_type not in ("CAUSAL_LM", "SEQ_CLS"):
+            raise ValueError(
+                f"LoraConfig.task_type must be 'CAUSAL_LM' or 'SEQ_CLS', got {self.task_type!r}")
+        for m in self.modules_to_save:
+            if m not in HEADS:
+                raise ValueError(f"LoraConfig.modules_to_save: unknown module {m!r}; "
+                                 f"jaxrlhf trains these heads fully: {', '.join(HEADS)}")
+        if self.task_type == "SEQ_CLS" and "score" not in self.modules_to_save:
+            raise ValueError(
+                "LoraConfig: a SEQ_CLS adapter must list 'score' in modules_to_save, otherwise "
+                "the randomly initialised score head would never be trained")
+        if self.max_rank is not None and self.r > self.max_rank:
+            raise ValueError(
+                f"LoraConfig.r={self.r} exceeds the rollout engine's max_rank={self.max_rank}; "
+                f"raise max_rank (the sampler is compiled for it) or lower r")
+        if not self.target_modules:
+            raise ValueError("LoraConfig.target_modules is empty")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def _matches(cfg: LoraConfig, full_name: str) -> bool:
+    if isinstance(cfg.target_modules, str):
+        return re.fullmatch(cfg.target_modules, full_name) is not None
+    return any(full_name == t or full_name.endswith("." + t) for t in cfg.target_modules)
+
+
+def targeted_modules(cfg: LoraConfig, model_cfg: ModelConfig) -> tuple[str, ...]:
+    """The projections the adapter covers. Every block must be matched alike, since blocks
+    are stacked; a name or regex that matches nothing is an error."""
+    chosen = []
+    for proj in PROJECTIONS:
+        hits = [_matches(cfg, f"model.layers.{i}.{module_path(proj)}")
+                for i in range(model_cfg.num_layers)]
+        if all(hits):
+            chosen.append(proj)
+        elif any(hits):
+            layers = [i for i, h in enumerate(hits) if h]
+            raise ValueError(
+                f"LoraConfig.target_modules matches {proj} in layers {layers} only; jaxrlhf "
+                f"adapts a projection in every layer (its blocks are stacked)")
+    if not chosen:
+        raise ValueError(
+            f"LoraConfig.target_modules={cfg.target_modules!r} matches no module; choose from "
+            f"{', '.join(PROJECTIONS)} (or a regex over names like model.layers.0.self_attn.q_proj)")
+    if not isinstance(cfg.target_modules, str):
+        # The same suffix rule as `_matches`, so a partial name like "attn.q_proj" is flagged.
+        full_names = [f"model.layers.{i}.{module_path(p)}"
+                      for i in range(model_cfg.num_layers) for p in PROJECTIONS]
+        unused = [t for t in cfg.target_modules
+                  if not any(n == t or n.endswith("." + t) for n in full_names)]
+        if unused:
+            raise ValueError(f"LoraConfig.target_modules: {unused} match no module; choose from "
+                             f"{', '.join(PROJECTIONS)}")
+    return tuple(chosen)
+
+
+def init_lora(key: jax.Array, params: Params, cfg: LoraConfig, model_cfg: ModelConfig,
+              *, dtype=jnp.float32) -> Params:
+    """A fresh adapter: A random (PEFT's kaiming-uniform, or normal with std 1/r), B zero, and
+    copies of the `modules_to_save` heads (freshly initialised if the base has none)."""
+    layers = params["layers"]
+    tree: Params = {"layers": {}}
+    keys = jax.random.split(key, len(PROJECTIONS) + len(HEADS))
+    for k, proj in zip(keys, targeted_modules(cfg, model_cfg), strict=False):
+        n_layers, fan_in, fan_out = layers[proj]["kernel"].shape
+        if cfg.init == "kaiming":
+            # torch's kaiming_uniform_(a=sqrt(5)) on a [r, in] weight: bound = 1/sqrt(in).
+            bound = 1.0 / math.sqrt(fan_in)
+            a = jax.random.uniform(k, (n_layers, fan_in, cfg.r), jnp.float32, -bound, bound)
+        else:
+            a = jax.random.normal(k, (n_layers, fan_in, cfg.r), jnp.float32) / cfg.r
+        tree["layers"][proj] = {"lora_A": a.astype(dtype),
+                                "lora_B": jnp.zeros((n_layers, cfg.r, fan_out), dtype)}
+    for k, head in zip(keys[len(PROJECTIONS):], cfg.modules_to_save, strict=False):
+        if head in params:
+            tree[head] = jax.tree.map(lambda x: jnp.array(x, dtype), params[head])
+        else:
+            tree[head] = init_head(k, model_cfg, head, dtype=dtype)
+    return tree
+
+
+def delta(lora_layer: Params, scale: float) -> jax.Array:
+    """s·A·B for one stacked projection: [L, in, out] in float32."""
+    return scale * jnp.einsum("lir,lro->lio", lora_layer["lora_A"].astype(jnp.float32),
+                              lora_layer["lora_B"].astype(jnp.float32))
+
+
+def _fold(params: Params, lora: Params, scale: float, sign: float, with_heads: bool) -> Params:
+    layers = dict(params["layers"])
+    for proj, ab in lora.get("layers", {}).items():
+        w = layers[proj]["kernel"]
+        layers[proj] = {**layers[proj],
+                        "kernel": (w.astype(jnp.float32) + sign * delta(ab, scale)).astype(w.dtype)}
+    out = {**params, "layers": layers}
+    if with_heads:
+        for head in HEADS:
+            if head in lora:
+                out[head] = lora[head]
+    return out
+
+
+def merge(params: Params, lora: Params, cfg: LoraConfig, *, with_heads: bool = True) -> Params:
+    """Base params with the adapter folded in (`W + s·A·B`); with `with_heads` the adapter's
+    trained heads replace the base's. For rollouts (sampling at base speed) and export."""
+    return _fold(params, lora, cfg.scale, +1.0, with_heads)
+
+
+def unmerge(merged: Params, lora: Params, cfg: LoraConfig) -> Params:
+    """Subtract the adapter's kernels again (`W − s·A·B`); heads are left as they are."""
+    return _fold(merged, lora, cfg.scale, -1.0, False)
+
+
+def pad_rank(lora: Params, max_rank: int) -> Params:
+    """Zero-pad an adapter's rank to `max_rank`, so one compiled rollout program serves every
+    adapter of rank ≤ max_rank (A·B is unchanged by zero rows/columns). Larger is refused."""
+    def pad(ab: Params) -> Params:
+        r = ab["lora_A"].shape[-1]
+        if r > max_rank:
+            raise ValueError(f"adapter rank {r} exceeds the rollout engine's max_rank={max_rank}; "
+                             f"recompile the sampler with a larger max_rank")
+        extra = max_rank - r
+        return {"lora_A": jnp.pad(ab["lora_A"], ((0, 0), (0, 0), (0, extra))),
+                "lora_B": jnp.pad(ab["lora_B"], ((0, 0), (0, extra), (0, 0)))}
+
+    return {**lora, "layers": {k: pad(v) for k, v in lora.get("layers", {}).items()}}
+
+
+def lora_rank(lora: Params) -> int:
+    ranks = {v["lora_A"].shape[-1] for v in lora.get("layers", {}).values()}
+    if len(ranks) != 1:
+        raise ValueError(f"adapter has mixed ranks {sorted(ranks)}")
+    return ranks.pop()
+
+
+# ----------------------------------------------------------------------------- bookkeeping
+
+
+def tree_bytes(tree: Any) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+def tree_size(tree: Any) -> int:
+    return sum(x.size for x in jax.tree.leaves(tree) if hasattr(x, "size"))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainableSummary:
+    trainable_params: int
+    total_params: int
+    trainable_bytes: int
+    optimizer_bytes: int
+    frozen_bytes: int
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / max(self.total_params, 1)
+
+    def __str__(self) -> str:
+        mb = 1024 * 1024
+        return (f"trainable params: {self.trainable_params:,} || all params: {self.total_params:,} "
+                f"|| trainable%: {self.trainable_percent:.4f} || trainable state: "
+                f"{(self.trainable_bytes + self.optimizer_bytes) / mb:.2f} MiB (params "
+                f"{self.trainable_bytes / mb:.2f} + optimizer {self.optimizer_bytes / mb:.2f}) "
+                f"|| frozen: {self.frozen_bytes / mb:.2f} MiB")
+
+
+def trainable_summary(trainable: Any, frozen: Any = None, opt_state: Any = None) -> TrainableSummary:
+    """Trainable vs total parameter counts and bytes (params + optimizer state)."""
+    n_train = tree_size(trainable)
+    return TrainableSummary(
+        trainable_params=n_train,
+        total_params=n_train + (tree_size(frozen) if frozen is not None else 0),
+        trainable_bytes=tree_bytes(trainable),
+        optimizer_bytes=tree_bytes(opt_state) if opt_state is not None else 0,
+        frozen_bytes=tree_bytes(frozen) if frozen is not None else 0,
+    )

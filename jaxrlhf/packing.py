@@ -1,0 +1,81 @@
+"""Prefix sharing for preference pairs: run the prompt once for chosen and rejected.
+
+A pair (prompt, chosen, rejected) becomes one packed row
+
+    tokens     p0 p1 p2 | c0 c1 c2 | r0 r1 | pad …
+    positions  0  1  2  | 3  4  5  | 3  4  |
+    segment    0  0  0  | 1  1  1  | 2  2  |
+
+and attention is causal by slot with one extra rule: a token of segment 1 or 2 sees the
+shared prompt (segment 0) and its own segment only (see `build_attention_mask`). Keys and
+values of the prompt are computed once, so a pair costs `p + c + r` tokens instead of
+`2p + c + r`. The score of each response is read at its last token; the log-probability
+of a response token comes from the hidden state of its predecessor (`prev_index`), which for
+the first token of either response is the last prompt token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _bucket(n: int, buckets: tuple[int, ...]) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    return n
+
+
+def pack_pairs(batch: dict, *, pad_id: int, buckets: tuple[int, ...] = ()) -> dict:
+    """Packed arrays from a right-padded pair batch (`chosen_input_ids`, `rejected_input_ids`,
+    their attention masks and `prompt_lengths`). Returns numpy arrays [B, Lp]:
+    `input_ids`, `attention_mask`, `positions`, `segment_ids`, `prev_index`,
+    `chosen_mask`/`rejected_mask` (response tokens), and `chosen_last`/`rejected_last` [B]."""
+    c_ids, r_ids = np.asarray(batch["chosen_input_ids"]), np.asarray(batch["rejected_input_ids"])
+    c_len = np.asarray(batch["chosen_attention_mask"]).sum(-1)
+    r_len = np.asarray(batch["rejected_attention_mask"]).sum(-1)
+    p_len = np.asarray(batch["prompt_lengths"])
+    n = c_ids.shape[0]
+    totals = c_len + (r_len - p_len)
+    length = _bucket(int(max(totals.max(), 2)), tuple(sorted(buckets)))
+    out = {
+        "input_ids": np.full((n, length), pad_id, np.int32),
+        "attention_mask": np.zeros((n, length), np.int32),
+        "positions": np.zeros((n, length), np.int32),
+        "segment_ids": np.zeros((n, length), np.int32),
+        "prev_index": np.zeros((n, length), np.int32),
+        "chosen_mask": np.zeros((n, length), np.int32),
+        "rejected_mask": np.zeros((n, length), np.int32),
+        "chosen_last": np.zeros((n,), np.int32),
+        "rejected_last": np.zeros((n,), np.int32),
+    }
+    for i in range(n):
+        p, c, r = int(p_len[i]), int(c_len[i]), int(r_len[i])
+        if c == 0 or r == 0:  # a padding pair: leave it empty (masked by pair_mask)
+            continue
+        if not np.array_equal(c_ids[i, :p], r_ids[i, :p]):
+            raise ValueError(f"pair {i}: chosen and rejected do not share their first {p} "
+                             f"(prompt) tokens; prefix sharing needs a common prompt")
+        rej = r_ids[i, p:r]
+        row = np.concatenate([c_ids[i, :c], rej])
+        t = len(row)
+        out["input_ids"][i, :t] = row
+        out["attention_mask"][i, :t] = 1
+        out["positions"][i, :c] = np.arange(c)
+        out["positions"][i, c:t] = np.arange(p, r)
+        out["segment_ids"][i, p:c] = 1
+        out["segment_ids"][i, c:t] = 2
+        prev = np.arange(t) - 1
+        if r > p:
+            prev[c] = p - 1  # the first rejected token follows the prompt, not the chosen
+        out["prev_index"][i, :t] = np.maximum(prev, 0)
+        out["chosen_mask"][i, p:c] = 1
+        out["rejected_mask"][i, c:t] = 1
+        out["chosen_last"][i] = c - 1
+        out["rejected_last"][i] = t - 1
+    return out
+
+
+def padding_fraction_packed(packed: dict) -> float:
+    mask = np.asarray(packed["attention_mask"])
+    return float(1.0 - mask.sum() / mask.size)

@@ -1,0 +1,75 @@
+"""The host loop shared by every command: step -> log -> eval -> checkpoint, resumable.
+
+A command supplies `train_step(state) -> (state, metrics)` (host code around its jitted
+step, including fetching its own batch), `eval_fn(state) -> metrics` and `meta(state)` (the
+JSON part of a checkpoint: data position etc.). SIGTERM (or Ctrl-C) finishes the current
+step, saves a checkpoint and raises `TrainingInterrupted`; `--resume` picks it up.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from jaxrlhf.config import RunConfig
+from jaxrlhf.train.checkpoint import Checkpointer
+from jaxrlhf.train.metrics import MetricsLogger, progress_bar, to_python
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised after a SIGTERM/SIGINT once the checkpoint of the current step is saved."""
+
+
+class _StopFlag:
+    def __init__(self) -> None:
+        self.stop = False
+        self._old: dict = {}
+
+    def __enter__(self):
+        def handler(signum, frame):
+            self.stop = True
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, handler)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def run_loop(*, state: Any, start_step: int, total_steps: int,
+             train_step: Callable[[Any], tuple[Any, dict]],
+             eval_fn: Callable[[Any], dict] | None, meta: Callable[[Any], dict],
+             run: RunConfig, checkpointer: Checkpointer | None, logger: MetricsLogger,
+             desc: str, bar_keys: tuple[str, ...] = ("loss",),
+             on_log: Callable[[int, dict], None] | None = None) -> Any:
+    """Run steps start_step+1 .. total_steps. Returns the final state."""
+    bar = progress_bar(total_steps, initial=start_step, desc=desc, enabled=run.progress)
+    step = start_step
+    with _StopFlag() as flag:
+        while step < total_steps:
+            state, metrics = train_step(state)
+            step += 1
+            bar.update(1)
+            if step % run.log_every == 0 or step == total_steps:
+                host = to_python(metrics)
+                logger.log(step, host)
+                if on_log is not None:
+                    on_log(step, host)
+                bar.set_postfix({k: f"{host[k]:.4g}" for k in bar_keys if k in host})
+            if eval_fn is not None and (step % run.eval_every == 0 or step == total_steps):
+                logger.log(step, eval_fn(state), split="eval")
+            if checkpointer is not None and (step % run.save_every == 0 or flag.stop
+                                             or step == total_steps):
+                checkpointer.save(step, state, meta(state), force=True)
+            if flag.stop:
+                bar.close()
+                raise TrainingInterrupted(
+                    f"interrupted at step {step}; checkpoint saved, continue with --resume")
+    bar.close()
+    return state
