@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from jaxrlhf.lora import LoraConfig
+from jaxrlhf.rewards import RewardFuncConfig
 from jaxrlhf.sharding import MeshConfig
 
 
@@ -161,7 +162,9 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         return from_dict(inner, value, where)
     origin = typing.get_origin(inner)
     if origin is tuple and isinstance(value, list | tuple):
-        return tuple(value)
+        args = typing.get_args(inner)
+        item = args[0] if args else Any
+        return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     if inner is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if inner is int and isinstance(value, float) and value.is_integer():
@@ -248,3 +251,195 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
 
 def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- RL sections
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PromptDataConfig:
+    train: str = ""
+    """A local .json/.jsonl/.parquet/.csv file of prompts (plain strings or chat messages)."""
+    field: str = "prompt"
+    eval: str | None = None
+    eval_size: int = 0
+    """Held-out prompts taken from `train` when there is no `eval` file (0: no evaluation)."""
+    max_prompt_length: int = 128
+    skip_bad_rows: bool = False
+    length_buckets: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_length < 1:
+            raise ValueError(f"data.max_prompt_length must be >= 1, got {self.max_prompt_length}")
+        if self.eval_size < 0:
+            raise ValueError(f"data.eval_size must be >= 0, got {self.eval_size}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerationConfig:
+    """Rollout sampling (TRL's PPO defaults: response_length 53, temperature 0.7)."""
+
+    max_new_tokens: int = 53
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    merge_adapter: bool = True
+    """Fold the policy adapter into the weights once per rollout phase (sampling at base
+    speed; a transient copy of the adapted kernels). False: apply it unmerged, no copy."""
+    max_rank: int | None = None
+    """Unmerged rollouts are compiled for this rank; smaller adapters are zero-padded."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError("generation.temperature must be > 0 for RL rollouts (the policy "
+                             f"log-probs are taken at this temperature), got {self.temperature}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RewardModelSection:
+    path: str
+    """A PEFT adapter folder written by `jaxrlhf rm` (SEQ_CLS), or a full HF SEQ_CLS folder."""
+    base: str | None = None
+    """The reward model's base when it is not the policy's (an HF folder, .gguf, default)."""
+    weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PPOConfig:
+    """`jaxrlhf ppo`. Names and defaults follow TRL's PPOConfig where it has the option."""
+
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    lora: LoraConfig | None = dataclasses.field(default_factory=LoraConfig)
+    """The policy adapter; `null` for full fine-tuning (with a real reference copy)."""
+    value_lora: LoraConfig | None = dataclasses.field(
+        default_factory=lambda: LoraConfig(modules_to_save=("value",)))
+    """The critic's adapter (value_model: separate); `null` for a fully trained critic."""
+    value_model: Literal["separate", "shared"] = "separate"
+    value_init_from_reward_model: bool = False
+    """Start the critic from the reward model's adapter and score head (InstructGPT)."""
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(learning_rate=1e-5,
+                                                                               schedule="constant"))
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    data: PromptDataConfig = dataclasses.field(default_factory=PromptDataConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
+    reward_model: RewardModelSection | None = None
+    reward_funcs: tuple[RewardFuncConfig, ...] = ()
+    missing_eos_penalty: float | None = None
+    score_clip: float | None = None
+    score_scaling: Literal["none", "batch"] = "none"
+    """`batch`: standardise the scores of each rollout batch."""
+    num_iterations: int = 100
+    rollout_batch_size: int = 64
+    mini_batch_size: int = 16
+    num_ppo_epochs: int = 4
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.05
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    adaptive_kl: bool = False
+    kl_target: float = 6.0
+    kl_horizon: float = 10000.0
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False
+    target_kl: float | None = None
+    """Stop the iteration's remaining PPO epochs once the mean approximate KL exceeds this."""
+    eval_prompts_batch: int = 32
+
+    def __post_init__(self) -> None:
+        _check_literal(self, "value_model", ("separate", "shared"))
+        _check_literal(self, "kl_estimator", ("k1", "k2", "k3"))
+        _check_literal(self, "score_scaling", ("none", "batch"))
+        if self.reward_model is None and not self.reward_funcs:
+            raise ValueError("PPO needs a reward: set reward_model.path and/or reward_funcs")
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple "
+                             f"of mini_batch_size ({self.mini_batch_size})")
+        if self.mini_batch_size % self.optim.grad_accum_steps:
+            raise ValueError(f"mini_batch_size ({self.mini_batch_size}) must be a multiple of "
+                             f"optim.grad_accum_steps ({self.optim.grad_accum_steps})")
+        if self.lora is not None and self.lora.task_type != "CAUSAL_LM":
+            raise ValueError("lora.task_type must be CAUSAL_LM for the policy")
+        if self.value_model == "shared" and self.lora is not None \
+                and "value" not in self.lora.modules_to_save:
+            raise ValueError("value_model: shared puts the value head on the policy adapter; "
+                             "add 'value' to lora.modules_to_save")
+        if self.value_model == "separate" and self.value_lora is not None \
+                and "value" not in self.value_lora.modules_to_save:
+            raise ValueError("value_lora.modules_to_save must include 'value'")
+        if self.num_iterations < 1 or self.num_ppo_epochs < 1:
+            raise ValueError("num_iterations and num_ppo_epochs must be >= 1")
+
+
+# ----------------------------------------------------------------------------- DPO
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPOConfig:
+    """`jaxrlhf dpo`: direct preference optimisation of a causal LM, as TRL's DPOTrainer.
+
+    LoRA (the default): the policy is the frozen base plus the adapter and the reference is
+    the same base with the adapter off, so no second copy of the model exists. `lora: null`
+    is full fine-tuning against a frozen reference copy (TRL uses lr 1e-6 there; set
+    `optim.learning_rate` accordingly)."""
+
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    lora: LoraConfig | None = dataclasses.field(
+        default_factory=lambda: LoraConfig(task_type="CAUSAL_LM", r=16, alpha=32))
+    """`null` for full fine-tuning (with a frozen reference copy)."""
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    data: PreferenceDataConfig = dataclasses.field(default_factory=PreferenceDataConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    num_epochs: float = 1.0
+    max_steps: int | None = None
+    beta: float = 0.1
+    """Temperature of the implicit reward β·log(π/π_ref); smaller stays further from the
+    reference's constraint."""
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """`sigmoid` (DPO), `ipo` (on length-averaged log-probs, as TRL) or `hinge` (SLiC)."""
+    label_smoothing: float = 0.0
+    """cDPO: the assumed share of flipped labels, in [0, 0.5) (`sigmoid` only)."""
+    precompute_ref_logps: bool = False
+    """Compute the reference log-probs once over the data before training (TRL's
+    `precompute_ref_log_probs`); each step then runs the policy only. In full fine-tuning
+    the reference copy is freed afterwards."""
+    share_prompt: bool = True
+    """Run the shared prompt of a chosen/rejected pair once (packed, block-masked)."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.optim.grad_accum_steps:
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of "
+                             f"optim.grad_accum_steps={self.optim.grad_accum_steps}")
+        if self.num_epochs <= 0:
+            raise ValueError(f"num_epochs must be > 0, got {self.num_epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        _check_literal(self, "loss_type", DPO_LOSS_TYPES)
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(f"label_smoothing applies to loss_type 'sigmoid' only; got "
+                             f"loss_type={self.loss_type!r}; set label_smoothing=0")
+        if self.lora is not None:
+            if self.lora.task_type != "CAUSAL_LM":
+                raise ValueError("lora.task_type must be CAUSAL_LM for DPO (the policy is read "
+                                 "through the lm head)")
+            if self.lora.modules_to_save:
+                raise ValueError(f"lora.modules_to_save={list(self.lora.modules_to_save)}: DPO "
+                                 f"uses no score/value head; set it to []")

@@ -69,9 +69,9 @@ class MeshConfig:
                 raise ValueError(f"mesh: {n_devices} devices are not divisible by the fixed "
                                  f"axes (product {known})")
             sizes[sizes.index(-1)] = n_devices // known
-        if math.prod(sizes) != n_devices:
+        if math.prod(sizes) > n_devices:
             raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = "
-                             f"{math.prod(sizes)} devices, but {n_devices} are available")
+                             f"{math.prod(sizes)} devices, but only {n_devices} are available")
         return tuple(sizes)  # type: ignore[return-value]
 
 
@@ -80,7 +80,8 @@ def make_mesh(cfg: MeshConfig | None = None, devices: list | None = None) -> Mes
     cfg = cfg or MeshConfig()
     devices = devices if devices is not None else jax.devices()
     shape = cfg.resolve(len(devices))
-    dev_array = np.asarray(devices).reshape(shape)
+    # A mesh smaller than the machine uses its first devices (e.g. data=1 on 8 devices).
+    dev_array = np.asarray(devices[:math.prod(shape)]).reshape(shape)
     return Mesh(dev_array, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 

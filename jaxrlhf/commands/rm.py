@@ -60,20 +60,11 @@ def load_preferences(data_cfg: PreferenceDataConfig, tokenizer: Any, *, seed: in
         train = prefs
     elif data_cfg.eval_fraction > 0 and len(prefs) > 1:
         tr, ev = D.train_eval_split(len(prefs), eval_fraction=data_cfg.eval_fraction, seed=seed)
-        train, eval_prefs = subset(prefs, tr), subset(prefs, ev)
+        train, eval_prefs = prefs.select(tr), prefs.select(ev)
     else:
         train, eval_prefs = prefs, None
     buckets = tuple(data_cfg.length_buckets or D.default_buckets(data_cfg.max_length))
     return PreferenceSplits(train=train, eval=eval_prefs, buckets=buckets, report=report)
-
-
-def subset(data: D.PreferenceData, idx: np.ndarray) -> D.PreferenceData:
-    return D.PreferenceData(
-        prompt_ids=tuple(data.prompt_ids[i] for i in idx),
-        chosen_ids=tuple(data.chosen_ids[i] for i in idx),
-        rejected_ids=tuple(data.rejected_ids[i] for i in idx),
-        margin=None if data.margin is None else data.margin[idx],
-        row_index=data.row_index[idx])
 
 
 def pair_batch(prefs: D.PreferenceData, idx: np.ndarray, *, pad_id: int, buckets: tuple[int, ...],

@@ -1,0 +1,411 @@
+"""The PEFT adapter format, both ways, and the merged Hugging Face export.
+
+An adapter folder, as `peft` (0.21) writes it with `save_pretrained`:
+
+    adapter_config.json          {"peft_type": "LORA", "r": 8, "lora_alpha": 16, ...}
+    adapter_model.safetensors    torch layout, one tensor per block:
+      base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight   [r, in]
+      base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight   [out, r]
+      base_model.model.score.weight                                      [num_labels, D]
+      base_model.model.value.weight, base_model.model.value.bias         [1, D], [1]
+
+Our adapter tree stacks the blocks and uses `[in, out]` kernels (`lora_A: [L, in, r]`,
+`lora_B: [L, r, out]`), so export is a transpose per block and import the inverse.
+
+`modules_to_save` heads are saved by PEFT under the module's own name, without the
+`modules_to_save.default.` wrapper prefix it uses in memory (verified against peft 0.21:
+a `LlamaForSequenceClassification` with `modules_to_save=["score"]` saves
+`base_model.model.score.weight`). The PPO `value` head has no Hugging Face module; we save
+it by the same scheme as `base_model.model.value.{weight,bias}`. PEFT cannot put it into a
+transformers model (it reports the keys as unexpected), but `load_peft` reads it back.
+
+`load_peft` also accepts keys that carry an adapter name (`lora_A.default.weight`,
+`score.modules_to_save.default.weight`), as a raw `PeftModel.state_dict()` has them.
+Only `.safetensors` is read: a pickled `adapter_model.bin` is refused (convert it with
+`peft` first). PEFT features with no counterpart here (DoRA, per-module ranks, PiSSA-style
+initialisations that rewrite the base weights, LoRA biases, ...) are refused by name.
+
+    export_peft(lora, lora_cfg, model_cfg, "out/adapter")
+    lora, lora_cfg = load_peft("out/adapter", model_cfg)
+    export_merged(params, lora, lora_cfg, model_cfg, "out/merged", tokenizer=tok)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import save_file
+
+from jaxrlhf.lora import HEADS, LoraConfig, merge, targeted_modules
+from jaxrlhf.models.config import ModelConfig, to_hf_dict
+from jaxrlhf.models.hf_names import expected_shapes, module_path, state_dict_from_params
+from jaxrlhf.models.loading import read_safetensors
+from jaxrlhf.models.transformer import PROJECTIONS
+
+Params = dict[str, Any]
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+_LORA_KEY = re.compile(
+    r"^model\.layers\.(?P<layer>\d+)\.(?P<path>(?:self_attn|mlp)\.(?P<proj>\w+))"
+    r"\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+_HEAD_KEY = re.compile(
+    r"^(?P<head>score|value)(?:\.modules_to_save(?:\.(?P<adapter>[^.]+))?)?\.(?P<leaf>weight|bias)$")
+
+# adapter_config.json fields whose non-default values change what the adapter computes and
+# that jaxrlhf does not implement; a file that sets one is refused rather than misread.
+_UNSUPPORTED = {
+    "use_dora": "DoRA (weight-decomposed LoRA)",
+    "lora_bias": "a bias on lora_B",
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D-style weights)",
+    "rank_pattern": "per-module ranks (rank_pattern)",
+    "alpha_pattern": "per-module alphas (alpha_pattern)",
+    "layers_to_transform": "adapting only some layers (layers_to_transform)",
+    "layer_replication": "layer_replication",
+    "trainable_token_indices": "trainable_token_indices",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "target_parameters": "target_parameters",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "use_qalora": "QALoRA",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "kasa_config": "KaSA (kasa_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+}
+# Initialisations that rewrite the base weights: the adapter is only valid on that rewritten
+# base unless it was converted at save time (which also resets init_lora_weights to true).
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _proj_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Projection -> HF weight shape `[out, in]`."""
+    shapes = expected_shapes(model_cfg)
+    return {p: shapes[f"model.layers.0.{module_path(p)}.weight"] for p in PROJECTIONS}
+
+
+def _check_tree(lora: Params, lora_cfg: LoraConfig, model_cfg: ModelConfig) -> tuple[str, ...]:
+    targets = targeted_modules(lora_cfg, model_cfg)
+    layers = lora.get("layers", {})
+    if set(layers) != set(targets):
+        raise ValueError(f"The adapter tree has projections {sorted(layers)} but lora_cfg targets "
+                         f"{list(targets)}; pass the LoraConfig the adapter was made with")
+    shapes = _proj_shapes(model_cfg)
+    for proj in targets:
+        out_dim, in_dim = shapes[proj]
+        want = {"lora_A": (model_cfg.num_layers, in_dim, lora_cfg.r),
+                "lora_B": (model_cfg.num_layers, lora_cfg.r, out_dim)}
+        for leaf, shape in want.items():
+            got = tuple(layers[proj][leaf].shape)
+            if got != shape:
+                raise ValueError(f"adapter {proj}.{leaf} has shape {got}; lora_cfg (r={lora_cfg.r}) "
+                                 f"and the model config imply {shape}")
+    for head in lora_cfg.modules_to_save:
+        if head not in lora:
+            raise ValueError(f"lora_cfg.modules_to_save lists {head!r} but the adapter tree has no "
+                             f"{head!r} head")
+    return targets
+
+
+def _np(x: Any) -> np.ndarray:
+    arr = np.asarray(x)
+    return arr if arr.dtype != np.float64 else arr.astype(np.float32)
+
+
+def _alpha_json(alpha: float) -> int | float:
+    return int(alpha) if float(alpha).is_integer() else float(alpha)
+
+
+def adapter_config_dict(lora_cfg: LoraConfig, model_cfg: ModelConfig, *,
+                        base_model_name_or_path: str | None = None) -> dict[str, Any]:
+    """`adapter_config.json` as peft writes it (the long-standing fields only, so that older
+    peft versions, which refuse unknown fields, read it too)."""
+    if isinstance(lora_cfg.target_modules, str):
+        target_modules: str | list[str] = lora_cfg.target_modules
+    else:
+        target_modules = list(targeted_modules(lora_cfg, model_cfg))
+    return {
+        "alpha_pattern": {},
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True if lora_cfg.init == "kaiming" else "gaussian",
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "loftq_config": {},
+        "lora_alpha": _alpha_json(lora_cfg.alpha),
+        "lora_dropout": lora_cfg.dropout,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "modules_to_save": list(lora_cfg.modules_to_save) or None,
+        "peft_type": "LORA",
+        "r": lora_cfg.r,
+        "rank_pattern": {},
+        "revision": None,
+        "target_modules": target_modules,
+        "task_type": lora_cfg.task_type,
+        "use_dora": False,
+        "use_rslora": lora_cfg.use_rslora,
+    }
+
+
+def adapter_state_dict(lora: Params, lora_cfg: LoraConfig,
+                       model_cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """PEFT-named tensors in torch layout, as stored in `adapter_model.safetensors`."""
+    targets = _check_tree(lora, lora_cfg, model_cfg)
+    out: dict[str, np.ndarray] = {}
+    for proj in targets:
+        a, b = _np(lora["layers"][proj]["lora_A"]), _np(lora["layers"][proj]["lora_B"])
+        for i in range(model_cfg.num_layers):
+            name = f"{PREFIX}model.layers.{i}.{module_path(proj)}"
+            out[f"{name}.lora_A.weight"] = np.ascontiguousarray(a[i].T)  # [r, in]
+            out[f"{name}.lora_B.weight"] = np.ascontiguousarray(b[i].T)  # [out, r]
+    for head in lora_cfg.modules_to_save:
+        out[f"{PREFIX}{head}.weight"] = np.ascontiguousarray(_np(lora[head]["kernel"]).T)
+        if "bias" in lora[head]:
+            out[f"{PREFIX}{head}.bias"] = np.ascontiguousarray(_np(lora[head]["bias"]))
+    return out
+
+
+def export_peft(lora: Params, lora_cfg: LoraConfig, model_cfg: ModelConfig, out_dir: str | os.PathLike,
+                *, base_model_name_or_path: str | None = None) -> None:
+    """Write `adapter_config.json` + `adapter_model.safetensors` so that
+    `peft.PeftModel.from_pretrained(base, out_dir)` reproduces the adapted model (the
+    `value` head excepted: it has no transformers module)."""
+    tensors = adapter_state_dict(lora, lora_cfg, model_cfg)
+    os.makedirs(out_dir, exist_ok=True)
+    cfg = adapter_config_dict(lora_cfg, model_cfg, base_model_name_or_path=base_model_name_or_path)
+    with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+    save_file(tensors, os.path.join(out_dir, WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def _lora_config_from_peft(raw: dict[str, Any], heads: set[str], source: str) -> LoraConfig:
+    if raw.get("peft_type") != "LORA":
+        raise ValueError(f"{source}: peft_type={raw.get('peft_type')!r}; only 'LORA' adapters "
+                         f"can be loaded")
+    for field, what in _UNSUPPORTED.items():
+        if raw.get(field):
+            raise ValueError(f"{source}: {field}={raw[field]!r} is set, but jaxrlhf does not "
+                             f"support {what}")
+    if raw.get("bias", "none") != "none":
+        raise ValueError(f"{source}: bias={raw['bias']!r}; jaxrlhf adapters train no biases "
+                         f"(bias must be 'none')")
+    init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and init.startswith(_BASE_REWRITING_INITS):
+        raise ValueError(
+            f"{source}: init_lora_weights={init!r} rewrites the base weights, so this adapter "
+            f"only works on that rewritten base; save it from peft with "
+            f"path_initial_model_for_weight_conversion= to get a plain LoRA adapter")
+    task_type = raw.get("task_type") or "CAUSAL_LM"
+    if task_type not in ("CAUSAL_LM", "SEQ_CLS"):
+        raise ValueError(f"{source}: task_type={task_type!r}; jaxrlhf loads CAUSAL_LM and SEQ_CLS "
+                         f"adapters")
+    # PEFT appends its default classifier names ("classifier", "score") to a SEQ_CLS adapter's
+    # modules_to_save, so duplicates and an unmatched "classifier" are normal.
+    listed = []
+    for m in raw.get("modules_to_save") or ():
+        if m == "classifier" and task_type == "SEQ_CLS":
+            continue
+        if m not in HEADS:
+            raise ValueError(f"{source}: modules_to_save lists {m!r}; jaxrlhf adapters can carry "
+                             f"only the heads {', '.join(HEADS)}")
+        if m not in listed:
+            listed.append(m)
+    missing = [m for m in listed if m not in heads]
+    if missing:
+        raise ValueError(f"{source}: modules_to_save lists {missing} but the weights file has no "
+                         f"such tensor (expected {PREFIX}{missing[0]}.weight)")
+    modules_to_save = tuple(listed) + tuple(h for h in HEADS if h in heads and h not in listed)
+    target = raw.get("target_modules")
+    if not target:
+        raise ValueError(f"{source}: target_modules is empty")
+    try:
+        return LoraConfig(
+            r=int(raw["r"]),
+            alpha=float(raw.get("lora_alpha", 8)),
+            dropout=float(raw.get("lora_dropout", 0.0)),
+            target_modules=target if isinstance(target, str) else tuple(target),
+            modules_to_save=modules_to_save,
+            use_rslora=bool(raw.get("use_rslora", False)),
+            init="gaussian" if init == "gaussian" else "kaiming",
+            task_type=task_type,
+        )
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from e
+
+
+def load_peft(path: str | os.PathLike, model_cfg: ModelConfig, *,
+              dtype: Any = jnp.float32) -> tuple[Params, LoraConfig]:
+    """Read a PEFT LoRA folder (written by `peft` or by `export_peft`) into an adapter tree.
+
+    Every tensor is checked: unknown names, shapes against `model_cfg`, and that each adapted
+    projection has both factors in every block; errors name the tensor at fault.
+    """
+    path = os.fspath(path)
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    weights_path = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"No {CONFIG_NAME} in {path!r}: not a PEFT adapter folder")
+    if not os.path.isfile(weights_path):
+        if os.path.isfile(os.path.join(path, "adapter_model.bin")):
+            raise ValueError(
+                f"{path!r} holds a pickled adapter_model.bin; jaxrlhf reads only safetensors. "
+                f"Convert it: PeftModel.from_pretrained(base, path).save_pretrained(new_path)")
+        raise FileNotFoundError(f"No {WEIGHTS_NAME} in {path!r}")
+    with open(cfg_path) as f:
+        raw = json.load(f)
+    tensors = read_safetensors(weights_path)
+
+    # Sort every tensor into LoRA factors and heads, refusing anything else.
+    factors: dict[str, dict[str, dict[int, np.ndarray]]] = {}
+    head_tensors: dict[str, dict[str, np.ndarray]] = {}
+    adapter_names: set[str] = set()
+    for key, value in tensors.items():
+        name = key.removeprefix(PREFIX)
+        m = _LORA_KEY.match(name) if name != key else None
+        h = _HEAD_KEY.match(name) if name != key else None
+        if m and m["proj"] in PROJECTIONS and m["path"] == module_path(m["proj"]):
+            if int(m["layer"]) >= model_cfg.num_layers:
+                raise ValueError(f"{weights_path}: tensor {key!r} is for block {m['layer']}, but "
+                                 f"the model has {model_cfg.num_layers} blocks")
+            adapter_names.add(m["adapter"] or "")
+            factors.setdefault(m["proj"], {}).setdefault(m["ab"], {})[int(m["layer"])] = value
+        elif h:
+            adapter_names.add(h["adapter"] or "")
+            head_tensors.setdefault(h["head"], {})[h["leaf"]] = value
+        else:
+            raise ValueError(
+                f"{weights_path}: unknown tensor {key!r}; expected LoRA factors named like "
+                f"'{PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight' or heads "
+                f"'{PREFIX}score.weight' / '{PREFIX}value.weight'")
+    if len(adapter_names) > 1:
+        names = ", ".join(repr(n) if n else "(no adapter name)" for n in sorted(adapter_names))
+        raise ValueError(f"{weights_path}: tensors of several adapters ({names}); save one "
+                         f"adapter per folder")
+
+    lora_cfg = _lora_config_from_peft(raw, set(head_tensors), cfg_path)
+    try:
+        targets = targeted_modules(lora_cfg, model_cfg)
+    except ValueError as e:
+        raise ValueError(f"{cfg_path}: {e}") from e
+    extra = sorted(set(factors) - set(targets))
+    if extra:
+        raise ValueError(f"{weights_path}: holds LoRA factors for {extra}, which "
+                         f"adapter_config.json's target_modules={raw['target_modules']!r} does not "
+                         f"target")
+
+    shapes = _proj_shapes(model_cfg)
+    r = lora_cfg.r
+    tree: Params = {"layers": {}}
+    for proj in targets:
+        out_dim, in_dim = shapes[proj]
+        stacked = {}
+        for ab, want in (("A", (r, in_dim)), ("B", (out_dim, r))):
+            per_layer = factors.get(proj, {}).get(ab, {})
+            blocks = []
+            for i in range(model_cfg.num_layers):
+                key = f"{PREFIX}model.layers.{i}.{module_path(proj)}.lora_{ab}.weight"
+                if i not in per_layer:
+                    raise ValueError(
+                        f"{weights_path}: missing tensor {key!r}; jaxrlhf adapts {proj} in every "
+                        f"block, so each block needs lora_A and lora_B")
+                got = tuple(per_layer[i].shape)
+                if got != want:
+                    raise ValueError(
+                        f"{weights_path}: tensor {key!r} has shape {got}; r={r} and the model "
+                        f"config imply {want}")
+                blocks.append(per_layer[i].astype(np.float32).T)
+            stacked[f"lora_{ab}"] = jnp.asarray(np.stack(blocks), dtype)
+        tree["layers"][proj] = stacked
+
+    d = model_cfg.hidden_size
+    head_shapes = {"score": {"weight": (model_cfg.num_labels, d)},
+                   "value": {"weight": (1, d), "bias": (1,)}}
+    for head, leaves in head_tensors.items():
+        want = head_shapes[head]
+        for leaf, value in leaves.items():
+            key = f"{PREFIX}{head}.{leaf}"
+            if leaf not in want:
+                raise ValueError(f"{weights_path}: unknown tensor {key!r} (the {head} head has no "
+                                 f"{leaf})")
+            if tuple(value.shape) != want[leaf]:
+                raise ValueError(f"{weights_path}: tensor {key!r} has shape {tuple(value.shape)}; "
+                                 f"the model config implies {want[leaf]}")
+        if "weight" not in leaves:
+            raise ValueError(f"{weights_path}: missing tensor '{PREFIX}{head}.weight'")
+        tree[head] = {"kernel": jnp.asarray(leaves["weight"].astype(np.float32).T, dtype)}
+        if head == "value":
+            bias = leaves.get("bias", np.zeros((1,), np.float32))
+            tree[head]["bias"] = jnp.asarray(bias.astype(np.float32), dtype)
+    return tree, lora_cfg
+
+
+# ----------------------------------------------------------------------------- merged export
+
+
+_CAUSAL_LM = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+              "qwen2": "Qwen2ForCausalLM"}
+_SEQ_CLS = {"llama": "LlamaForSequenceClassification",
+            "mistral": "MistralForSequenceClassification",
+            "qwen2": "Qwen2ForSequenceClassification"}
+
+
+def export_merged(params: Params, lora: Params | None, lora_cfg: LoraConfig | None,
+                  model_cfg: ModelConfig, out_dir: str | os.PathLike, tokenizer: Any = None) -> None:
+    """Fold the adapter into the base (`W + s·A·B`, trained heads replacing the base's) and
+    write a Hugging Face folder: `config.json` + `model.safetensors` (+ the tokenizer).
+
+    A SEQ_CLS adapter becomes a `*ForSequenceClassification` (score head, `num_labels`,
+    `pad_token_id`; no lm_head), loadable with `AutoModelForSequenceClassification`; a
+    CAUSAL_LM one a `*ForCausalLM`. A `value` head, which has no transformers module, is
+    written as `value.weight`/`value.bias`: transformers ignores it, jaxrlhf reads it back.
+    With `lora=None` the base params are written as they are.
+    """
+    if lora is not None:
+        if lora_cfg is None:
+            raise ValueError("export_merged: pass the adapter's lora_cfg with the adapter")
+        _check_tree(lora, lora_cfg, model_cfg)
+        merged = merge(params, lora, lora_cfg)
+    else:
+        merged = params
+    seq_cls = lora_cfg is not None and lora_cfg.task_type == "SEQ_CLS"
+    hf_cfg = to_hf_dict(model_cfg)
+    state = state_dict_from_params(merged, model_cfg)
+    if seq_cls:
+        if "score" not in merged:
+            raise ValueError("export_merged: a SEQ_CLS model needs a score head; the adapter "
+                             "and the base params have none")
+        if model_cfg.pad_token_id is None:
+            raise ValueError("export_merged: a SEQ_CLS model needs ModelConfig.pad_token_id (the "
+                             "transformers model finds the last token of each row by it)")
+        state.pop("lm_head.weight", None)
+        hf_cfg["architectures"] = [_SEQ_CLS[model_cfg.model_type]]
+        hf_cfg["id2label"] = {str(i): f"LABEL_{i}" for i in range(model_cfg.num_labels)}
+        hf_cfg["label2id"] = {f"LABEL_{i}": i for i in range(model_cfg.num_labels)}
+    else:
+        state.pop("score.weight", None)
+        hf_cfg["architectures"] = [_CAUSAL_LM[model_cfg.model_type]]
+    if model_cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+    save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+

@@ -1,0 +1,281 @@
+"""Autoregressive sampling with a KV cache, compiled once per (batch, prompt, response) shape.
+
+    prompt (left-padded) ──prefill: one backbone call──> cache [P + N slots], logits of token 0
+    while step < N and some row is still running:          (jax.lax.while_loop)
+        feed the previous token (one backbone call, T = 1) -> logits -> sample the next token
+
+Prompts are left-padded so every row's last prompt token sits at slot P-1 and the rows decode
+in lock step. Positions count real tokens only (`cumsum(mask) - 1`), so a row's padding does
+not shift its rotary positions: generated token `i` of a row with `n` real prompt tokens has
+position `n + i`, exactly as a full forward over `[prompt, response]` with the joined mask.
+
+Log-probability convention (TRL's): `logprobs[b, i] = log_softmax(logits / temperature)` at
+the sampled token, taken *before* top-k/top-p filtering, so PPO's recomputed log-probs at the
+same temperature (`token_logprobs(..., temperature=T)`) agree with the rollout's. Greedy
+decoding reports temperature-1 log-probs.
+
+The LoRA tree, if any, is applied unmerged (`x·W + s·(x·A)·B`); merge it first with
+`jaxrlhf.lora` when sampling speed matters more than memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.models.transformer import (
+    KVCache,
+    Params,
+    backbone,
+    init_cache,
+    lm_logits,
+    positions_from_mask,
+)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How to sample a response. Field names follow transformers/TRL.
+
+    `greedy=True` or `temperature=0` picks the argmax token (top-k/top-p are then unused).
+    `top_k=0` and `top_p=1.0` switch those filters off; when both are on, top-k is applied
+    first, then top-p on what is left (the order of transformers' logits warpers).
+    """
+
+    max_new_tokens: int
+    eos_token_ids: tuple[int, ...]
+    """Any of these ends a row (the EOS itself is part of the response). Empty: never stop early."""
+    pad_token_id: int
+    """Written after a row's EOS (and used for nothing else)."""
+    temperature: float = 1.0
+    greedy: bool = False
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(
+                f"SamplingConfig.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}"
+            )
+        eos = self.eos_token_ids
+        if _is_int(eos):
+            eos = (eos,)
+        if not isinstance(eos, Sequence) or isinstance(eos, str) or not all(
+            _is_int(t) and t >= 0 for t in eos
+        ):
+            raise ValueError(
+                "SamplingConfig.eos_token_ids must be a tuple of non-negative token ids "
+                f"(use () to never stop early), got {self.eos_token_ids!r}"
+            )
+        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in eos))
+        if not _is_int(self.pad_token_id) or self.pad_token_id < 0:
+            raise ValueError(
+                f"SamplingConfig.pad_token_id must be a non-negative token id, got "
+                f"{self.pad_token_id!r} (models without a pad token usually pad with their EOS)"
+            )
+        if not isinstance(self.greedy, bool):
+            raise ValueError(f"SamplingConfig.greedy must be a bool, got {self.greedy!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not np.isfinite(t) or t < 0:
+            raise ValueError(
+                f"SamplingConfig.temperature must be a finite number >= 0 (0 means greedy), "
+                f"got {t!r}"
+            )
+        object.__setattr__(self, "temperature", float(t))
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"SamplingConfig.top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 < p <= 1.0:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1] (1.0 = off), got {p!r}")
+        object.__setattr__(self, "top_p", float(p))
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0.0
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, **fields: Any) -> SamplingConfig:
+        """EOS and pad ids taken from the model config (pad falls back to the first EOS)."""
+        eos = fields.pop("eos_token_ids", cfg.eos_token_id)
+        pad = fields.pop("pad_token_id", cfg.pad_token_id)
+        if pad is None:
+            if not eos:
+                raise ValueError("The model config has neither a pad nor an EOS token id; "
+                                 "pass pad_token_id= explicitly")
+            pad = eos[0]
+        return cls(eos_token_ids=tuple(eos), pad_token_id=pad, **fields)
+
+
+class SampleOutput(NamedTuple):
+    """What `generate` returns; every array has the response length N = max_new_tokens."""
+
+    tokens: jax.Array  # [B, N] int32: generated ids, pad_token_id after a row's EOS
+    response_mask: jax.Array  # [B, N] int32: 1 for generated tokens up to and including EOS
+    logprobs: jax.Array  # [B, N] float32: log_softmax(logits / T)[token], 0 where masked
+    finished: jax.Array  # [B] bool: the row produced an EOS
+
+
+# ----------------------------------------------------------------------------- token choice
+
+
+def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Set logits outside the top-k, then outside the top-p nucleus, to -inf. [..., V].
+
+    Top-p keeps the smallest set of most likely tokens whose probability sums to >= p; the
+    most likely token is always kept. Tokens tied with the last kept one are kept too.
+    """
+    neg_inf = jnp.asarray(-jnp.inf, logits.dtype)
+    if 0 < top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits >= kth, logits, neg_inf)
+    if top_p < 1.0:
+        sorted_desc = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # Keep a token while the mass of the more likely ones is still short of p.
+        n_keep = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1, keepdims=True), 1)
+        threshold = jnp.take_along_axis(sorted_desc, n_keep - 1, axis=-1)
+        logits = jnp.where(logits >= threshold, logits, neg_inf)
+    return logits
+
+
+def choose_tokens(logits: jax.Array, key: jax.Array,
+                  sampling: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """Next tokens [B] (int32) and their log-probs [B] from float32 logits [B, V]."""
+    logits = logits.astype(jnp.float32)
+    if sampling.is_greedy:
+        tokens = jnp.argmax(logits, axis=-1)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+    else:
+        scaled = logits / sampling.temperature
+        logp = jax.nn.log_softmax(scaled, axis=-1)
+        filtered = filter_logits(scaled, top_k=sampling.top_k, top_p=sampling.top_p)
+        tokens = jax.random.categorical(key, filtered, axis=-1)
+    tokens = tokens.astype(jnp.int32)
+    return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+# ----------------------------------------------------------------------------- model steps
+
+
+def prefill(params: Params, prompt_ids: jax.Array, prompt_mask: jax.Array, *,
+            cfg: ModelConfig, cache_length: int, lora: Params | None = None,
+            lora_scale: Any = 1.0) -> tuple[jax.Array, KVCache]:
+    """Run the left-padded prompts [B, P] into a fresh cache of `cache_length` slots.
+    Returns the logits [B, V] of the first response token and the cache (index = P)."""
+    b, p = prompt_ids.shape
+    cache = init_cache(cfg, b, cache_length)
+    hidden, cache = backbone(params, prompt_ids, prompt_mask, cfg=cfg, lora=lora,
+                             lora_scale=lora_scale, positions=positions_from_mask(prompt_mask),
+                             cache=cache)
+    # Left padding puts every row's last real token at P-1: one [B, 1, V] logits slice.
+    return lm_logits(params, hidden[:, -1:])[:, 0], cache
+
+
+def decode_step(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, *,
+                cfg: ModelConfig, lora: Params | None = None,
+                lora_scale: Any = 1.0) -> tuple[jax.Array, KVCache]:
+    """Feed one token per row (tokens, positions: [B]) at `cache.index`; logits [B, V]."""
+    hidden, cache = backbone(params, tokens[:, None], jnp.ones_like(tokens)[:, None], cfg=cfg,
+                             lora=lora, lora_scale=lora_scale, positions=positions[:, None],
+                             cache=cache)
+    return lm_logits(params, hidden)[:, 0], cache
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def generate(params: Params, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Array, *,
+             cfg: ModelConfig, sampling: SamplingConfig, lora: Params | None = None,
+             lora_scale: Any = 1.0) -> SampleOutput:
+    """Sample `sampling.max_new_tokens` tokens after left-padded prompts [B, P].
+
+    Every row needs at least one real prompt token. The loop stops as soon as every row has
+    produced an EOS; the outputs always have N = max_new_tokens columns. Traceable: call it
+    inside `jax.jit` (or use `make_generate_fn`, which does).
+    """
+    b, p = prompt_ids.shape
+    n = sampling.max_new_tokens
+    prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+    prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
+    eos_ids = jnp.asarray(sampling.eos_token_ids or (-1,), jnp.int32)
+    pad = jnp.int32(sampling.pad_token_id)
+    n_prompt = jnp.sum(prompt_mask, axis=-1)  # position of response token 0
+
+    def emit(i, logits, tokens, response_mask, logprobs, finished):
+        """Choose token i for every running row and write it into the outputs."""
+        tok, logp = choose_tokens(logits, jax.random.fold_in(key, i), sampling)
+        running = ~finished
+        tok = jnp.where(running, tok, pad)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], i, 1)
+        response_mask = jax.lax.dynamic_update_slice_in_dim(
+            response_mask, running.astype(jnp.int32)[:, None], i, 1)
+        logprobs = jax.lax.dynamic_update_slice_in_dim(
+            logprobs, jnp.where(running, logp, 0.0)[:, None], i, 1)
+        finished = finished | (running & jnp.isin(tok, eos_ids))
+        return tok, tokens, response_mask, logprobs, finished
+
+    logits, cache = prefill(params, prompt_ids, prompt_mask, cfg=cfg, cache_length=p + n,
+                            lora=lora, lora_scale=lora_scale)
+    outputs = (jnp.full((b, n), pad, jnp.int32), jnp.zeros((b, n), jnp.int32),
+               jnp.zeros((b, n), jnp.float32), jnp.zeros((b,), bool))
+    last, *outputs = emit(0, logits, *outputs)
+
+    def cond(carry):
+        i, _, _, _, _, _, finished = carry
+        return (i < n) & ~jnp.all(finished)
+
+    def body(carry):
+        i, last, cache, *outputs = carry
+        logits, cache = decode_step(params, last, n_prompt + i - 1, cache, cfg=cfg, lora=lora,
+                                    lora_scale=lora_scale)
+        last, *outputs = emit(i, logits, *outputs)
+        return (i + 1, last, cache, *outputs)
+
+    carry = (jnp.int32(1), last, cache, *outputs)
+    _, _, _, tokens, response_mask, logprobs, finished = jax.lax.while_loop(cond, body, carry)
+    return SampleOutput(tokens=tokens, response_mask=response_mask, logprobs=logprobs,
+                        finished=finished)
+
+
+def make_generate_fn(cfg: ModelConfig, sampling: SamplingConfig) -> Callable[..., SampleOutput]:
+    """`fn(params, prompt_ids, prompt_mask, key, lora=None, lora_scale=1.0) -> SampleOutput`,
+    compiled once per shape (and per LoRA tree structure) with `cfg`/`sampling` baked in.
+
+    `lora_scale` is cast to a float32 array before the compiled call, so adapters with
+    different alpha/r share one program. The compiled function is `fn.jitted`.
+    """
+
+    @jax.jit
+    def jitted(params, prompt_ids, prompt_mask, key, lora, lora_scale):
+        return generate(params, prompt_ids, prompt_mask, key, cfg=cfg, sampling=sampling,
+                        lora=lora, lora_scale=lora_scale)
+
+    def generate_fn(params: Params, prompt_ids: jax.Array, prompt_mask: jax.Array,
+                    key: jax.Array, lora: Params | None = None,
+                    lora_scale: Any = 1.0) -> SampleOutput:
+        return jitted(params, prompt_ids, prompt_mask, key, lora,
+                      jnp.asarray(lora_scale, jnp.float32))
+
+    generate_fn.jitted = jitted  # type: ignore[attr-defined]
+    generate_fn.__doc__ = make_generate_fn.__doc__
+    return generate_fn
+
+
+def decode_text(tokenizer: Any, out: SampleOutput) -> list[str]:
+    """The response strings: each row cut at its response mask, special tokens skipped."""
+    tokens = np.asarray(out.tokens)
+    mask = np.asarray(out.response_mask).astype(bool)
+    return [tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
+            for row, m in zip(tokens, mask, strict=True)]
