@@ -167,6 +167,12 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     if inner is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if inner is float and isinstance(value, str):
+        # YAML 1.1 reads `1e-2` (no dot) as a string.
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{where} must be a number, got {value!r}") from None
     if inner is int and isinstance(value, float) and value.is_integer():
         return int(value)
     return value
@@ -443,3 +449,109 @@ class DPOConfig:
             if self.lora.modules_to_save:
                 raise ValueError(f"lora.modules_to_save={list(self.lora.modules_to_save)}: DPO "
                                  f"uses no score/value head; set it to []")
+
+
+# ----------------------------------------------------------------------------- GRPO
+
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "sequence-mean", "token-mean")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GRPOConfig:
+    """`jaxrlhf grpo`: Group Relative Policy Optimization (Shao et al., 2024), as TRL's
+    GRPOTrainer: no critic; each prompt is sampled `num_generations` times and a completion's
+    advantage is its reward relative to its group's. Names and defaults follow TRL's
+    GRPOConfig where it has the option.
+
+    One iteration: `prompts_per_iteration` prompts × `num_generations` completions → rewards
+    → group advantages → `num_iterations` (μ) passes of `mini_batch_size` optimizer steps."""
+
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    lora: LoraConfig | None = dataclasses.field(
+        default_factory=lambda: LoraConfig(r=32, alpha=64))
+    """The policy adapter (RL favours higher ranks than SFT); `null` for full fine-tuning
+    (with a real frozen reference copy)."""
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(learning_rate=1e-5,
+                                                                               schedule="constant"))
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    data: PromptDataConfig = dataclasses.field(default_factory=PromptDataConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    generation: GenerationConfig = dataclasses.field(
+        default_factory=lambda: GenerationConfig(max_new_tokens=256, temperature=1.0))
+    """Rollout sampling; `max_new_tokens` is TRL's max_completion_length."""
+    reward_model: RewardModelSection | None = None
+    reward_funcs: tuple[RewardFuncConfig, ...] = ()
+    """Python reward functions, each with its `weight` (TRL's reward_weights)."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the reward of a completion that hit max_new_tokens without EOS."""
+    num_generations: int = 8
+    """G: completions per prompt (the group)."""
+    prompts_per_iteration: int = 8
+    """Distinct prompts per generation batch (batch = prompts_per_iteration × G)."""
+    max_steps: int = 100
+    """Iterations (generation batches) to run."""
+    num_iterations: int = 1
+    """μ: passes over each generation batch; the ratio is taken against the log-probs at
+    rollout time (1: strictly on-policy, as TRL's default)."""
+    mini_batch_size: int | None = None
+    """Completions per optimizer step (null: the whole generation batch, one step per pass)."""
+    beta: float = 0.0
+    """KL coefficient (k3 estimator) against the reference; 0 skips the reference pass."""
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    """Upper clip bound (DAPO's clip-higher, e.g. 0.28); null: `epsilon`."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "sequence-mean", "token-mean"] = "dapo"
+    scale_rewards: bool = True
+    """Divide advantages by the group's reward std (false: Dr. GRPO)."""
+    log_entropy: bool = True
+    """Compute the policy's mean token entropy in the update (one softmax over the vocabulary)."""
+    eval_prompts_batch: int = 32
+
+    @property
+    def generation_batch_size(self) -> int:
+        return self.prompts_per_iteration * self.num_generations
+
+    @property
+    def effective_mini_batch_size(self) -> int:
+        return self.mini_batch_size or self.generation_batch_size
+
+    def __post_init__(self) -> None:
+        _check_literal(self, "loss_type", GRPO_LOSS_TYPES)
+        if self.reward_model is None and not self.reward_funcs:
+            raise ValueError("GRPO needs a reward: set reward_model.path and/or reward_funcs")
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations must be >= 2 (advantages are relative to the "
+                             f"group of a prompt's completions), got {self.num_generations}")
+        for name in ("prompts_per_iteration", "max_steps", "num_iterations", "eval_prompts_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        batch = self.generation_batch_size
+        if self.mini_batch_size is not None:
+            if self.mini_batch_size < 1 or batch % self.mini_batch_size:
+                raise ValueError(
+                    f"mini_batch_size ({self.mini_batch_size}) must divide the generation batch "
+                    f"prompts_per_iteration × num_generations = {batch}")
+        if self.effective_mini_batch_size % self.optim.grad_accum_steps:
+            raise ValueError(
+                f"mini_batch_size ({self.effective_mini_batch_size}) must be a multiple of "
+                f"optim.grad_accum_steps ({self.optim.grad_accum_steps})")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.epsilon <= 0:
+            raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
+        if self.epsilon_high is not None and self.epsilon_high <= 0:
+            raise ValueError(f"epsilon_high must be > 0 or null, got {self.epsilon_high}")
+        if self.lora is not None:
+            if self.lora.task_type != "CAUSAL_LM":
+                raise ValueError("lora.task_type must be CAUSAL_LM for the policy")
+            if self.lora.modules_to_save:
+                raise ValueError(f"lora.modules_to_save={list(self.lora.modules_to_save)}: GRPO "
+                                 f"has no critic or score head; set it to []")
+            if self.lora.dropout:
+                raise ValueError("lora.dropout must be 0 for GRPO: the importance ratio compares "
+                                 "deterministic passes of the policy")
+            gen = self.generation
+            if not gen.merge_adapter and gen.max_rank is not None and self.lora.r > gen.max_rank:
+                raise ValueError(
+                    f"lora.r={self.lora.r} exceeds generation.max_rank={gen.max_rank} (unmerged "
+                    f"rollouts are compiled for that rank); raise max_rank or lower r")

@@ -35,14 +35,18 @@ class PromptSplits:
 
 def load_prompts(cfg: PromptDataConfig, tokenizer: Any, *, seed: int,
                  source: Any = None) -> PromptSplits:
+    eval_source = None
+    if isinstance(source, dict) and "train" in source:  # in-memory {"train": rows, "eval": rows}
+        source, eval_source = source["train"], source.get("eval")
     rows = D.load_rows(source if source is not None else cfg.train)
     prompts, report = D.tokenize_prompts(rows, tokenizer, max_prompt_length=cfg.max_prompt_length,
                                          field=cfg.field, skip_bad_rows=cfg.skip_bad_rows)
     if report.n_skipped:
         print(f"data: skipped {report.n_skipped} bad prompt rows of {report.n_rows}")
     eval_prompts = None
-    if cfg.eval:
-        eval_prompts, _ = D.tokenize_prompts(D.load_rows(cfg.eval), tokenizer,
+    if eval_source is not None or cfg.eval:
+        eval_rows = D.load_rows(eval_source if eval_source is not None else cfg.eval)
+        eval_prompts, _ = D.tokenize_prompts(eval_rows, tokenizer,
                                              max_prompt_length=cfg.max_prompt_length,
                                              field=cfg.field, skip_bad_rows=cfg.skip_bad_rows)
     elif cfg.eval_size:

@@ -66,7 +66,8 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache
 
 def init_params(key: jax.Array, cfg: ModelConfig, *, heads: tuple[str, ...] = ("lm",),
                 dtype=jnp.float32) -> Params:
-    """Random parameters (normal, std 0.02; norms at one), for tests and from-scratch runs."""
+    """Random parameters (normal, std 0.02; lm_head std 1/sqrt(D); norms at one), for tests
+    and from-scratch runs."""
     d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
     shapes = {
         "q_proj": (d, cfg.q_size), "k_proj": (d, cfg.kv_size), "v_proj": (d, cfg.kv_size),
@@ -91,7 +92,10 @@ def init_params(key: jax.Array, cfg: ModelConfig, *, heads: tuple[str, ...] = ("
         "final_norm": {"scale": jnp.ones((d,), dtype)},
     }
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = {"kernel": normal((d, cfg.vocab_size))}
+        # std 1/sqrt(D): unit-variance logits from the RMS-normed hidden state, so the output
+        # distribution can be steered (a 0.02 std would pin it near uniform).
+        lm = jax.random.normal(next(keys), (d, cfg.vocab_size), jnp.float32) / np.sqrt(d)
+        params["lm_head"] = {"kernel": lm.astype(dtype)}
     for head in heads:
         if head in ("score", "value"):
             params[head] = init_head(next(keys), cfg, head, dtype=dtype)
