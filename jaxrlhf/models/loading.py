@@ -108,35 +108,45 @@ def _read_safetensors_folder(folder: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
+# safetensors dtypes that its numpy API cannot produce (numpy has no such types).
+_ML_DTYPES = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
+              "F8_E5M2": ml_dtypes.float8_e5m2}
+
+
 def read_safetensors(file: str | Path) -> dict[str, np.ndarray]:
-    """All tensors of one safetensors file as numpy arrays (bfloat16 as `ml_dtypes.bfloat16`,
-    which safetensors' numpy API cannot produce itself)."""
+    """All tensors of one safetensors file as numpy arrays; bfloat16 (and float8) come back
+    as `ml_dtypes` arrays, read from the raw bytes."""
     from safetensors import SafetensorError, safe_open
 
     file = Path(file)
     out: dict[str, np.ndarray] = {}
     try:
         with safe_open(str(file), framework="numpy") as f:
+            raw = {n for n in f.keys() if f.get_slice(n).get_dtype() in _ML_DTYPES}
             for name in f.keys():
-                if f.get_slice(name).get_dtype() == "BF16":
-                    out[name] = _read_bf16(file, name)
-                else:
+                if name not in raw:
                     out[name] = f.get_tensor(name)
     except SafetensorError as e:
         raise ValueError(f"{file} is not a valid safetensors file: {e}") from e
+    if raw:
+        out.update(_read_raw(file, raw))
     return out
 
 
-def _read_bf16(file: Path, name: str) -> np.ndarray:
-    """One bfloat16 tensor, read from the raw file: an 8-byte header length, a JSON header
-    with each tensor's byte range, then the data (the file was already validated)."""
+def _read_raw(file: Path, names: Iterable[str]) -> dict[str, np.ndarray]:
+    """Tensors read straight from the file: an 8-byte header length, a JSON header with each
+    tensor's dtype, shape and byte range, then the data (`safe_open` validated it already)."""
+    out = {}
     with file.open("rb") as fh:
         (header_len,) = struct.unpack("<Q", fh.read(8))
-        entry = json.loads(fh.read(header_len))[name]
-        start, end = entry["data_offsets"]
-        fh.seek(8 + header_len + start)
-        data = fh.read(end - start)
-    return np.frombuffer(data, dtype=ml_dtypes.bfloat16).reshape(entry["shape"])
+        header = json.loads(fh.read(header_len))
+        for name in names:
+            entry = header[name]
+            start, end = entry["data_offsets"]
+            fh.seek(8 + header_len + start)
+            data = fh.read(end - start)
+            out[name] = np.frombuffer(data, _ML_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+    return out
 
 
 def _strip_prefixes(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -214,7 +224,8 @@ def load_gguf(path: str | Path, *, dtype=jnp.float32) -> tuple[ModelConfig, dict
 
     Quantized tensors (Q4_0, Q4_1, Q8_0, …) are dequantized with `gguf.quants`, q/k are
     un-permuted, and the tokenizer is rebuilt from the file's vocabulary and merges as a
-    `transformers.PreTrainedTokenizerFast` (left padding; pad token set).
+    `transformers.PreTrainedTokenizerFast` (left padding; pad token set), or is None when
+    the file has no tokenizer.
     """
     import gguf
 
@@ -371,12 +382,15 @@ def _byte_level_pre_tokenizer(pre: str | None):
 
 
 def _gguf_tokenizer(meta: dict[str, Any], file: Path):
-    """A `PreTrainedTokenizerFast` rebuilt from the GGUF's byte-level BPE vocabulary."""
+    """A `PreTrainedTokenizerFast` rebuilt from the GGUF's byte-level BPE vocabulary (None
+    when the file carries no tokenizer)."""
     from tokenizers import AddedToken, Tokenizer, decoders, processors
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
 
     model = meta.get("tokenizer.ggml.model")
+    if model is None and "tokenizer.ggml.tokens" not in meta:
+        return None
     if model != "gpt2":
         raise ValueError(f"{file}: tokenizer model {model!r} is not supported; jaxrlhf "
                          f"rebuilds byte-level BPE ('gpt2') tokenizers from GGUF files")
