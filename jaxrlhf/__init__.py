@@ -1,6 +1,16 @@
 """jaxrlhf: parameter-efficient RLHF (reward models, PPO, GRPO, DPO with LoRA) in JAX."""
 
+from jaxrlhf import advantages, data, losses, rewards
+from jaxrlhf.lora import (
+    LoraConfig,
+    init_lora,
+    merge,
+    pad_rank,
+    trainable_summary,
+    unmerge,
+)
 from jaxrlhf.models.config import ModelConfig, config_from_hf, tiny_config
+from jaxrlhf.models.loading import load_gguf, load_hf_folder, load_model, save_hf_folder
 from jaxrlhf.models.transformer import (
     KVCache,
     backbone,
@@ -15,5 +25,8 @@ from jaxrlhf.models.transformer import (
     token_logprobs,
     value_head,
 )
+from jaxrlhf.peft_format import export_merged, export_peft, load_peft
+from jaxrlhf.sampling import SamplingConfig, SampleOutput, generate, make_generate_fn
+from jaxrlhf.sharding import MeshConfig, make_mesh
 
 __version__ = "0.1.0"

@@ -32,6 +32,9 @@ class ModelSection:
     remat: Literal["none", "block"] = "none"
     tiny: dict = dataclasses.field(default_factory=dict)
     """Overrides of `tiny_config` when path is `tiny` (e.g. {num_layers: 2, vocab_size: 256})."""
+    adapter: str | None = None
+    """A trained PEFT adapter (e.g. an SFT LoRA) merged into the base at load: the reference
+    model is then base + this adapter, and new adapters start at zero on top of it."""
 
     def __post_init__(self) -> None:
         _check_literal(self, "dtype", ("float32", "bfloat16"))

@@ -1,4 +1,4 @@
-"""Rebuild jaxrlhf/data/demo_prompts.txt: the openings of fortune-mod's cookies (BSD licence).
+"""Rebuild jaxrlhf/assets/demo_prompts.txt: the openings of fortune-mod's cookies (BSD licence).
 
     apt-get download fortunes && dpkg -x fortunes_*.deb /tmp/fortunes
     python scripts/make_demo_prompts.py /tmp/fortunes/usr/share/games/fortunes
@@ -33,7 +33,7 @@ def openings(text: str, rng: random.Random) -> list[str]:
     return out
 
 
-def main(folder: str, out: str = "jaxrlhf/data/demo_prompts.txt", n: int = 480) -> None:
+def main(folder: str, out: str = "jaxrlhf/assets/demo_prompts.txt", n: int = 480) -> None:
     rng = random.Random(0)
     pool: list[str] = []
     for name in FILES:

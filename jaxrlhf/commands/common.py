@@ -59,9 +59,22 @@ def load_base(model: ModelSection, *, seed: int = 0) -> tuple[ModelConfig, dict,
         cfg, params, tokenizer = load_model(model.path, dtype=jnp.float32)
         params = jax.device_get(params)
     cfg = cfg.replace(dtype=model.dtype, remat=model.remat)
+    if model.adapter:
+        params = merge_adapter_into_base(params, cfg, model.adapter)
     if model.param_dtype != "float32":
         params = cast_params(params, jnp.dtype(model.param_dtype))
     return cfg, params, tokenizer
+
+
+def merge_adapter_into_base(params: dict, cfg: ModelConfig, adapter_dir: str) -> dict:
+    """Fold a trained PEFT adapter (and its heads) into the base once, so "adapter off" means
+    this model, not the raw base."""
+    from jaxrlhf.lora import merge
+    from jaxrlhf.peft_format import load_peft
+
+    lora, lora_cfg = load_peft(adapter_dir, cfg)
+    log(f"merged adapter {adapter_dir} (r={lora_cfg.r}) into the base")
+    return jax.device_get(merge(params, lora, lora_cfg, with_heads=True))
 
 
 def split_trainable(key: jax.Array, base: dict, model_cfg: ModelConfig,

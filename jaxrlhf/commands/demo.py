@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from importlib import resources
 from pathlib import Path
 
 import jax
@@ -23,7 +22,7 @@ import numpy as np
 from jaxrlhf import config as C
 from jaxrlhf.commands.common import load_base, log
 from jaxrlhf.lora import LoraConfig
-from jaxrlhf.rewards import RewardFuncConfig, vader_sentiment
+from jaxrlhf.rewards import RewardFuncConfig, resolve
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,7 +35,11 @@ class DemoConfig:
     pair_max_new_tokens: int = 20
     pair_temperature: float = 1.0
     min_gold_gap: float = 0.05
-    """Pairs whose two VADER scores differ by less are ties and dropped."""
+    """Pairs whose two gold scores differ by less are ties and dropped."""
+    gold: RewardFuncConfig = dataclasses.field(
+        default_factory=lambda: RewardFuncConfig(fn="vader_sentiment", name="vader"))
+    """The outside judge. `--quick` swaps in the share of lowercase letters, because a tiny
+    random model emits byte noise that VADER scores 0."""
     rm: C.RMConfig = dataclasses.field(default_factory=lambda: C.RMConfig(
         lora=LoraConfig(r=16, alpha=32, task_type="SEQ_CLS", modules_to_save=("score",)),
         optim=C.OptimConfig(learning_rate=5e-4, schedule="linear", warmup_ratio=0.1),
@@ -60,11 +63,13 @@ QUICK = [
     "ppo.num_iterations=3", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8",
     "ppo.generation.max_new_tokens=8", "ppo.lora.r=4", "ppo.lora.alpha=8",
     "ppo.value_lora.r=4", "ppo.value_lora.alpha=8", "ppo.num_ppo_epochs=1",
+    "gold={fn: char_share, name: lowercase, kwargs: {chars: abcdefghijklmnopqrstuvwxyz}}",
+    "min_gold_gap=0.01",
 ]
 
 
 def demo_prompts() -> list[str]:
-    text = resources.files("jaxrlhf").joinpath("data/demo_prompts.txt").read_text()
+    text = (Path(__file__).resolve().parents[1] / "assets" / "demo_prompts.txt").read_text()
     return [line for line in text.splitlines() if line and not line.startswith("#")]
 
 
@@ -95,7 +100,7 @@ def make_pairs(model_cfg, base, tokenizer, prompts: list[str], cfg: DemoConfig) 
         mask = np.asarray(out["response_mask"]).astype(bool)
         texts = [tokenizer.decode(t[m].tolist(), skip_special_tokens=True)
                  for t, m in zip(tokens, mask, strict=True)]
-        gold = vader_sentiment(values, texts)
+        gold = gold_scores(cfg.gold, values, texts)
         for i in range(0, len(texts), 2):
             a, b = gold[i], gold[i + 1]
             if abs(a - b) < cfg.min_gold_gap or not texts[i].strip() or not texts[i + 1].strip():
@@ -107,10 +112,17 @@ def make_pairs(model_cfg, base, tokenizer, prompts: list[str], cfg: DemoConfig) 
     return rows, stats
 
 
-def gold_hook(prompts: list, completions: list[str]) -> dict:
-    scores = np.asarray(vader_sentiment(prompts, completions))
-    return {"gold": float(scores.mean()), "gold_positive_share": float((scores > 0.05).mean()),
-            "samples": completions[:4]}
+def gold_scores(gold: RewardFuncConfig, prompts: list, completions: list[str]) -> np.ndarray:
+    return np.asarray(resolve(gold.fn)(list(prompts), list(completions), **gold.kwargs))
+
+
+def make_gold_hook(gold: RewardFuncConfig):
+    def hook(prompts: list, completions: list[str]) -> dict:
+        scores = gold_scores(gold, prompts, completions)
+        return {"gold": float(scores.mean()), "gold_positive_share": float((scores > 0.05).mean()),
+                "samples": completions[:4]}
+
+    return hook
 
 
 def run_demo(*, quick: bool = False, run_dir: str | None = None,
@@ -133,7 +145,7 @@ def run_demo(*, quick: bool = False, run_dir: str | None = None,
     model_cfg, base, tokenizer = load_base(cfg.model, seed=cfg.seed)
 
     log(f"[2/5] preference pairs: 2 base samples for each of {len(train_prompts)} prompts, "
-        "ordered by VADER")
+        f"ordered by the gold judge ({cfg.gold.label})")
     t0 = time.perf_counter()
     pairs, pair_stats = make_pairs(model_cfg, base, tokenizer, train_prompts, cfg)
     timings["pairs"] = time.perf_counter() - t0
@@ -171,7 +183,7 @@ def run_demo(*, quick: bool = False, run_dir: str | None = None,
                                 save_every=max(cfg.ppo.num_iterations // 2, 1)))
     ppo_source = {"train": [{"prompt": p} for p in train_prompts],
                   "eval": [{"prompt": p} for p in eval_prompts]}
-    ppo_out = run_ppo(ppo_cfg, source=ppo_source, eval_hook=gold_hook)
+    ppo_out = run_ppo(ppo_cfg, source=ppo_source, eval_hook=make_gold_hook(cfg.gold))
     timings["ppo"] = time.perf_counter() - t0
 
     log("[5/5] report")
@@ -195,11 +207,12 @@ def write_report(root: Path, cfg: DemoConfig, pair_stats: dict, rm_out: dict, pp
     lines = [
         "# PE-RLHF demo report", "",
         f"Model: `{cfg.model.path}`; task: steer continuations of {pair_stats['prompts']} "
-        "fortune openings toward positive sentiment; gold judge: VADER compound score "
-        "(an outside lexicon, never trained on).", "",
+        f"fortune openings toward a higher gold score; gold judge: `{cfg.gold.fn}` "
+        "(an outside scorer the models never see; the default is VADER's compound sentiment).",
+        "",
         "## Headline", "",
         "| held-out prompts | before (base) | after (PPO LoRA) |", "|---|---|---|",
-        f"| gold VADER score (mean) | {before.get('gold', float('nan')):.3f} | "
+        f"| gold score ({cfg.gold.label}, mean) | {before.get('gold', float('nan')):.3f} | "
         f"{after.get('gold', float('nan')):.3f} |",
         f"| share of positive continuations | {before.get('gold_positive_share', 0):.2f} | "
         f"{after.get('gold_positive_share', 0):.2f} |",
