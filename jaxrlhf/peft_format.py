@@ -17,7 +17,8 @@ Our adapter tree stacks the blocks and uses `[in, out]` kernels (`lora_A: [L, in
 a `LlamaForSequenceClassification` with `modules_to_save=["score"]` saves
 `base_model.model.score.weight`). The PPO `value` head has no Hugging Face module; we save
 it by the same scheme as `base_model.model.value.{weight,bias}`. PEFT cannot put it into a
-transformers model (it reports the keys as unexpected), but `load_peft` reads it back.
+transformers model (`PeftModel.from_pretrained` skips those keys without a word), but
+`load_peft` reads it back.
 
 `load_peft` also accepts keys that carry an adapter name (`lora_A.default.weight`,
 `score.modules_to_save.default.weight`), as a raw `PeftModel.state_dict()` has them.
@@ -54,9 +55,11 @@ PREFIX = "base_model.model."
 
 _LORA_KEY = re.compile(
     r"^model\.layers\.(?P<layer>\d+)\.(?P<path>(?:self_attn|mlp)\.(?P<proj>\w+))"
-    r"\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+    r"\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$"
+)
 _HEAD_KEY = re.compile(
-    r"^(?P<head>score|value)(?:\.modules_to_save(?:\.(?P<adapter>[^.]+))?)?\.(?P<leaf>weight|bias)$")
+    r"^(?P<head>score|value)(?:\.modules_to_save(?:\.(?P<adapter>[^.]+))?)?\.(?P<leaf>weight|bias)$"
+)
 
 # adapter_config.json fields whose non-default values change what the adapter computes and
 # that jaxrlhf does not implement; a file that sets one is refused rather than misread.
@@ -95,22 +98,35 @@ def _check_tree(lora: Params, lora_cfg: LoraConfig, model_cfg: ModelConfig) -> t
     targets = targeted_modules(lora_cfg, model_cfg)
     layers = lora.get("layers", {})
     if set(layers) != set(targets):
-        raise ValueError(f"The adapter tree has projections {sorted(layers)} but lora_cfg targets "
-                         f"{list(targets)}; pass the LoraConfig the adapter was made with")
+        raise ValueError(
+            f"The adapter tree has projections {sorted(layers)} but lora_cfg targets "
+            f"{list(targets)}; pass the LoraConfig the adapter was made with"
+        )
     shapes = _proj_shapes(model_cfg)
     for proj in targets:
         out_dim, in_dim = shapes[proj]
-        want = {"lora_A": (model_cfg.num_layers, in_dim, lora_cfg.r),
-                "lora_B": (model_cfg.num_layers, lora_cfg.r, out_dim)}
+        want = {
+            "lora_A": (model_cfg.num_layers, in_dim, lora_cfg.r),
+            "lora_B": (model_cfg.num_layers, lora_cfg.r, out_dim),
+        }
         for leaf, shape in want.items():
             got = tuple(layers[proj][leaf].shape)
             if got != shape:
-                raise ValueError(f"adapter {proj}.{leaf} has shape {got}; lora_cfg (r={lora_cfg.r}) "
-                                 f"and the model config imply {shape}")
+                raise ValueError(
+                    f"adapter {proj}.{leaf} has shape {got}; lora_cfg (r={lora_cfg.r}) "
+                    f"and the model config imply {shape}"
+                )
     for head in lora_cfg.modules_to_save:
         if head not in lora:
-            raise ValueError(f"lora_cfg.modules_to_save lists {head!r} but the adapter tree has no "
-                             f"{head!r} head")
+            raise ValueError(
+                f"lora_cfg.modules_to_save lists {head!r} but the adapter tree has no {head!r} head"
+            )
+    extra = [h for h in HEADS if h in lora and h not in lora_cfg.modules_to_save]
+    if extra:
+        raise ValueError(
+            f"The adapter tree has heads {extra} that lora_cfg.modules_to_save does "
+            f"not list; they would be lost. Pass the LoraConfig the adapter was made with"
+        )
     return targets
 
 
@@ -123,8 +139,9 @@ def _alpha_json(alpha: float) -> int | float:
     return int(alpha) if float(alpha).is_integer() else float(alpha)
 
 
-def adapter_config_dict(lora_cfg: LoraConfig, model_cfg: ModelConfig, *,
-                        base_model_name_or_path: str | None = None) -> dict[str, Any]:
+def adapter_config_dict(
+    lora_cfg: LoraConfig, model_cfg: ModelConfig, *, base_model_name_or_path: str | None = None
+) -> dict[str, Any]:
     """`adapter_config.json` as peft writes it (the long-standing fields only, so that older
     peft versions, which refuse unknown fields, read it too)."""
     if isinstance(lora_cfg.target_modules, str):
@@ -158,8 +175,9 @@ def adapter_config_dict(lora_cfg: LoraConfig, model_cfg: ModelConfig, *,
     }
 
 
-def adapter_state_dict(lora: Params, lora_cfg: LoraConfig,
-                       model_cfg: ModelConfig) -> dict[str, np.ndarray]:
+def adapter_state_dict(
+    lora: Params, lora_cfg: LoraConfig, model_cfg: ModelConfig
+) -> dict[str, np.ndarray]:
     """PEFT-named tensors in torch layout, as stored in `adapter_model.safetensors`."""
     targets = _check_tree(lora, lora_cfg, model_cfg)
     out: dict[str, np.ndarray] = {}
@@ -176,8 +194,14 @@ def adapter_state_dict(lora: Params, lora_cfg: LoraConfig,
     return out
 
 
-def export_peft(lora: Params, lora_cfg: LoraConfig, model_cfg: ModelConfig, out_dir: str | os.PathLike,
-                *, base_model_name_or_path: str | None = None) -> None:
+def export_peft(
+    lora: Params,
+    lora_cfg: LoraConfig,
+    model_cfg: ModelConfig,
+    out_dir: str | os.PathLike,
+    *,
+    base_model_name_or_path: str | None = None,
+) -> None:
     """Write `adapter_config.json` + `adapter_model.safetensors` so that
     `peft.PeftModel.from_pretrained(base, out_dir)` reproduces the adapted model (the
     `value` head excepted: it has no transformers module)."""
@@ -195,25 +219,31 @@ def export_peft(lora: Params, lora_cfg: LoraConfig, model_cfg: ModelConfig, out_
 
 def _lora_config_from_peft(raw: dict[str, Any], heads: set[str], source: str) -> LoraConfig:
     if raw.get("peft_type") != "LORA":
-        raise ValueError(f"{source}: peft_type={raw.get('peft_type')!r}; only 'LORA' adapters "
-                         f"can be loaded")
+        raise ValueError(
+            f"{source}: peft_type={raw.get('peft_type')!r}; only 'LORA' adapters can be loaded"
+        )
     for field, what in _UNSUPPORTED.items():
         if raw.get(field):
-            raise ValueError(f"{source}: {field}={raw[field]!r} is set, but jaxrlhf does not "
-                             f"support {what}")
+            raise ValueError(
+                f"{source}: {field}={raw[field]!r} is set, but jaxrlhf does not support {what}"
+            )
     if raw.get("bias", "none") != "none":
-        raise ValueError(f"{source}: bias={raw['bias']!r}; jaxrlhf adapters train no biases "
-                         f"(bias must be 'none')")
+        raise ValueError(
+            f"{source}: bias={raw['bias']!r}; jaxrlhf adapters train no biases "
+            f"(bias must be 'none')"
+        )
     init = raw.get("init_lora_weights", True)
     if isinstance(init, str) and init.startswith(_BASE_REWRITING_INITS):
         raise ValueError(
             f"{source}: init_lora_weights={init!r} rewrites the base weights, so this adapter "
             f"only works on that rewritten base; save it from peft with "
-            f"path_initial_model_for_weight_conversion= to get a plain LoRA adapter")
+            f"path_initial_model_for_weight_conversion= to get a plain LoRA adapter"
+        )
     task_type = raw.get("task_type") or "CAUSAL_LM"
     if task_type not in ("CAUSAL_LM", "SEQ_CLS"):
-        raise ValueError(f"{source}: task_type={task_type!r}; jaxrlhf loads CAUSAL_LM and SEQ_CLS "
-                         f"adapters")
+        raise ValueError(
+            f"{source}: task_type={task_type!r}; jaxrlhf loads CAUSAL_LM and SEQ_CLS adapters"
+        )
     # PEFT appends its default classifier names ("classifier", "score") to a SEQ_CLS adapter's
     # modules_to_save, so duplicates and an unmatched "classifier" are normal.
     listed = []
@@ -221,21 +251,27 @@ def _lora_config_from_peft(raw: dict[str, Any], heads: set[str], source: str) ->
         if m == "classifier" and task_type == "SEQ_CLS":
             continue
         if m not in HEADS:
-            raise ValueError(f"{source}: modules_to_save lists {m!r}; jaxrlhf adapters can carry "
-                             f"only the heads {', '.join(HEADS)}")
+            raise ValueError(
+                f"{source}: modules_to_save lists {m!r}; jaxrlhf adapters can carry "
+                f"only the heads {', '.join(HEADS)}"
+            )
         if m not in listed:
             listed.append(m)
     missing = [m for m in listed if m not in heads]
     if missing:
-        raise ValueError(f"{source}: modules_to_save lists {missing} but the weights file has no "
-                         f"such tensor (expected {PREFIX}{missing[0]}.weight)")
+        raise ValueError(
+            f"{source}: modules_to_save lists {missing} but the weights file has no "
+            f"such tensor (expected {PREFIX}{missing[0]}.weight)"
+        )
     modules_to_save = tuple(listed) + tuple(h for h in HEADS if h in heads and h not in listed)
     target = raw.get("target_modules")
     if not target:
         raise ValueError(f"{source}: target_modules is empty")
+    if not isinstance(raw.get("r"), int):
+        raise ValueError(f"{source}: r must be an integer rank, got {raw.get('r')!r}")
     try:
         return LoraConfig(
-            r=int(raw["r"]),
+            r=raw["r"],
             alpha=float(raw.get("lora_alpha", 8)),
             dropout=float(raw.get("lora_dropout", 0.0)),
             target_modules=target if isinstance(target, str) else tuple(target),
@@ -248,8 +284,9 @@ def _lora_config_from_peft(raw: dict[str, Any], heads: set[str], source: str) ->
         raise ValueError(f"{source}: {e}") from e
 
 
-def load_peft(path: str | os.PathLike, model_cfg: ModelConfig, *,
-              dtype: Any = jnp.float32) -> tuple[Params, LoraConfig]:
+def load_peft(
+    path: str | os.PathLike, model_cfg: ModelConfig, *, dtype: Any = jnp.float32
+) -> tuple[Params, LoraConfig]:
     """Read a PEFT LoRA folder (written by `peft` or by `export_peft`) into an adapter tree.
 
     Every tensor is checked: unknown names, shapes against `model_cfg`, and that each adapted
@@ -264,7 +301,8 @@ def load_peft(path: str | os.PathLike, model_cfg: ModelConfig, *,
         if os.path.isfile(os.path.join(path, "adapter_model.bin")):
             raise ValueError(
                 f"{path!r} holds a pickled adapter_model.bin; jaxrlhf reads only safetensors. "
-                f"Convert it: PeftModel.from_pretrained(base, path).save_pretrained(new_path)")
+                f"Convert it: PeftModel.from_pretrained(base, path).save_pretrained(new_path)"
+            )
         raise FileNotFoundError(f"No {WEIGHTS_NAME} in {path!r}")
     with open(cfg_path) as f:
         raw = json.load(f)
@@ -280,8 +318,10 @@ def load_peft(path: str | os.PathLike, model_cfg: ModelConfig, *,
         h = _HEAD_KEY.match(name) if name != key else None
         if m and m["proj"] in PROJECTIONS and m["path"] == module_path(m["proj"]):
             if int(m["layer"]) >= model_cfg.num_layers:
-                raise ValueError(f"{weights_path}: tensor {key!r} is for block {m['layer']}, but "
-                                 f"the model has {model_cfg.num_layers} blocks")
+                raise ValueError(
+                    f"{weights_path}: tensor {key!r} is for block {m['layer']}, but "
+                    f"the model has {model_cfg.num_layers} blocks"
+                )
             adapter_names.add(m["adapter"] or "")
             factors.setdefault(m["proj"], {}).setdefault(m["ab"], {})[int(m["layer"])] = value
         elif h:
@@ -291,11 +331,13 @@ def load_peft(path: str | os.PathLike, model_cfg: ModelConfig, *,
             raise ValueError(
                 f"{weights_path}: unknown tensor {key!r}; expected LoRA factors named like "
                 f"'{PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight' or heads "
-                f"'{PREFIX}score.weight' / '{PREFIX}value.weight'")
+                f"'{PREFIX}score.weight' / '{PREFIX}value.weight'"
+            )
     if len(adapter_names) > 1:
         names = ", ".join(repr(n) if n else "(no adapter name)" for n in sorted(adapter_names))
-        raise ValueError(f"{weights_path}: tensors of several adapters ({names}); save one "
-                         f"adapter per folder")
+        raise ValueError(
+            f"{weights_path}: tensors of several adapters ({names}); save one adapter per folder"
+        )
 
     lora_cfg = _lora_config_from_peft(raw, set(head_tensors), cfg_path)
     try:
@@ -304,9 +346,11 @@ def load_peft(path: str | os.PathLike, model_cfg: ModelConfig, *,
         raise ValueError(f"{cfg_path}: {e}") from e
     extra = sorted(set(factors) - set(targets))
     if extra:
-        raise ValueError(f"{weights_path}: holds LoRA factors for {extra}, which "
-                         f"adapter_config.json's target_modules={raw['target_modules']!r} does not "
-                         f"target")
+        raise ValueError(
+            f"{weights_path}: holds LoRA factors for {extra}, which "
+            f"adapter_config.json's target_modules={raw['target_modules']!r} does not "
+            f"target"
+        )
 
     shapes = _proj_shapes(model_cfg)
     r = lora_cfg.r
@@ -322,29 +366,36 @@ def load_peft(path: str | os.PathLike, model_cfg: ModelConfig, *,
                 if i not in per_layer:
                     raise ValueError(
                         f"{weights_path}: missing tensor {key!r}; jaxrlhf adapts {proj} in every "
-                        f"block, so each block needs lora_A and lora_B")
+                        f"block, so each block needs lora_A and lora_B"
+                    )
                 got = tuple(per_layer[i].shape)
                 if got != want:
                     raise ValueError(
                         f"{weights_path}: tensor {key!r} has shape {got}; r={r} and the model "
-                        f"config imply {want}")
+                        f"config imply {want}"
+                    )
                 blocks.append(per_layer[i].astype(np.float32).T)
             stacked[f"lora_{ab}"] = jnp.asarray(np.stack(blocks), dtype)
         tree["layers"][proj] = stacked
 
     d = model_cfg.hidden_size
-    head_shapes = {"score": {"weight": (model_cfg.num_labels, d)},
-                   "value": {"weight": (1, d), "bias": (1,)}}
+    head_shapes = {
+        "score": {"weight": (model_cfg.num_labels, d)},
+        "value": {"weight": (1, d), "bias": (1,)},
+    }
     for head, leaves in head_tensors.items():
         want = head_shapes[head]
         for leaf, value in leaves.items():
             key = f"{PREFIX}{head}.{leaf}"
             if leaf not in want:
-                raise ValueError(f"{weights_path}: unknown tensor {key!r} (the {head} head has no "
-                                 f"{leaf})")
+                raise ValueError(
+                    f"{weights_path}: unknown tensor {key!r} (the {head} head has no {leaf})"
+                )
             if tuple(value.shape) != want[leaf]:
-                raise ValueError(f"{weights_path}: tensor {key!r} has shape {tuple(value.shape)}; "
-                                 f"the model config implies {want[leaf]}")
+                raise ValueError(
+                    f"{weights_path}: tensor {key!r} has shape {tuple(value.shape)}; "
+                    f"the model config implies {want[leaf]}"
+                )
         if "weight" not in leaves:
             raise ValueError(f"{weights_path}: missing tensor '{PREFIX}{head}.weight'")
         tree[head] = {"kernel": jnp.asarray(leaves["weight"].astype(np.float32).T, dtype)}
@@ -357,22 +408,34 @@ def load_peft(path: str | os.PathLike, model_cfg: ModelConfig, *,
 # ----------------------------------------------------------------------------- merged export
 
 
-_CAUSAL_LM = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-              "qwen2": "Qwen2ForCausalLM"}
-_SEQ_CLS = {"llama": "LlamaForSequenceClassification",
-            "mistral": "MistralForSequenceClassification",
-            "qwen2": "Qwen2ForSequenceClassification"}
+_CAUSAL_LM = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+_SEQ_CLS = {
+    "llama": "LlamaForSequenceClassification",
+    "mistral": "MistralForSequenceClassification",
+    "qwen2": "Qwen2ForSequenceClassification",
+}
 
 
-def export_merged(params: Params, lora: Params | None, lora_cfg: LoraConfig | None,
-                  model_cfg: ModelConfig, out_dir: str | os.PathLike, tokenizer: Any = None) -> None:
+def export_merged(
+    params: Params,
+    lora: Params | None,
+    lora_cfg: LoraConfig | None,
+    model_cfg: ModelConfig,
+    out_dir: str | os.PathLike,
+    tokenizer: Any = None,
+) -> None:
     """Fold the adapter into the base (`W + s·A·B`, trained heads replacing the base's) and
     write a Hugging Face folder: `config.json` + `model.safetensors` (+ the tokenizer).
 
     A SEQ_CLS adapter becomes a `*ForSequenceClassification` (score head, `num_labels`,
     `pad_token_id`; no lm_head), loadable with `AutoModelForSequenceClassification`; a
     CAUSAL_LM one a `*ForCausalLM`. A `value` head, which has no transformers module, is
-    written as `value.weight`/`value.bias`: transformers ignores it, jaxrlhf reads it back.
+    written as `value.weight`/`value.bias`: transformers lists it as UNEXPECTED in its load
+    report and skips it; jaxrlhf reads it back.
     With `lora=None` the base params are written as they are.
     """
     if lora is not None:
@@ -387,11 +450,15 @@ def export_merged(params: Params, lora: Params | None, lora_cfg: LoraConfig | No
     state = state_dict_from_params(merged, model_cfg)
     if seq_cls:
         if "score" not in merged:
-            raise ValueError("export_merged: a SEQ_CLS model needs a score head; the adapter "
-                             "and the base params have none")
+            raise ValueError(
+                "export_merged: a SEQ_CLS model needs a score head; the adapter "
+                "and the base params have none"
+            )
         if model_cfg.pad_token_id is None:
-            raise ValueError("export_merged: a SEQ_CLS model needs ModelConfig.pad_token_id (the "
-                             "transformers model finds the last token of each row by it)")
+            raise ValueError(
+                "export_merged: a SEQ_CLS model needs ModelConfig.pad_token_id (the "
+                "transformers model finds the last token of each row by it)"
+            )
         state.pop("lm_head.weight", None)
         hf_cfg["architectures"] = [_SEQ_CLS[model_cfg.model_type]]
         hf_cfg["id2label"] = {str(i): f"LABEL_{i}" for i in range(model_cfg.num_labels)}
@@ -408,4 +475,3 @@ def export_merged(params: Params, lora: Params | None, lora_cfg: LoraConfig | No
     save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-
