@@ -71,8 +71,10 @@ class SamplingConfig:
         eos = self.eos_token_ids
         if _is_int(eos):
             eos = (eos,)
-        if not isinstance(eos, Sequence) or isinstance(eos, str) or not all(
-            _is_int(t) and t >= 0 for t in eos
+        if (
+            not isinstance(eos, Sequence)
+            or isinstance(eos, str)
+            or not all(_is_int(t) and t >= 0 for t in eos)
         ):
             raise ValueError(
                 "SamplingConfig.eos_token_ids must be a tuple of non-negative token ids "
@@ -94,7 +96,9 @@ class SamplingConfig:
             )
         object.__setattr__(self, "temperature", float(t))
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"SamplingConfig.top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+            raise ValueError(
+                f"SamplingConfig.top_k must be an int >= 0 (0 = off), got {self.top_k!r}"
+            )
         p = self.top_p
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 < p <= 1.0:
             raise ValueError(f"SamplingConfig.top_p must be in (0, 1] (1.0 = off), got {p!r}")
@@ -111,8 +115,10 @@ class SamplingConfig:
         pad = fields.pop("pad_token_id", cfg.pad_token_id)
         if pad is None:
             if not eos:
-                raise ValueError("The model config has neither a pad nor an EOS token id; "
-                                 "pass pad_token_id= explicitly")
+                raise ValueError(
+                    "The model config has neither a pad nor an EOS token id; "
+                    "pass pad_token_id= explicitly"
+                )
             pad = eos[0]
         return cls(eos_token_ids=tuple(eos), pad_token_id=pad, **fields)
 
@@ -150,8 +156,9 @@ def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> j
     return logits
 
 
-def choose_tokens(logits: jax.Array, key: jax.Array,
-                  sampling: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+def choose_tokens(
+    logits: jax.Array, key: jax.Array, sampling: SamplingConfig
+) -> tuple[jax.Array, jax.Array]:
     """Next tokens [B] (int32) and their log-probs [B] from float32 logits [B, V]."""
     logits = logits.astype(jnp.float32)
     if sampling.is_greedy:
@@ -169,41 +176,77 @@ def choose_tokens(logits: jax.Array, key: jax.Array,
 # ----------------------------------------------------------------------------- model steps
 
 
-def prefill(params: Params, prompt_ids: jax.Array, prompt_mask: jax.Array, *,
-            cfg: ModelConfig, cache_length: int, lora: Params | None = None,
-            lora_scale: Any = 1.0) -> tuple[jax.Array, KVCache]:
+def prefill(
+    params: Params,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    *,
+    cfg: ModelConfig,
+    cache_length: int,
+    lora: Params | None = None,
+    lora_scale: Any = 1.0,
+) -> tuple[jax.Array, KVCache]:
     """Run the left-padded prompts [B, P] into a fresh cache of `cache_length` slots.
     Returns the logits [B, V] of the first response token and the cache (index = P)."""
     b, p = prompt_ids.shape
     cache = init_cache(cfg, b, cache_length)
-    hidden, cache = backbone(params, prompt_ids, prompt_mask, cfg=cfg, lora=lora,
-                             lora_scale=lora_scale, positions=positions_from_mask(prompt_mask),
-                             cache=cache)
+    hidden, cache = backbone(
+        params,
+        prompt_ids,
+        prompt_mask,
+        cfg=cfg,
+        lora=lora,
+        lora_scale=lora_scale,
+        positions=positions_from_mask(prompt_mask),
+        cache=cache,
+    )
     # Left padding puts every row's last real token at P-1: one [B, 1, V] logits slice.
     return lm_logits(params, hidden[:, -1:])[:, 0], cache
 
 
-def decode_step(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, *,
-                cfg: ModelConfig, lora: Params | None = None,
-                lora_scale: Any = 1.0) -> tuple[jax.Array, KVCache]:
+def decode_step(
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: KVCache,
+    *,
+    cfg: ModelConfig,
+    lora: Params | None = None,
+    lora_scale: Any = 1.0,
+) -> tuple[jax.Array, KVCache]:
     """Feed one token per row (tokens, positions: [B]) at `cache.index`; logits [B, V]."""
-    hidden, cache = backbone(params, tokens[:, None], jnp.ones_like(tokens)[:, None], cfg=cfg,
-                             lora=lora, lora_scale=lora_scale, positions=positions[:, None],
-                             cache=cache)
+    hidden, cache = backbone(
+        params,
+        tokens[:, None],
+        jnp.ones_like(tokens)[:, None],
+        cfg=cfg,
+        lora=lora,
+        lora_scale=lora_scale,
+        positions=positions[:, None],
+        cache=cache,
+    )
     return lm_logits(params, hidden)[:, 0], cache
 
 
 # ----------------------------------------------------------------------------- generate
 
 
-def generate(params: Params, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Array, *,
-             cfg: ModelConfig, sampling: SamplingConfig, lora: Params | None = None,
-             lora_scale: Any = 1.0) -> SampleOutput:
+def generate(
+    params: Params,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    key: jax.Array,
+    *,
+    cfg: ModelConfig,
+    sampling: SamplingConfig,
+    lora: Params | None = None,
+    lora_scale: Any = 1.0,
+) -> SampleOutput:
     """Sample `sampling.max_new_tokens` tokens after left-padded prompts [B, P].
 
-    Every row needs at least one real prompt token. The loop stops as soon as every row has
-    produced an EOS; the outputs always have N = max_new_tokens columns. Traceable: call it
-    inside `jax.jit` (or use `make_generate_fn`, which does).
+    Every row needs at least one real prompt token (see `check_left_padded`). The loop stops
+    as soon as every row has produced an EOS; the outputs always have N = max_new_tokens
+    columns. Traceable: call it inside `jax.jit` (or use `make_generate_fn`, which does).
     """
     b, p = prompt_ids.shape
     n = sampling.max_new_tokens
@@ -220,16 +263,29 @@ def generate(params: Params, prompt_ids: jax.Array, prompt_mask: jax.Array, key:
         tok = jnp.where(running, tok, pad)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], i, 1)
         response_mask = jax.lax.dynamic_update_slice_in_dim(
-            response_mask, running.astype(jnp.int32)[:, None], i, 1)
+            response_mask, running.astype(jnp.int32)[:, None], i, 1
+        )
         logprobs = jax.lax.dynamic_update_slice_in_dim(
-            logprobs, jnp.where(running, logp, 0.0)[:, None], i, 1)
+            logprobs, jnp.where(running, logp, 0.0)[:, None], i, 1
+        )
         finished = finished | (running & jnp.isin(tok, eos_ids))
         return tok, tokens, response_mask, logprobs, finished
 
-    logits, cache = prefill(params, prompt_ids, prompt_mask, cfg=cfg, cache_length=p + n,
-                            lora=lora, lora_scale=lora_scale)
-    outputs = (jnp.full((b, n), pad, jnp.int32), jnp.zeros((b, n), jnp.int32),
-               jnp.zeros((b, n), jnp.float32), jnp.zeros((b,), bool))
+    logits, cache = prefill(
+        params,
+        prompt_ids,
+        prompt_mask,
+        cfg=cfg,
+        cache_length=p + n,
+        lora=lora,
+        lora_scale=lora_scale,
+    )
+    outputs = (
+        jnp.full((b, n), pad, jnp.int32),
+        jnp.zeros((b, n), jnp.int32),
+        jnp.zeros((b, n), jnp.float32),
+        jnp.zeros((b,), bool),
+    )
     last, *outputs = emit(0, logits, *outputs)
 
     def cond(carry):
@@ -238,15 +294,33 @@ def generate(params: Params, prompt_ids: jax.Array, prompt_mask: jax.Array, key:
 
     def body(carry):
         i, last, cache, *outputs = carry
-        logits, cache = decode_step(params, last, n_prompt + i - 1, cache, cfg=cfg, lora=lora,
-                                    lora_scale=lora_scale)
+        logits, cache = decode_step(
+            params, last, n_prompt + i - 1, cache, cfg=cfg, lora=lora, lora_scale=lora_scale
+        )
         last, *outputs = emit(i, logits, *outputs)
         return (i + 1, last, cache, *outputs)
 
     carry = (jnp.int32(1), last, cache, *outputs)
     _, _, _, tokens, response_mask, logprobs, finished = jax.lax.while_loop(cond, body, carry)
-    return SampleOutput(tokens=tokens, response_mask=response_mask, logprobs=logprobs,
-                        finished=finished)
+    return SampleOutput(
+        tokens=tokens, response_mask=response_mask, logprobs=logprobs, finished=finished
+    )
+
+
+def check_left_padded(prompt_mask: Any) -> None:
+    """Raise if a concrete prompt mask is not left-padded (a row's last column is padding,
+    or a row is empty). Traced masks and arrays spread over several hosts pass unchecked."""
+    if isinstance(prompt_mask, jax.core.Tracer) or (
+        isinstance(prompt_mask, jax.Array) and not prompt_mask.is_fully_addressable
+    ):
+        return
+    last = np.asarray(prompt_mask)[:, -1]
+    if not last.all():
+        rows = np.flatnonzero(last == 0)[:5].tolist()
+        raise ValueError(
+            f"Prompts must be left-padded with at least one real token, but rows {rows} end "
+            "in padding; tokenize with tokenizer.padding_side = 'left'"
+        )
 
 
 def make_generate_fn(cfg: ModelConfig, sampling: SamplingConfig) -> Callable[..., SampleOutput]:
@@ -259,14 +333,29 @@ def make_generate_fn(cfg: ModelConfig, sampling: SamplingConfig) -> Callable[...
 
     @jax.jit
     def jitted(params, prompt_ids, prompt_mask, key, lora, lora_scale):
-        return generate(params, prompt_ids, prompt_mask, key, cfg=cfg, sampling=sampling,
-                        lora=lora, lora_scale=lora_scale)
+        return generate(
+            params,
+            prompt_ids,
+            prompt_mask,
+            key,
+            cfg=cfg,
+            sampling=sampling,
+            lora=lora,
+            lora_scale=lora_scale,
+        )
 
-    def generate_fn(params: Params, prompt_ids: jax.Array, prompt_mask: jax.Array,
-                    key: jax.Array, lora: Params | None = None,
-                    lora_scale: Any = 1.0) -> SampleOutput:
-        return jitted(params, prompt_ids, prompt_mask, key, lora,
-                      jnp.asarray(lora_scale, jnp.float32))
+    def generate_fn(
+        params: Params,
+        prompt_ids: jax.Array,
+        prompt_mask: jax.Array,
+        key: jax.Array,
+        lora: Params | None = None,
+        lora_scale: Any = 1.0,
+    ) -> SampleOutput:
+        check_left_padded(prompt_mask)
+        return jitted(
+            params, prompt_ids, prompt_mask, key, lora, jnp.asarray(lora_scale, jnp.float32)
+        )
 
     generate_fn.jitted = jitted  # type: ignore[attr-defined]
     generate_fn.__doc__ = make_generate_fn.__doc__
@@ -277,5 +366,7 @@ def decode_text(tokenizer: Any, out: SampleOutput) -> list[str]:
     """The response strings: each row cut at its response mask, special tokens skipped."""
     tokens = np.asarray(out.tokens)
     mask = np.asarray(out.response_mask).astype(bool)
-    return [tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
-            for row, m in zip(tokens, mask, strict=True)]
+    return [
+        tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
+        for row, m in zip(tokens, mask, strict=True)
+    ]
