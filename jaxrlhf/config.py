@@ -384,6 +384,11 @@ class PPOConfig:
             raise ValueError("value_lora.modules_to_save must include 'value'")
         if self.num_iterations < 1 or self.num_ppo_epochs < 1:
             raise ValueError("num_iterations and num_ppo_epochs must be >= 1")
+        for name in ("lora", "value_lora"):
+            adapter = getattr(self, name)
+            if adapter is not None and adapter.dropout > 0:
+                raise ValueError(f"{name}.dropout must be 0 for PPO: dropout would make the "
+                                 f"trainer's log-probs differ from the rollout's")
 
 
 # ----------------------------------------------------------------------------- DPO
