@@ -102,6 +102,19 @@ class PreferenceDataConfig:
             raise ValueError(f"data.max_length must be >= 2, got {self.max_length}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        _check_buckets(self.length_buckets, self.max_length)
+
+
+def _check_buckets(buckets: tuple[int, ...] | None, max_length: int) -> None:
+    if buckets is None:
+        return
+    if not buckets or any(b < 1 for b in buckets) or any(
+            a >= b for a, b in zip(buckets, buckets[1:], strict=False)):
+        raise ValueError(f"data.length_buckets must be strictly increasing positive lengths, "
+                         f"got {list(buckets)}")
+    if buckets[-1] < max_length:
+        raise ValueError(f"data.length_buckets: the largest bucket ({buckets[-1]}) must be >= "
+                         f"the maximum length ({max_length})")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -125,8 +138,16 @@ class RMConfig:
     """Run the shared prompt of a chosen/rejected pair once (packed, block-masked)."""
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError(f"batch_size and eval_batch_size must be >= 1, got "
+                             f"{self.batch_size}, {self.eval_batch_size}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be null or >= 1, got {self.max_steps}")
+        if self.num_epochs <= 0:
+            raise ValueError(f"num_epochs must be > 0, got {self.num_epochs}")
+        if self.batch_size % self.optim.grad_accum_steps:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of "
+                             f"optim.grad_accum_steps ({self.optim.grad_accum_steps})")
         if self.lora is not None and self.lora.task_type != "SEQ_CLS":
             raise ValueError("lora.task_type must be SEQ_CLS for a reward model (it is read "
                              "through the score head, as *ForSequenceClassification)")
@@ -178,7 +199,24 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise ValueError(f"{where} must be a number, got {value!r}") from None
     if inner is int and isinstance(value, float) and value.is_integer():
         return int(value)
+    _check_scalar(inner, value, where)
     return value
+
+
+def _check_scalar(tp: Any, value: Any, where: str) -> None:
+    """Refuse a value of the wrong kind, naming the key (YAML gives str/int/float/bool)."""
+    if tp is bool and not isinstance(value, bool):
+        raise ValueError(f"{where} must be true or false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{where} must be an integer, got {value!r}")
+    if tp is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise ValueError(f"{where} must be a number, got {value!r}")
+    if tp is str and not isinstance(value, str):
+        raise ValueError(f"{where} must be a string, got {value!r}")
+    if tp is dict and not isinstance(value, dict):
+        raise ValueError(f"{where} must be a mapping, got {value!r}")
+    if typing.get_origin(tp) is tuple and not isinstance(value, list | tuple):
+        raise ValueError(f"{where} must be a list, got {value!r}")
 
 
 def from_dict(cls: type, raw: dict, where: str = "") -> Any:
@@ -239,7 +277,11 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like dotted.key=value")
         key, text = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(text) if text != "" else None))
+        try:
+            value = yaml.safe_load(text) if text != "" else None
+        except yaml.YAMLError as e:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({e})") from None
+        out.append((key.strip(), value))
     return out
 
 
@@ -250,7 +292,10 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file not found: {p}")
-        raw = yaml.safe_load(p.read_text()) or {}
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"config file {p} must hold a mapping at the top level")
     for key, value in parse_overrides(list(overrides)):
@@ -282,6 +327,7 @@ class PromptDataConfig:
             raise ValueError(f"data.max_prompt_length must be >= 1, got {self.max_prompt_length}")
         if self.eval_size < 0:
             raise ValueError(f"data.eval_size must be >= 0, got {self.eval_size}")
+        _check_buckets(self.length_buckets, self.max_prompt_length)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -109,7 +109,13 @@ def announce(mesh, *, frozen: Any, trainable: Any, opt_state: Any, extra: dict |
     log(str(trainable_summary(trainable, frozen, opt_state)))
 
 
-def prepare_run_dir(run: RunConfig, cfg: Any) -> None:
+def prepare_run_dir(run: RunConfig, cfg: Any, *, resume: bool = False) -> None:
+    """Create the run directory and save the config. A fresh run refuses a directory that
+    already holds checkpoints, which a later --resume would otherwise mix up."""
+    ckpt_dir = os.path.join(run.run_dir, "checkpoints")
+    if not resume and os.path.isdir(ckpt_dir) and any(p.isdigit() for p in os.listdir(ckpt_dir)):
+        raise ValueError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue that "
+                         f"run or choose a new run.run_dir")
     if jax.process_index() == 0:
         os.makedirs(run.run_dir, exist_ok=True)
         save_config(cfg, os.path.join(run.run_dir, "config.yaml"))

@@ -59,7 +59,8 @@ class DemoConfig:
 
 QUICK = [
     "model.path=tiny", "run_dir=runs/demo_quick", "n_train_prompts=96", "n_eval_prompts=32",
-    "pair_max_new_tokens=8", "rm.num_epochs=2", "rm.lora.r=4", "rm.lora.alpha=8",
+    "pair_max_new_tokens=8", "rm.num_epochs=4", "rm.lora.r=4", "rm.lora.alpha=8",
+    "rm.optim.learning_rate=3e-3", "ppo.optim.learning_rate=3e-3",
     "ppo.num_iterations=3", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8",
     "ppo.generation.max_new_tokens=8", "ppo.lora.r=4", "ppo.lora.alpha=8",
     "ppo.value_lora.r=4", "ppo.value_lora.alpha=8", "ppo.num_ppo_epochs=1",

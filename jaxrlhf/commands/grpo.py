@@ -59,7 +59,7 @@ def run_grpo(
     dataset); `eval_hook(prompts, completions) -> metrics` adds metrics to each evaluation.
     Returns a summary dict (evaluations, export folder, final state)."""
     maybe_init_distributed()
-    prepare_run_dir(cfg.run, cfg)
+    prepare_run_dir(cfg.run, cfg, resume=resume)
     mesh = make_mesh(cfg.mesh)
     model_cfg, base_host, tokenizer = load_base(cfg.model, seed=cfg.run.seed)
     base = put_tree(base_host, mesh)

@@ -95,7 +95,7 @@ def run_ppo(cfg: PPOConfig, *, resume: bool = False, source: Any = None,
     """Train a policy with PPO. `eval_hook(prompts, completions) -> metrics` adds metrics to
     each evaluation (the demo's outside judge). Returns a summary dict."""
     maybe_init_distributed()
-    prepare_run_dir(cfg.run, cfg)
+    prepare_run_dir(cfg.run, cfg, resume=resume)
     mesh = make_mesh(cfg.mesh)
     model_cfg, base_host, tokenizer = load_base(cfg.model, seed=cfg.run.seed)
     base = put_tree(base_host, mesh)
@@ -140,8 +140,10 @@ def run_ppo(cfg: PPOConfig, *, resume: bool = False, source: Any = None,
                 ShardedStep(exp, mesh=mesh, arg_shardings=(state_sh.train.trainable, frozen_sh,
                                                            "batch", "batch", replicated(mesh)),
                             out_shardings=(None, replicated(mesh))),
+                # The minibatch indices are split like the batch: with replicated indices
+                # the gathered minibatch came out replicated and every device ran all of it.
                 ShardedStep(upd, mesh=mesh, arg_shardings=(state_sh.train, frozen_sh, "batch",
-                                                           replicated(mesh)),
+                                                           "batch"),
                             out_shardings=(state_sh.train, replicated(mesh)), donate_argnums=(0,)))
         return steps[prompt_len]
 

@@ -25,7 +25,14 @@ from jaxrlhf.commands.common import (
 )
 from jaxrlhf.config import PreferenceDataConfig, RMConfig
 from jaxrlhf.packing import pack_pairs
-from jaxrlhf.sharding import ShardedStep, make_mesh, put_tree, replicated, shard_batch, tree_shardings
+from jaxrlhf.sharding import (
+    ShardedStep,
+    make_mesh,
+    put_tree,
+    replicated,
+    shard_batch,
+    tree_shardings,
+)
 from jaxrlhf.train.checkpoint import Checkpointer
 from jaxrlhf.train.loop import run_loop
 from jaxrlhf.train.metrics import MetricsLogger
@@ -74,12 +81,25 @@ def pair_batch(prefs: D.PreferenceData, idx: np.ndarray, *, pad_id: int, buckets
                                    batch_size=batch_size)
     if not share_prompt:
         return host_batch(batch, _PAIR_KEYS)
-    packed = pack_pairs(batch, pad_id=pad_id, buckets=buckets)
+    # A packed pair (prompt once, two responses) can exceed the longest single sequence.
+    packed = pack_pairs(batch, pad_id=pad_id,
+                        buckets=tuple(sorted({*buckets, *(2 * b for b in buckets)})))
     out = {f"packed_{k}": v for k, v in packed.items()
            if k in ("input_ids", "attention_mask", "positions", "segment_ids")}
     out.update(chosen_last=packed["chosen_last"], rejected_last=packed["rejected_last"],
                margin=batch["margin"], pair_mask=batch["pair_mask"])
     return host_batch(out)
+
+
+def local_rows(batch: dict) -> dict:
+    """This process's rows of a global host batch. Every process builds the same global batch
+    (so all pick the same length bucket) and keeps its contiguous slice, which `shard_batch`
+    assembles back into the global array."""
+    n_proc = jax.process_count()
+    if n_proc == 1:
+        return batch
+    return {k: D.process_slice(v, process_index=jax.process_index(), process_count=n_proc)
+            for k, v in batch.items()}
 
 
 def total_steps_for(n_train: int, batch_size: int, num_epochs: float, max_steps: int | None) -> int:
@@ -91,7 +111,7 @@ def total_steps_for(n_train: int, batch_size: int, num_epochs: float, max_steps:
 def run_rm(cfg: RMConfig, *, resume: bool = False, source: Any = None) -> dict:
     """Train, evaluate, checkpoint and export a reward model. Returns a summary dict."""
     maybe_init_distributed()
-    prepare_run_dir(cfg.run, cfg)
+    prepare_run_dir(cfg.run, cfg, resume=resume)
     mesh = make_mesh(cfg.mesh)
     model_cfg, base, tokenizer = load_base(cfg.model, seed=cfg.run.seed)
     splits = load_preferences(cfg.data, tokenizer, seed=cfg.run.seed, source=source)
@@ -126,16 +146,15 @@ def run_rm(cfg: RMConfig, *, resume: bool = False, source: Any = None) -> dict:
         log(f"resumed from step {start_step} (data position {position})")
     host = {"position": position}
     pad_id = tokenizer.pad_token_id
-    n_proc, proc = jax.process_count(), jax.process_index()
 
     def step_fn(state: TrainState):
         idx, host["position"] = D.batch_indices(n_train, batch_size=cfg.batch_size,
                                                 seed=cfg.run.seed, position=host["position"],
                                                 lengths=splits.train.lengths)
-        idx = D.process_slice(idx, process_index=proc, process_count=n_proc)
         batch = pair_batch(splits.train, idx, pad_id=pad_id, buckets=splits.buckets,
                            batch_size=len(idx), share_prompt=cfg.share_prompt)
-        mb = shard_batch(micro_batches(batch, cfg.optim.grad_accum_steps), mesh, batch_axis=1)
+        mb = shard_batch(micro_batches(local_rows(batch), cfg.optim.grad_accum_steps), mesh,
+                         batch_axis=1)
         return train_step(state, frozen, mb)
 
     def evaluate(state: TrainState) -> dict:
@@ -174,7 +193,7 @@ def evaluate_pairs(eval_step, trainable, frozen, prefs: D.PreferenceData, *, mes
         idx = np.arange(start, min(start + batch_size, len(prefs)))
         batch = pair_batch(prefs, idx, pad_id=pad_id, buckets=buckets, batch_size=batch_size,
                            share_prompt=share_prompt)
-        c, r = eval_step(trainable, frozen, shard_batch(batch, mesh))
+        c, r = eval_step(trainable, frozen, shard_batch(local_rows(batch), mesh))
         rc.append(np.asarray(c))
         rr.append(np.asarray(r))
         masks.append(batch["pair_mask"])
@@ -185,8 +204,8 @@ def evaluate_pairs(eval_step, trainable, frozen, prefs: D.PreferenceData, *, mes
 
 def export_reward_model(cfg: RMConfig, trainable, base, model_cfg, tokenizer) -> Path | None:
     """Process 0 writes the PEFT adapter (LoRA) or the merged SEQ_CLS model (full)."""
-    from jaxrlhf.peft_format import export_peft
-    from jaxrlhf.models.loading import save_hf_folder
+    from jaxrlhf.lora import LoraConfig
+    from jaxrlhf.peft_format import export_merged, export_peft
 
     out = Path(cfg.run.run_dir) / ("adapter" if cfg.lora is not None else "model")
     if jax.process_index() != 0:
@@ -194,8 +213,9 @@ def export_reward_model(cfg: RMConfig, trainable, base, model_cfg, tokenizer) ->
     trainable = jax.device_get(trainable)
     if cfg.lora is not None:
         export_peft(trainable, cfg.lora, model_cfg, out, base_model_name_or_path=cfg.model.path)
-    else:
-        save_hf_folder(trainable, model_cfg, out, tokenizer=tokenizer)
+    else:  # a full *ForSequenceClassification folder (score head, num_labels, pad id)
+        export_merged(trainable, None, LoraConfig(task_type="SEQ_CLS", modules_to_save=("score",)),
+                      model_cfg, out)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     log(f"exported {'adapter' if cfg.lora is not None else 'model'} to {out}")
