@@ -21,6 +21,8 @@ import numpy as np
 
 from jaxrlhf import config as C
 from jaxrlhf.commands.common import load_base, log
+from jaxrlhf.commands.ppo import run_ppo
+from jaxrlhf.commands.rm import run_rm
 from jaxrlhf.lora import LoraConfig
 from jaxrlhf.rewards import RewardFuncConfig, resolve
 
@@ -159,8 +161,6 @@ def run_demo(*, quick: bool = False, run_dir: str | None = None,
 
     log("[3/5] reward model: jaxrlhf rm (LoRA, SEQ_CLS)")
     t0 = time.perf_counter()
-    from jaxrlhf.commands.rm import run_rm
-
     rm_cfg = dataclasses.replace(
         cfg.rm, model=cfg.model,
         run=dataclasses.replace(cfg.rm.run, run_dir=str(root / "rm"), seed=cfg.seed,
@@ -173,8 +173,6 @@ def run_demo(*, quick: bool = False, run_dir: str | None = None,
 
     log("[4/5] policy: jaxrlhf ppo (LoRA policy, LoRA critic from the reward model)")
     t0 = time.perf_counter()
-    from jaxrlhf.commands.ppo import run_ppo
-
     ppo_cfg = dataclasses.replace(
         cfg.ppo, model=cfg.model,
         reward_model=dataclasses.replace(cfg.ppo.reward_model, path=rm_out["export"]),
