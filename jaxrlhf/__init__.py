@@ -26,7 +26,7 @@ from jaxrlhf.models.transformer import (
     value_head,
 )
 from jaxrlhf.peft_format import export_merged, export_peft, load_peft
-from jaxrlhf.sampling import SamplingConfig, SampleOutput, generate, make_generate_fn
+from jaxrlhf.sampling import SampleOutput, SamplingConfig, generate, make_generate_fn
 from jaxrlhf.sharding import MeshConfig, make_mesh
 
 __version__ = "0.1.0"

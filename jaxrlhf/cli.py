@@ -28,8 +28,9 @@ def _training_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxrlhf", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="jaxrlhf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _training_parser(sub, "rm", "train a reward model (Bradley–Terry)")
     _training_parser(sub, "ppo", "PPO with a LoRA policy and critic")

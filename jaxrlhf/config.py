@@ -108,13 +108,19 @@ class PreferenceDataConfig:
 def _check_buckets(buckets: tuple[int, ...] | None, max_length: int) -> None:
     if buckets is None:
         return
-    if not buckets or any(b < 1 for b in buckets) or any(
-            a >= b for a, b in zip(buckets, buckets[1:], strict=False)):
-        raise ValueError(f"data.length_buckets must be strictly increasing positive lengths, "
-                         f"got {list(buckets)}")
+    if (
+        not buckets
+        or any(b < 1 for b in buckets)
+        or any(a >= b for a, b in zip(buckets, buckets[1:], strict=False))
+    ):
+        raise ValueError(
+            f"data.length_buckets must be strictly increasing positive lengths, got {list(buckets)}"
+        )
     if buckets[-1] < max_length:
-        raise ValueError(f"data.length_buckets: the largest bucket ({buckets[-1]}) must be >= "
-                         f"the maximum length ({max_length})")
+        raise ValueError(
+            f"data.length_buckets: the largest bucket ({buckets[-1]}) must be >= "
+            f"the maximum length ({max_length})"
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -123,7 +129,8 @@ class RMConfig:
 
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     lora: LoraConfig | None = dataclasses.field(
-        default_factory=lambda: LoraConfig(task_type="SEQ_CLS", modules_to_save=("score",)))
+        default_factory=lambda: LoraConfig(task_type="SEQ_CLS", modules_to_save=("score",))
+    )
     """`null` for full fine-tuning."""
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
@@ -139,18 +146,24 @@ class RMConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ValueError(f"batch_size and eval_batch_size must be >= 1, got "
-                             f"{self.batch_size}, {self.eval_batch_size}")
+            raise ValueError(
+                f"batch_size and eval_batch_size must be >= 1, got "
+                f"{self.batch_size}, {self.eval_batch_size}"
+            )
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be null or >= 1, got {self.max_steps}")
         if self.num_epochs <= 0:
             raise ValueError(f"num_epochs must be > 0, got {self.num_epochs}")
         if self.batch_size % self.optim.grad_accum_steps:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of "
-                             f"optim.grad_accum_steps ({self.optim.grad_accum_steps})")
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of "
+                f"optim.grad_accum_steps ({self.optim.grad_accum_steps})"
+            )
         if self.lora is not None and self.lora.task_type != "SEQ_CLS":
-            raise ValueError("lora.task_type must be SEQ_CLS for a reward model (it is read "
-                             "through the score head, as *ForSequenceClassification)")
+            raise ValueError(
+                "lora.task_type must be SEQ_CLS for a reward model (it is read "
+                "through the score head, as *ForSequenceClassification)"
+            )
 
 
 # ----------------------------------------------------------------------------- loading
@@ -160,7 +173,9 @@ def _check_literal(obj: Any, name: str, allowed: tuple[str, ...]) -> None:
     value = getattr(obj, name)
     if value not in allowed:
         section = type(obj).__name__
-        raise ValueError(f"{section}.{name}={value!r} is not valid; choose from {', '.join(allowed)}")
+        raise ValueError(
+            f"{section}.{name}={value!r} is not valid; choose from {', '.join(allowed)}"
+        )
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -182,7 +197,9 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if isinstance(value, inner):
             return value
         if not isinstance(value, dict):
-            raise ValueError(f"{where} must be a mapping of {inner.__name__} options, got {value!r}")
+            raise ValueError(
+                f"{where} must be a mapping of {inner.__name__} options, got {value!r}"
+            )
         return from_dict(inner, value, where)
     origin = typing.get_origin(inner)
     if origin is tuple and isinstance(value, list | tuple):
@@ -228,7 +245,8 @@ def from_dict(cls: type, raw: dict, where: str = "") -> Any:
         prefix = f"{where}." if where else ""
         raise ValueError(
             f"Unknown config key(s) {', '.join(prefix + k for k in unknown)}; valid keys"
-            f"{' of ' + where if where else ''}: {', '.join(sorted(fields))}")
+            f"{' of ' + where if where else ''}: {', '.join(sorted(fields))}"
+        )
     kwargs = {}
     for name, value in raw.items():
         sub = f"{where}.{name}" if where else name
@@ -348,8 +366,10 @@ class GenerationConfig:
         if self.max_new_tokens < 1:
             raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature <= 0:
-            raise ValueError("generation.temperature must be > 0 for RL rollouts (the policy "
-                             f"log-probs are taken at this temperature), got {self.temperature}")
+            raise ValueError(
+                "generation.temperature must be > 0 for RL rollouts (the policy "
+                f"log-probs are taken at this temperature), got {self.temperature}"
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -369,13 +389,15 @@ class PPOConfig:
     lora: LoraConfig | None = dataclasses.field(default_factory=LoraConfig)
     """The policy adapter; `null` for full fine-tuning (with a real reference copy)."""
     value_lora: LoraConfig | None = dataclasses.field(
-        default_factory=lambda: LoraConfig(modules_to_save=("value",)))
+        default_factory=lambda: LoraConfig(modules_to_save=("value",))
+    )
     """The critic's adapter (value_model: separate); `null` for a fully trained critic."""
     value_model: Literal["separate", "shared"] = "separate"
     value_init_from_reward_model: bool = False
     """Start the critic from the reward model's adapter and score head (InstructGPT)."""
-    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(learning_rate=1e-5,
-                                                                               schedule="constant"))
+    optim: OptimConfig = dataclasses.field(
+        default_factory=lambda: OptimConfig(learning_rate=1e-5, schedule="constant")
+    )
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     data: PromptDataConfig = dataclasses.field(default_factory=PromptDataConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
@@ -414,27 +436,41 @@ class PPOConfig:
         if self.reward_model is None and not self.reward_funcs:
             raise ValueError("PPO needs a reward: set reward_model.path and/or reward_funcs")
         if self.rollout_batch_size % self.mini_batch_size:
-            raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple "
-                             f"of mini_batch_size ({self.mini_batch_size})")
+            raise ValueError(
+                f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple "
+                f"of mini_batch_size ({self.mini_batch_size})"
+            )
         if self.mini_batch_size % self.optim.grad_accum_steps:
-            raise ValueError(f"mini_batch_size ({self.mini_batch_size}) must be a multiple of "
-                             f"optim.grad_accum_steps ({self.optim.grad_accum_steps})")
+            raise ValueError(
+                f"mini_batch_size ({self.mini_batch_size}) must be a multiple of "
+                f"optim.grad_accum_steps ({self.optim.grad_accum_steps})"
+            )
         if self.lora is not None and self.lora.task_type != "CAUSAL_LM":
             raise ValueError("lora.task_type must be CAUSAL_LM for the policy")
-        if self.value_model == "shared" and self.lora is not None \
-                and "value" not in self.lora.modules_to_save:
-            raise ValueError("value_model: shared puts the value head on the policy adapter; "
-                             "add 'value' to lora.modules_to_save")
-        if self.value_model == "separate" and self.value_lora is not None \
-                and "value" not in self.value_lora.modules_to_save:
+        if (
+            self.value_model == "shared"
+            and self.lora is not None
+            and "value" not in self.lora.modules_to_save
+        ):
+            raise ValueError(
+                "value_model: shared puts the value head on the policy adapter; "
+                "add 'value' to lora.modules_to_save"
+            )
+        if (
+            self.value_model == "separate"
+            and self.value_lora is not None
+            and "value" not in self.value_lora.modules_to_save
+        ):
             raise ValueError("value_lora.modules_to_save must include 'value'")
         if self.num_iterations < 1 or self.num_ppo_epochs < 1:
             raise ValueError("num_iterations and num_ppo_epochs must be >= 1")
         for name in ("lora", "value_lora"):
             adapter = getattr(self, name)
             if adapter is not None and adapter.dropout > 0:
-                raise ValueError(f"{name}.dropout must be 0 for PPO: dropout would make the "
-                                 f"trainer's log-probs differ from the rollout's")
+                raise ValueError(
+                    f"{name}.dropout must be 0 for PPO: dropout would make the "
+                    f"trainer's log-probs differ from the rollout's"
+                )
 
 
 # ----------------------------------------------------------------------------- DPO
@@ -453,7 +489,8 @@ class DPOConfig:
 
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     lora: LoraConfig | None = dataclasses.field(
-        default_factory=lambda: LoraConfig(task_type="CAUSAL_LM", r=16, alpha=32))
+        default_factory=lambda: LoraConfig(task_type="CAUSAL_LM", r=16, alpha=32)
+    )
     """`null` for full fine-tuning (with a frozen reference copy)."""
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
@@ -482,8 +519,10 @@ class DPOConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size % self.optim.grad_accum_steps:
-            raise ValueError(f"batch_size={self.batch_size} must be a multiple of "
-                             f"optim.grad_accum_steps={self.optim.grad_accum_steps}")
+            raise ValueError(
+                f"batch_size={self.batch_size} must be a multiple of "
+                f"optim.grad_accum_steps={self.optim.grad_accum_steps}"
+            )
         if self.num_epochs <= 0:
             raise ValueError(f"num_epochs must be > 0, got {self.num_epochs}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -494,15 +533,21 @@ class DPOConfig:
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss_type != "sigmoid":
-            raise ValueError(f"label_smoothing applies to loss_type 'sigmoid' only; got "
-                             f"loss_type={self.loss_type!r}; set label_smoothing=0")
+            raise ValueError(
+                f"label_smoothing applies to loss_type 'sigmoid' only; got "
+                f"loss_type={self.loss_type!r}; set label_smoothing=0"
+            )
         if self.lora is not None:
             if self.lora.task_type != "CAUSAL_LM":
-                raise ValueError("lora.task_type must be CAUSAL_LM for DPO (the policy is read "
-                                 "through the lm head)")
+                raise ValueError(
+                    "lora.task_type must be CAUSAL_LM for DPO (the policy is read "
+                    "through the lm head)"
+                )
             if self.lora.modules_to_save:
-                raise ValueError(f"lora.modules_to_save={list(self.lora.modules_to_save)}: DPO "
-                                 f"uses no score/value head; set it to []")
+                raise ValueError(
+                    f"lora.modules_to_save={list(self.lora.modules_to_save)}: DPO "
+                    f"uses no score/value head; set it to []"
+                )
 
 
 # ----------------------------------------------------------------------------- GRPO
@@ -521,17 +566,18 @@ class GRPOConfig:
     → group advantages → `num_iterations` (μ) passes of `mini_batch_size` optimizer steps."""
 
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
-    lora: LoraConfig | None = dataclasses.field(
-        default_factory=lambda: LoraConfig(r=32, alpha=64))
+    lora: LoraConfig | None = dataclasses.field(default_factory=lambda: LoraConfig(r=32, alpha=64))
     """The policy adapter (RL favours higher ranks than SFT); `null` for full fine-tuning
     (with a real frozen reference copy)."""
-    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(learning_rate=1e-5,
-                                                                               schedule="constant"))
+    optim: OptimConfig = dataclasses.field(
+        default_factory=lambda: OptimConfig(learning_rate=1e-5, schedule="constant")
+    )
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     data: PromptDataConfig = dataclasses.field(default_factory=PromptDataConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     generation: GenerationConfig = dataclasses.field(
-        default_factory=lambda: GenerationConfig(max_new_tokens=256, temperature=1.0))
+        default_factory=lambda: GenerationConfig(max_new_tokens=256, temperature=1.0)
+    )
     """Rollout sampling; `max_new_tokens` is TRL's max_completion_length."""
     reward_model: RewardModelSection | None = None
     reward_funcs: tuple[RewardFuncConfig, ...] = ()
@@ -574,8 +620,10 @@ class GRPOConfig:
         if self.reward_model is None and not self.reward_funcs:
             raise ValueError("GRPO needs a reward: set reward_model.path and/or reward_funcs")
         if self.num_generations < 2:
-            raise ValueError(f"num_generations must be >= 2 (advantages are relative to the "
-                             f"group of a prompt's completions), got {self.num_generations}")
+            raise ValueError(
+                f"num_generations must be >= 2 (advantages are relative to the "
+                f"group of a prompt's completions), got {self.num_generations}"
+            )
         for name in ("prompts_per_iteration", "max_steps", "num_iterations", "eval_prompts_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -584,11 +632,13 @@ class GRPOConfig:
             if self.mini_batch_size < 1 or batch % self.mini_batch_size:
                 raise ValueError(
                     f"mini_batch_size ({self.mini_batch_size}) must divide the generation batch "
-                    f"prompts_per_iteration × num_generations = {batch}")
+                    f"prompts_per_iteration × num_generations = {batch}"
+                )
         if self.effective_mini_batch_size % self.optim.grad_accum_steps:
             raise ValueError(
                 f"mini_batch_size ({self.effective_mini_batch_size}) must be a multiple of "
-                f"optim.grad_accum_steps ({self.optim.grad_accum_steps})")
+                f"optim.grad_accum_steps ({self.optim.grad_accum_steps})"
+            )
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.epsilon <= 0:
@@ -599,13 +649,18 @@ class GRPOConfig:
             if self.lora.task_type != "CAUSAL_LM":
                 raise ValueError("lora.task_type must be CAUSAL_LM for the policy")
             if self.lora.modules_to_save:
-                raise ValueError(f"lora.modules_to_save={list(self.lora.modules_to_save)}: GRPO "
-                                 f"has no critic or score head; set it to []")
+                raise ValueError(
+                    f"lora.modules_to_save={list(self.lora.modules_to_save)}: GRPO "
+                    f"has no critic or score head; set it to []"
+                )
             if self.lora.dropout:
-                raise ValueError("lora.dropout must be 0 for GRPO: the importance ratio compares "
-                                 "deterministic passes of the policy")
+                raise ValueError(
+                    "lora.dropout must be 0 for GRPO: the importance ratio compares "
+                    "deterministic passes of the policy"
+                )
             gen = self.generation
             if not gen.merge_adapter and gen.max_rank is not None and self.lora.r > gen.max_rank:
                 raise ValueError(
                     f"lora.r={self.lora.r} exceeds generation.max_rank={gen.max_rank} (unmerged "
-                    f"rollouts are compiled for that rank); raise max_rank or lower r")
+                    f"rollouts are compiled for that rank); raise max_rank or lower r"
+                )

@@ -171,8 +171,11 @@ class PreferenceData:
 
     def __post_init__(self) -> None:
         n = len(self.prompt_ids)
-        lens = {"chosen_ids": len(self.chosen_ids), "rejected_ids": len(self.rejected_ids),
-                "row_index": len(self.row_index)}
+        lens = {
+            "chosen_ids": len(self.chosen_ids),
+            "rejected_ids": len(self.rejected_ids),
+            "row_index": len(self.row_index),
+        }
         if self.margin is not None:
             lens["margin"] = len(self.margin)
         for name, m in lens.items():
@@ -197,8 +200,10 @@ class PreferenceData:
     def lengths(self) -> np.ndarray:
         """int64 [N]: the longer of prompt+chosen and prompt+rejected (for buckets, grouping)."""
         return np.array(
-            [len(p) + max(len(c), len(r))
-             for p, c, r in zip(self.prompt_ids, self.chosen_ids, self.rejected_ids, strict=True)],
+            [
+                len(p) + max(len(c), len(r))
+                for p, c, r in zip(self.prompt_ids, self.chosen_ids, self.rejected_ids, strict=True)
+            ],
             dtype=np.int64,
         )
 
@@ -218,8 +223,11 @@ class PromptData:
 
     def __post_init__(self) -> None:
         n = len(self.prompt_ids)
-        lens = {"prompts": len(self.prompts), "prompt_text": len(self.prompt_text),
-                "row_index": len(self.row_index)}
+        lens = {
+            "prompts": len(self.prompts),
+            "prompt_text": len(self.prompt_text),
+            "row_index": len(self.row_index),
+        }
         lens.update({f"extras[{k!r}]": len(v) for k, v in self.extras.items()})
         for name, m in lens.items():
             if m != n:
@@ -266,7 +274,9 @@ def _check_rows(rows: Any) -> None:
     if isinstance(rows, datasets.DatasetDict):
         raise TypeError(f"rows is a DatasetDict; pick a split first, one of {sorted(rows)}")
     if not isinstance(rows, datasets.Dataset | Sequence) or isinstance(rows, str | bytes):
-        raise TypeError(f"rows must be a datasets.Dataset or a list of dicts, got {type(rows).__name__}")
+        raise TypeError(
+            f"rows must be a datasets.Dataset or a list of dicts, got {type(rows).__name__}"
+        )
     if len(rows) == 0:
         raise ValueError("rows is empty")
 
@@ -289,7 +299,9 @@ def _field(row: Mapping, name: str) -> Any:
             raise _RowError(f"field {name!r} is empty")
         for j, msg in enumerate(value):
             if not isinstance(msg, Mapping):
-                raise _RowError(f"field {name!r} message {j} is not a dict with 'role' and 'content'")
+                raise _RowError(
+                    f"field {name!r} message {j} is not a dict with 'role' and 'content'"
+                )
             for key in ("role", "content"):
                 if not isinstance(msg.get(key), str):
                     raise _RowError(f"field {name!r} message {j} has no string {key!r}")
@@ -308,7 +320,8 @@ def _render(tokenizer: Any, messages: list, *, add_generation_prompt: bool, name
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
     try:
         return tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
     except Exception as err:  # jinja raise_exception(...), e.g. roles that must alternate
         raise _RowError(f"field {name!r}: the chat template failed: {err}") from err
 
@@ -321,9 +334,9 @@ def _continuation(tokenizer: Any, prompt: list, prompt_text: str, response: list
             "with its rendering of the prompt (with add_generation_prompt=True), so the "
             "response text cannot be cut out; use a template that renders prefixes stably"
         )
-    if not full[len(prompt_text):].strip():
+    if not full[len(prompt_text) :].strip():
         raise _RowError(f"field {name!r} renders to no text after the prompt")
-    return full[len(prompt_text):]
+    return full[len(prompt_text) :]
 
 
 def _strip_prefix(messages: list, prefix: list) -> list:
@@ -400,15 +413,17 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def _prompt_tokens(ids: list[int], bos: int | None, max_prompt_length: int) -> tuple[list[int], bool]:
+def _prompt_tokens(
+    ids: list[int], bos: int | None, max_prompt_length: int
+) -> tuple[list[int], bool]:
     """BOS + ids, left-truncated to max_prompt_length keeping BOS; (tokens, truncated)."""
     if bos is not None and ids[:1] != [bos]:  # a chat template may have rendered BOS itself
         ids = [bos, *ids]
     if len(ids) <= max_prompt_length:
         return ids, False
     if bos is not None:
-        return [bos, *ids[len(ids) - max_prompt_length + 1:]], True
-    return ids[len(ids) - max_prompt_length:], True
+        return [bos, *ids[len(ids) - max_prompt_length + 1 :]], True
+    return ids[len(ids) - max_prompt_length :], True
 
 
 def _response_tokens(ids: list[int], eos: int | None, room: int) -> tuple[list[int], bool]:
@@ -428,8 +443,13 @@ def _finish_report(n_rows: int, n_kept: int, skipped: list, n_truncated: int) ->
         first = "; ".join(f"row {i}: {r}" for i, r in skipped[:3])
         raise ValueError(f"all {n_rows} rows were skipped ({first}, ...)")
     skipped = sorted(skipped)
-    return TokenizeReport(n_rows=n_rows, n_kept=n_kept, n_skipped=len(skipped),
-                          skipped=tuple(skipped), n_truncated=n_truncated)
+    return TokenizeReport(
+        n_rows=n_rows,
+        n_kept=n_kept,
+        n_skipped=len(skipped),
+        skipped=tuple(skipped),
+        n_truncated=n_truncated,
+    )
 
 
 def tokenize_preferences(
@@ -464,7 +484,9 @@ def tokenize_preferences(
     has_prompt, has_margin = "prompt" in columns, "margin" in columns
     eos = tokenizer.eos_token_id if add_eos else None
     if add_eos and eos is None:
-        raise ValueError("add_eos=True but the tokenizer has no eos_token; set one or add_eos=False")
+        raise ValueError(
+            "add_eos=True but the tokenizer has no eos_token; set one or add_eos=False"
+        )
 
     skipped: list[tuple[int, str]] = []
     kept: list[int] = []
@@ -550,8 +572,11 @@ def tokenize_prompts(
     for i, row in enumerate(rows):
         try:
             value = _field(row, field)
-            text = value if isinstance(value, str) else _render(
-                tokenizer, value, add_generation_prompt=True, name=field)
+            text = (
+                value
+                if isinstance(value, str)
+                else _render(tokenizer, value, add_generation_prompt=True, name=field)
+            )
         except _RowError as err:
             _raise_or_skip(skip_bad_rows, i, str(err), skipped)
             continue
@@ -606,8 +631,14 @@ def default_buckets(max_length: int, *, min_length: int = 16) -> tuple[int, ...]
 
 def _check_buckets(buckets: Sequence[int]) -> tuple[int, ...]:
     buckets = tuple(int(b) for b in buckets)
-    if not buckets or buckets[0] < 1 or any(a >= b for a, b in zip(buckets, buckets[1:], strict=False)):
-        raise ValueError(f"buckets must be a non-empty, strictly increasing tuple of positive ints, got {buckets}")
+    if (
+        not buckets
+        or buckets[0] < 1
+        or any(a >= b for a, b in zip(buckets, buckets[1:], strict=False))
+    ):
+        raise ValueError(
+            f"buckets must be a non-empty, strictly increasing tuple of positive ints, got {buckets}"
+        )
     return buckets
 
 
@@ -643,8 +674,8 @@ def _place(
     mask = np.zeros((len(rows), length), np.int32)
     starts = np.array([0 if side == "right" else length - len(r) for r in rows], np.int64)
     for b, (r, start) in enumerate(zip(rows, starts, strict=True)):
-        ids[b, start:start + len(r)] = r
-        mask[b, start:start + len(r)] = 1
+        ids[b, start : start + len(r)] = r
+        mask[b, start : start + len(r)] = 1
     return ids, mask, starts
 
 
@@ -750,7 +781,9 @@ def padding_fraction(batch: Mapping[str, np.ndarray]) -> float:
 def epoch_order(n: int, *, seed: int, epoch: int) -> np.ndarray:
     """The permutation of range(n) for `epoch`: `np.random.default_rng((seed, epoch))`."""
     if n < 1 or seed < 0 or epoch < 0:
-        raise ValueError(f"need n >= 1, seed >= 0, epoch >= 0; got n={n}, seed={seed}, epoch={epoch}")
+        raise ValueError(
+            f"need n >= 1, seed >= 0, epoch >= 0; got n={n}, seed={seed}, epoch={epoch}"
+        )
     return np.random.default_rng((seed, epoch)).permutation(n)
 
 
@@ -793,7 +826,7 @@ def batch_indices(
     epoch, offset = divmod(position, per_epoch)
     order = epoch_order(n, seed=seed, epoch=epoch)
     if lengths is None:
-        return order[offset:offset + batch_size], position + batch_size
+        return order[offset : offset + batch_size], position + batch_size
     if group_factor < 1:
         raise ValueError(f"group_factor must be >= 1, got {group_factor}")
     lengths = np.asarray(lengths)
@@ -801,7 +834,7 @@ def batch_indices(
         raise ValueError(f"lengths must have shape ({n},), got {lengths.shape}")
     window = group_factor * batch_size
     w, within = divmod(offset, window)
-    members = order[w * window:min((w + 1) * window, per_epoch)]
+    members = order[w * window : min((w + 1) * window, per_epoch)]
     members = members[np.argsort(lengths[members], kind="stable")]
     batches = members.reshape(-1, batch_size)
     shuffle = np.random.default_rng((seed, epoch, w, _TAG_WINDOW)).permutation(len(batches))
@@ -840,4 +873,4 @@ def process_slice(indices: Any, *, process_index: int, process_count: int) -> np
             "make batch_size a multiple of the process count"
         )
     k = len(idx) // process_count
-    return idx[process_index * k:(process_index + 1) * k]
+    return idx[process_index * k : (process_index + 1) * k]

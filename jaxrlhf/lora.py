@@ -54,7 +54,11 @@ class LoraConfig:
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if isinstance(self.modules_to_save, list | str):
-            mts = (self.modules_to_save,) if isinstance(self.modules_to_save, str) else self.modules_to_save
+            mts = (
+                (self.modules_to_save,)
+                if isinstance(self.modules_to_save, str)
+                else self.modules_to_save
+            )
             object.__setattr__(self, "modules_to_save", tuple(mts))
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"LoraConfig.r must be an integer >= 1, got {self.r!r}")
@@ -66,19 +70,24 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.init must be 'kaiming' or 'gaussian', got {self.init!r}")
         if self.task_type not in ("CAUSAL_LM", "SEQ_CLS"):
             raise ValueError(
-                f"LoraConfig.task_type must be 'CAUSAL_LM' or 'SEQ_CLS', got {self.task_type!r}")
+                f"LoraConfig.task_type must be 'CAUSAL_LM' or 'SEQ_CLS', got {self.task_type!r}"
+            )
         for m in self.modules_to_save:
             if m not in HEADS:
-                raise ValueError(f"LoraConfig.modules_to_save: unknown module {m!r}; "
-                                 f"jaxrlhf trains these heads fully: {', '.join(HEADS)}")
+                raise ValueError(
+                    f"LoraConfig.modules_to_save: unknown module {m!r}; "
+                    f"jaxrlhf trains these heads fully: {', '.join(HEADS)}"
+                )
         if self.task_type == "SEQ_CLS" and "score" not in self.modules_to_save:
             raise ValueError(
                 "LoraConfig: a SEQ_CLS adapter must list 'score' in modules_to_save, otherwise "
-                "the randomly initialised score head would never be trained")
+                "the randomly initialised score head would never be trained"
+            )
         if self.max_rank is not None and self.r > self.max_rank:
             raise ValueError(
                 f"LoraConfig.r={self.r} exceeds the rollout engine's max_rank={self.max_rank}; "
-                f"raise max_rank (the sampler is compiled for it) or lower r")
+                f"raise max_rank (the sampler is compiled for it) or lower r"
+            )
         if not self.target_modules:
             raise ValueError("LoraConfig.target_modules is empty")
 
@@ -98,33 +107,46 @@ def targeted_modules(cfg: LoraConfig, model_cfg: ModelConfig) -> tuple[str, ...]
     are stacked; a name or regex that matches nothing is an error."""
     chosen = []
     for proj in PROJECTIONS:
-        hits = [_matches(cfg, f"model.layers.{i}.{module_path(proj)}")
-                for i in range(model_cfg.num_layers)]
+        hits = [
+            _matches(cfg, f"model.layers.{i}.{module_path(proj)}")
+            for i in range(model_cfg.num_layers)
+        ]
         if all(hits):
             chosen.append(proj)
         elif any(hits):
             layers = [i for i, h in enumerate(hits) if h]
             raise ValueError(
                 f"LoraConfig.target_modules matches {proj} in layers {layers} only; jaxrlhf "
-                f"adapts a projection in every layer (its blocks are stacked)")
+                f"adapts a projection in every layer (its blocks are stacked)"
+            )
     if not chosen:
         raise ValueError(
             f"LoraConfig.target_modules={cfg.target_modules!r} matches no module; choose from "
-            f"{', '.join(PROJECTIONS)} (or a regex over names like model.layers.0.self_attn.q_proj)")
+            f"{', '.join(PROJECTIONS)} (or a regex over names like model.layers.0.self_attn.q_proj)"
+        )
     if not isinstance(cfg.target_modules, str):
         # The same suffix rule as `_matches`, so a partial name like "attn.q_proj" is flagged.
-        full_names = [f"model.layers.{i}.{module_path(p)}"
-                      for i in range(model_cfg.num_layers) for p in PROJECTIONS]
-        unused = [t for t in cfg.target_modules
-                  if not any(n == t or n.endswith("." + t) for n in full_names)]
+        full_names = [
+            f"model.layers.{i}.{module_path(p)}"
+            for i in range(model_cfg.num_layers)
+            for p in PROJECTIONS
+        ]
+        unused = [
+            t
+            for t in cfg.target_modules
+            if not any(n == t or n.endswith("." + t) for n in full_names)
+        ]
         if unused:
-            raise ValueError(f"LoraConfig.target_modules: {unused} match no module; choose from "
-                             f"{', '.join(PROJECTIONS)}")
+            raise ValueError(
+                f"LoraConfig.target_modules: {unused} match no module; choose from "
+                f"{', '.join(PROJECTIONS)}"
+            )
     return tuple(chosen)
 
 
-def init_lora(key: jax.Array, params: Params, cfg: LoraConfig, model_cfg: ModelConfig,
-              *, dtype=jnp.float32) -> Params:
+def init_lora(
+    key: jax.Array, params: Params, cfg: LoraConfig, model_cfg: ModelConfig, *, dtype=jnp.float32
+) -> Params:
     """A fresh adapter: A random (PEFT's kaiming-uniform, or normal with std 1/r), B zero, and
     copies of the `modules_to_save` heads (freshly initialised if the base has none)."""
     layers = params["layers"]
@@ -138,9 +160,11 @@ def init_lora(key: jax.Array, params: Params, cfg: LoraConfig, model_cfg: ModelC
             a = jax.random.uniform(k, (n_layers, fan_in, cfg.r), jnp.float32, -bound, bound)
         else:
             a = jax.random.normal(k, (n_layers, fan_in, cfg.r), jnp.float32) / cfg.r
-        tree["layers"][proj] = {"lora_A": a.astype(dtype),
-                                "lora_B": jnp.zeros((n_layers, cfg.r, fan_out), dtype)}
-    for k, head in zip(keys[len(PROJECTIONS):], cfg.modules_to_save, strict=False):
+        tree["layers"][proj] = {
+            "lora_A": a.astype(dtype),
+            "lora_B": jnp.zeros((n_layers, cfg.r, fan_out), dtype),
+        }
+    for k, head in zip(keys[len(PROJECTIONS) :], cfg.modules_to_save, strict=False):
         if head in params:
             tree[head] = jax.tree.map(lambda x: jnp.array(x, dtype), params[head])
         else:
@@ -150,16 +174,21 @@ def init_lora(key: jax.Array, params: Params, cfg: LoraConfig, model_cfg: ModelC
 
 def delta(lora_layer: Params, scale: float) -> jax.Array:
     """s·A·B for one stacked projection: [L, in, out] in float32."""
-    return scale * jnp.einsum("lir,lro->lio", lora_layer["lora_A"].astype(jnp.float32),
-                              lora_layer["lora_B"].astype(jnp.float32))
+    return scale * jnp.einsum(
+        "lir,lro->lio",
+        lora_layer["lora_A"].astype(jnp.float32),
+        lora_layer["lora_B"].astype(jnp.float32),
+    )
 
 
 def _fold(params: Params, lora: Params, scale: float, sign: float, with_heads: bool) -> Params:
     layers = dict(params["layers"])
     for proj, ab in lora.get("layers", {}).items():
         w = layers[proj]["kernel"]
-        layers[proj] = {**layers[proj],
-                        "kernel": (w.astype(jnp.float32) + sign * delta(ab, scale)).astype(w.dtype)}
+        layers[proj] = {
+            **layers[proj],
+            "kernel": (w.astype(jnp.float32) + sign * delta(ab, scale)).astype(w.dtype),
+        }
     out = {**params, "layers": layers}
     if with_heads:
         for head in HEADS:
@@ -182,14 +211,19 @@ def unmerge(merged: Params, lora: Params, cfg: LoraConfig) -> Params:
 def pad_rank(lora: Params, max_rank: int) -> Params:
     """Zero-pad an adapter's rank to `max_rank`, so one compiled rollout program serves every
     adapter of rank ≤ max_rank (A·B is unchanged by zero rows/columns). Larger is refused."""
+
     def pad(ab: Params) -> Params:
         r = ab["lora_A"].shape[-1]
         if r > max_rank:
-            raise ValueError(f"adapter rank {r} exceeds the rollout engine's max_rank={max_rank}; "
-                             f"recompile the sampler with a larger max_rank")
+            raise ValueError(
+                f"adapter rank {r} exceeds the rollout engine's max_rank={max_rank}; "
+                f"recompile the sampler with a larger max_rank"
+            )
         extra = max_rank - r
-        return {"lora_A": jnp.pad(ab["lora_A"], ((0, 0), (0, 0), (0, extra))),
-                "lora_B": jnp.pad(ab["lora_B"], ((0, 0), (0, extra), (0, 0)))}
+        return {
+            "lora_A": jnp.pad(ab["lora_A"], ((0, 0), (0, 0), (0, extra))),
+            "lora_B": jnp.pad(ab["lora_B"], ((0, 0), (0, extra), (0, 0))),
+        }
 
     return {**lora, "layers": {k: pad(v) for k, v in lora.get("layers", {}).items()}}
 
@@ -226,14 +260,18 @@ class TrainableSummary:
 
     def __str__(self) -> str:
         mb = 1024 * 1024
-        return (f"trainable params: {self.trainable_params:,} || all params: {self.total_params:,} "
-                f"|| trainable%: {self.trainable_percent:.4f} || trainable state: "
-                f"{(self.trainable_bytes + self.optimizer_bytes) / mb:.2f} MiB (params "
-                f"{self.trainable_bytes / mb:.2f} + optimizer {self.optimizer_bytes / mb:.2f}) "
-                f"|| frozen: {self.frozen_bytes / mb:.2f} MiB")
+        return (
+            f"trainable params: {self.trainable_params:,} || all params: {self.total_params:,} "
+            f"|| trainable%: {self.trainable_percent:.4f} || trainable state: "
+            f"{(self.trainable_bytes + self.optimizer_bytes) / mb:.2f} MiB (params "
+            f"{self.trainable_bytes / mb:.2f} + optimizer {self.optimizer_bytes / mb:.2f}) "
+            f"|| frozen: {self.frozen_bytes / mb:.2f} MiB"
+        )
 
 
-def trainable_summary(trainable: Any, frozen: Any = None, opt_state: Any = None) -> TrainableSummary:
+def trainable_summary(
+    trainable: Any, frozen: Any = None, opt_state: Any = None
+) -> TrainableSummary:
     """Trainable vs total parameter counts and bytes (params + optimizer state)."""
     n_train = tree_size(trainable)
     return TrainableSummary(

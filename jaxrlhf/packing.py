@@ -54,8 +54,10 @@ def pack_pairs(batch: dict, *, pad_id: int, buckets: tuple[int, ...] = ()) -> di
         if c == 0 or r == 0:  # a padding pair: leave it empty (masked by pair_mask)
             continue
         if not np.array_equal(c_ids[i, :p], r_ids[i, :p]):
-            raise ValueError(f"pair {i}: chosen and rejected do not share their first {p} "
-                             f"(prompt) tokens; prefix sharing needs a common prompt")
+            raise ValueError(
+                f"pair {i}: chosen and rejected do not share their first {p} "
+                f"(prompt) tokens; prefix sharing needs a common prompt"
+            )
         rej = r_ids[i, p:r]
         row = np.concatenate([c_ids[i, :c], rej])
         t = len(row)

@@ -34,21 +34,28 @@ def vader_sentiment(prompts: Sequence[Any], completions: Sequence[str], **_: Any
     return [float(analyzer.polarity_scores(c)["compound"]) for c in completions]
 
 
-def contains(prompts: Sequence[Any], completions: Sequence[str], *, text: str, **_: Any) -> list[float]:
+def contains(
+    prompts: Sequence[Any], completions: Sequence[str], *, text: str, **_: Any
+) -> list[float]:
     """1.0 when the completion contains `text`, else 0.0."""
     return [float(text in c) for c in completions]
 
 
-def char_share(prompts: Sequence[Any], completions: Sequence[str], *, chars: str,
-               **_: Any) -> list[float]:
+def char_share(
+    prompts: Sequence[Any], completions: Sequence[str], *, chars: str, **_: Any
+) -> list[float]:
     """The share of the completion's characters that are in `chars` (0 for an empty one)."""
     return [sum(ch in chars for ch in c) / len(c) if c else 0.0 for c in completions]
 
 
-def exact_answer(prompts: Sequence[Any], completions: Sequence[str], *, answer: Sequence[Any],
-                 **_: Any) -> list[float]:
+def exact_answer(
+    prompts: Sequence[Any], completions: Sequence[str], *, answer: Sequence[Any], **_: Any
+) -> list[float]:
     """1.0 when the completion, stripped, starts with the row's `answer` column."""
-    return [float(c.strip().startswith(str(a).strip())) for c, a in zip(completions, answer, strict=True)]
+    return [
+        float(c.strip().startswith(str(a).strip()))
+        for c, a in zip(completions, answer, strict=True)
+    ]
 
 
 BUILTINS: dict[str, RewardFn] = {
@@ -77,8 +84,10 @@ def resolve(spec: str) -> RewardFn:
     if spec in BUILTINS:
         return BUILTINS[spec]
     if ":" not in spec:
-        raise ValueError(f"reward function {spec!r} is neither a built-in ({', '.join(BUILTINS)}) "
-                         f"nor of the form package.module:function")
+        raise ValueError(
+            f"reward function {spec!r} is neither a built-in ({', '.join(BUILTINS)}) "
+            f"nor of the form package.module:function"
+        )
     module, name = spec.split(":", 1)
     try:
         fn = getattr(importlib.import_module(module), name)
@@ -89,18 +98,24 @@ def resolve(spec: str) -> RewardFn:
     return fn
 
 
-def compute_rewards(funcs: Sequence[RewardFuncConfig], prompts: Sequence[Any],
-                    completions: Sequence[str], columns: dict[str, Sequence[Any]]
-                    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def compute_rewards(
+    funcs: Sequence[RewardFuncConfig],
+    prompts: Sequence[Any],
+    completions: Sequence[str],
+    columns: dict[str, Sequence[Any]],
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The weighted sum of every function's rewards [B] and each function's own [B]."""
     total = np.zeros(len(completions), np.float32)
     parts: dict[str, np.ndarray] = {}
     for f in funcs:
-        values = np.asarray(resolve(f.fn)(list(prompts), list(completions), **columns, **f.kwargs),
-                            dtype=np.float32)
+        values = np.asarray(
+            resolve(f.fn)(list(prompts), list(completions), **columns, **f.kwargs), dtype=np.float32
+        )
         if values.shape != (len(completions),):
-            raise ValueError(f"reward function {f.fn!r} returned shape {values.shape}, expected "
-                             f"one float per completion ({len(completions)})")
+            raise ValueError(
+                f"reward function {f.fn!r} returned shape {values.shape}, expected "
+                f"one float per completion ({len(completions)})"
+            )
         if not np.all(np.isfinite(values)):
             raise ValueError(f"reward function {f.fn!r} returned a non-finite value")
         parts[f.label] = values

@@ -38,8 +38,12 @@ RULES: dict[str, Any] = {
 
 # (input axis, output axis) of each projection kernel.
 _PROJ_AXES = {
-    "q_proj": ("embed", "heads"), "k_proj": ("embed", "kv_heads"), "v_proj": ("embed", "kv_heads"),
-    "o_proj": ("heads", "embed"), "gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"),
+    "q_proj": ("embed", "heads"),
+    "k_proj": ("embed", "kv_heads"),
+    "v_proj": ("embed", "kv_heads"),
+    "o_proj": ("heads", "embed"),
+    "gate_proj": ("embed", "mlp"),
+    "up_proj": ("embed", "mlp"),
     "down_proj": ("mlp", "embed"),
 }
 
@@ -55,8 +59,10 @@ class MeshConfig:
     def __post_init__(self) -> None:
         sizes = (self.data, self.fsdp, self.tensor)
         if sum(s == -1 for s in sizes) > 1:
-            raise ValueError(f"mesh: at most one axis may be -1, got data={self.data}, "
-                             f"fsdp={self.fsdp}, tensor={self.tensor}")
+            raise ValueError(
+                f"mesh: at most one axis may be -1, got data={self.data}, "
+                f"fsdp={self.fsdp}, tensor={self.tensor}"
+            )
         for name, s in zip(MESH_AXES, sizes, strict=True):
             if s == 0 or s < -1:
                 raise ValueError(f"mesh.{name} must be >= 1 or -1, got {s}")
@@ -66,12 +72,16 @@ class MeshConfig:
         known = math.prod(s for s in sizes if s != -1)
         if -1 in sizes:
             if n_devices % known:
-                raise ValueError(f"mesh: {n_devices} devices are not divisible by the fixed "
-                                 f"axes (product {known})")
+                raise ValueError(
+                    f"mesh: {n_devices} devices are not divisible by the fixed "
+                    f"axes (product {known})"
+                )
             sizes[sizes.index(-1)] = n_devices // known
         if math.prod(sizes) > n_devices:
-            raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = "
-                             f"{math.prod(sizes)} devices, but only {n_devices} are available")
+            raise ValueError(
+                f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = "
+                f"{math.prod(sizes)} devices, but only {n_devices} are available"
+            )
         return tuple(sizes)  # type: ignore[return-value]
 
 
@@ -81,7 +91,7 @@ def make_mesh(cfg: MeshConfig | None = None, devices: list | None = None) -> Mes
     devices = devices if devices is not None else jax.devices()
     shape = cfg.resolve(len(devices))
     # A mesh smaller than the machine uses its first devices (e.g. data=1 on 8 devices).
-    dev_array = np.asarray(devices[:math.prod(shape)]).reshape(shape)
+    dev_array = np.asarray(devices[: math.prod(shape)]).reshape(shape)
     return Mesh(dev_array, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
@@ -107,9 +117,12 @@ def logical_axes_for(names: list[str], ndim: int) -> tuple[str | None, ...]:
         axes = ("vocab", "embed")
     elif parent in _PROJ_AXES:
         i, o = _PROJ_AXES[parent]
-        axes = {"kernel": ("layers", i, o), "bias": ("layers", o),
-                "lora_A": ("layers", i, "lora_rank"), "lora_B": ("layers", "lora_rank", o)}.get(
-            leaf, (None,) * ndim)
+        axes = {
+            "kernel": ("layers", i, o),
+            "bias": ("layers", o),
+            "lora_A": ("layers", i, "lora_rank"),
+            "lora_B": ("layers", "lora_rank", o),
+        }.get(leaf, (None,) * ndim)
     elif leaf == "scale":
         axes = ("layers", "embed") if ndim == 2 else ("embed",)
     elif parent == "lm_head" and leaf == "kernel":
@@ -121,8 +134,9 @@ def logical_axes_for(names: list[str], ndim: int) -> tuple[str | None, ...]:
     return axes if len(axes) == ndim else (None,) * ndim
 
 
-def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
-                    rules: dict[str, Any] = RULES) -> P:
+def logical_to_spec(
+    axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh, rules: dict[str, Any] = RULES
+) -> P:
     """PartitionSpec for a shape; a dim its mesh axes don't divide, or a mesh axis already
     used by an earlier dim, is replicated."""
     spec: list[Any] = []
@@ -145,6 +159,7 @@ def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
 
 def tree_shardings(tree: Any, mesh: Mesh, rules: dict[str, Any] = RULES) -> Any:
     """A NamedSharding for every array leaf of a params / LoRA / optimizer-state tree."""
+
     def one(path, leaf):
         shape = tuple(getattr(leaf, "shape", ()))
         axes = logical_axes_for(_path_names(path), len(shape))
@@ -194,7 +209,8 @@ def shard_batch(batch: Any, mesh: Mesh, batch_axis: int = 0) -> Any:
 
     shardings = batch_shardings(jax.tree.map(global_shape, batch), mesh, batch_axis)
     return jax.tree.map(
-        lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), batch, shardings)
+        lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), batch, shardings
+    )
 
 
 def put_tree(tree: Any, mesh: Mesh, rules: dict[str, Any] = RULES) -> Any:
@@ -222,8 +238,15 @@ class ShardedStep:
     `arg_shardings[i]` is a sharding tree for argument i, or the string "batch" (split over
     the batch axes) / "micro_batch" ([micro, B, ...], split on axis 1)."""
 
-    def __init__(self, fn, *, mesh: Mesh, arg_shardings: tuple, out_shardings: Any,
-                 donate_argnums: tuple[int, ...] = ()):
+    def __init__(
+        self,
+        fn,
+        *,
+        mesh: Mesh,
+        arg_shardings: tuple,
+        out_shardings: Any,
+        donate_argnums: tuple[int, ...] = (),
+    ):
         self._fn, self._mesh = fn, mesh
         self._args, self._out, self._donate = arg_shardings, out_shardings, donate_argnums
         self._compiled: dict = {}
@@ -242,13 +265,18 @@ class ShardedStep:
     def jitted(self, *args):
         key = tuple(
             jax.tree.map(lambda x: (np.shape(x), str(getattr(x, "dtype", type(x)))), a)
-            if s in ("batch", "micro_batch") else None
-            for s, a in zip(self._args, args, strict=True))
+            if s in ("batch", "micro_batch")
+            else None
+            for s, a in zip(self._args, args, strict=True)
+        )
         key = str(key)
         if key not in self._compiled:
-            self._compiled[key] = jax.jit(self._fn, in_shardings=self._in_shardings(args),
-                                          out_shardings=self._out,
-                                          donate_argnums=self._donate)
+            self._compiled[key] = jax.jit(
+                self._fn,
+                in_shardings=self._in_shardings(args),
+                out_shardings=self._out,
+                donate_argnums=self._donate,
+            )
         return self._compiled[key]
 
     def __call__(self, *args):

@@ -14,8 +14,23 @@ import re
 import sys
 from pathlib import Path
 
-FILES = ("food", "love", "pets", "kids", "sports", "work", "people", "wisdom", "humorists",
-         "literature", "education", "science", "art", "songs-poems", "platitudes")
+FILES = (
+    "food",
+    "love",
+    "pets",
+    "kids",
+    "sports",
+    "work",
+    "people",
+    "wisdom",
+    "humorists",
+    "literature",
+    "education",
+    "science",
+    "art",
+    "songs-poems",
+    "platitudes",
+)
 WORD = re.compile(r"^[A-Za-z][A-Za-z']*,?$")
 
 
@@ -42,8 +57,10 @@ def main(folder: str, out: str = "jaxrlhf/assets/demo_prompts.txt", n: int = 480
             pool.extend(openings(path.read_text(encoding="latin-1"), rng))
     pool = sorted(set(pool))
     chosen = rng.sample(pool, min(n, len(pool)))
-    header = ("# Openings of fortune-mod cookies (BSD licence; Debian package 'fortunes'),\n"
-              "# first 4-6 words, drawn with seed 0 by scripts/make_demo_prompts.py.\n")
+    header = (
+        "# Openings of fortune-mod cookies (BSD licence; Debian package 'fortunes'),\n"
+        "# first 4-6 words, drawn with seed 0 by scripts/make_demo_prompts.py.\n"
+    )
     Path(out).write_text(header + "\n".join(chosen) + "\n")
     print(f"{len(chosen)} prompts of {len(pool)} -> {out}")
 

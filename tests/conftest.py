@@ -20,6 +20,8 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # Share compiled programs between test files and the two pytest workers.
-jax.config.update("jax_compilation_cache_dir",
-                  os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax"))
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax"),
+)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

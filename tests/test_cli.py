@@ -14,8 +14,15 @@ from jaxrlhf.train.metrics import read_metrics
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "rm_tiny.yaml")
 # The shapes of tests/test_reward_model.py, so the two modules share compiled programs.
-SMALL = ["mesh.data=1", "data.max_length=48", "data.length_buckets=[48]", "batch_size=8",
-         "eval_batch_size=32", "run.progress=false", "run.tensorboard=false"]
+SMALL = [
+    "mesh.data=1",
+    "data.max_length=48",
+    "data.length_buckets=[48]",
+    "batch_size=8",
+    "eval_batch_size=32",
+    "run.progress=false",
+    "run.tensorboard=false",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -23,11 +30,15 @@ def compile_cache(tmp_path_factory):
     """A persistent XLA cache (as in tests/test_reward_model.py), restored afterwards."""
     from jax.experimental.compilation_cache import compilation_cache as cc
 
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
     old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir",
-                      str(tmp_path_factory.getbasetemp() / "xla_cache"))
+    jax.config.update(
+        "jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "xla_cache")
+    )
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     cc.reset_cache()
@@ -46,8 +57,7 @@ def train_file(tmp_path) -> Path:
 
 def test_rm_trains_exports_and_resumes(tmp_path, train_file, capsys):
     run_dir = tmp_path / "run"
-    args = ["rm", "--config", CONFIG, f"data.train={train_file}", f"run.run_dir={run_dir}",
-            *SMALL]
+    args = ["rm", "--config", CONFIG, f"data.train={train_file}", f"run.run_dir={run_dir}", *SMALL]
     assert cli.main([*args, "max_steps=3"]) == 0
     out = capsys.readouterr().out
     assert "data: 32 train pairs, 8 eval pairs" in out
@@ -71,8 +81,7 @@ def test_rm_trains_exports_and_resumes(tmp_path, train_file, capsys):
 
 
 def test_unknown_config_key_exits_2_with_the_valid_keys(tmp_path, capsys):
-    code = cli.main(["rm", "--config", CONFIG, "optim.lerning_rate=0.1",
-                     f"run.run_dir={tmp_path}"])
+    code = cli.main(["rm", "--config", CONFIG, "optim.lerning_rate=0.1", f"run.run_dir={tmp_path}"])
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("jaxrlhf rm: error: Unknown config key(s) optim.lerning_rate")
@@ -84,19 +93,30 @@ def test_unknown_config_key_exits_2_with_the_valid_keys(tmp_path, capsys):
     assert "valid keys:" in err and "num_epochs" in err and "batch_size" in err
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["rm", "--config", "no/such.yaml"], "config file not found"),
-    (["rm", "--config", CONFIG, "max_steps"], "must look like dotted.key=value"),
-    (["rm", "--config", CONFIG, "optim.schedule=foo"], "choose from cosine, linear, constant"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["rm", "--config", "no/such.yaml"], "config file not found"),
+        (["rm", "--config", CONFIG, "max_steps"], "must look like dotted.key=value"),
+        (["rm", "--config", CONFIG, "optim.schedule=foo"], "choose from cosine, linear, constant"),
+    ],
+)
 def test_config_errors_exit_2(argv, match, capsys):
     assert cli.main(argv) == 2
     assert match in capsys.readouterr().err
 
 
 def test_missing_data_file_exits_2(tmp_path, capsys):
-    code = cli.main(["rm", "--config", CONFIG, f"data.train={tmp_path / 'nope.jsonl'}",
-                     f"run.run_dir={tmp_path / 'run'}", *SMALL])
+    code = cli.main(
+        [
+            "rm",
+            "--config",
+            CONFIG,
+            f"data.train={tmp_path / 'nope.jsonl'}",
+            f"run.run_dir={tmp_path / 'run'}",
+            *SMALL,
+        ]
+    )
     assert code == 2
     assert "data file not found" in capsys.readouterr().err
 

@@ -34,21 +34,29 @@ def write_yaml(tmp_path, text: str) -> Path:
 
 
 def test_yaml_file_with_overrides():
-    cfg = rm("optim.learning_rate=1e-3",           # YAML 1.1 reads 1e-3 as a string
-             "num_epochs=3",                        # int -> float field
-             "batch_size=4",
-             "data.length_buckets=[16, 32, 64]",    # a list -> tuple
-             "lora.target_modules=[q_proj, v_proj]",
-             "model.tiny.num_layers=1",             # a key inside a dict-valued option
-             "share_prompt=false",
-             "run.run_dir=/tmp/somewhere")
+    cfg = rm(
+        "optim.learning_rate=1e-3",  # YAML 1.1 reads 1e-3 as a string
+        "num_epochs=3",  # int -> float field
+        "batch_size=4",
+        "data.length_buckets=[16, 32, 64]",  # a list -> tuple
+        "lora.target_modules=[q_proj, v_proj]",
+        "model.tiny.num_layers=1",  # a key inside a dict-valued option
+        "share_prompt=false",
+        "run.run_dir=/tmp/somewhere",
+    )
     assert cfg.optim.learning_rate == 1e-3 and isinstance(cfg.optim.learning_rate, float)
     assert cfg.num_epochs == 3.0 and isinstance(cfg.num_epochs, float)
     assert cfg.batch_size == 4
     assert cfg.data.length_buckets == (16, 32, 64)
     assert cfg.lora.target_modules == ("q_proj", "v_proj")
-    assert cfg.model.tiny == {"hidden_size": 64, "intermediate_size": 128, "num_layers": 1,
-                              "num_heads": 4, "num_kv_heads": 2, "head_dim": 16}
+    assert cfg.model.tiny == {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_layers": 1,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "head_dim": 16,
+    }
     assert cfg.share_prompt is False
     assert cfg.run.run_dir == "/tmp/somewhere"
     # Untouched values come from the file, the rest from the dataclass defaults.
@@ -77,15 +85,15 @@ def test_lora_null_in_the_file(tmp_path):
     path = write_yaml(tmp_path, "lora: null\nbatch_size: 2\n")
     assert rm(path=path).lora is None
     # ...and a later `lora.x=` override brings the command's default adapter back.
-    assert rm("lora.r=4", path=path).lora == LoraConfig(r=4, task_type="SEQ_CLS",
-                                                         modules_to_save=("score",))
+    assert rm("lora.r=4", path=path).lora == LoraConfig(
+        r=4, task_type="SEQ_CLS", modules_to_save=("score",)
+    )
 
 
 def test_partial_section_keeps_the_commands_defaults(tmp_path):
     # RMConfig's own lora default is a SEQ_CLS adapter with the score head saved; setting one
     # key must not fall back to LoraConfig's generic CAUSAL_LM defaults.
-    for cfg in (rm("lora.r=4", path=None),
-                rm(path=write_yaml(tmp_path, "lora:\n  r: 4\n"))):
+    for cfg in (rm("lora.r=4", path=None), rm(path=write_yaml(tmp_path, "lora:\n  r: 4\n"))):
         assert cfg.lora.r == 4
         assert cfg.lora.task_type == "SEQ_CLS"
         assert cfg.lora.modules_to_save == ("score",)
@@ -94,8 +102,12 @@ def test_partial_section_keeps_the_commands_defaults(tmp_path):
 
 
 def test_saved_config_loads_back(tmp_path):
-    cfg = rm("lora.target_modules=[q_proj, o_proj]", "data.length_buckets=[16, 64]",
-             "max_steps=9", "center_rewards_coefficient=0.01")
+    cfg = rm(
+        "lora.target_modules=[q_proj, o_proj]",
+        "data.length_buckets=[16, 64]",
+        "max_steps=9",
+        "center_rewards_coefficient=0.01",
+    )
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(RMConfig, tmp_path / "config.yaml") == cfg
     full = rm("lora=null")
@@ -133,44 +145,56 @@ def test_unknown_key_in_the_file(tmp_path):
         rm(path=path)
 
 
-@pytest.mark.parametrize("override, match", [
-    ("optim.schedule=foo", r"schedule='foo' is not valid; choose from cosine, linear, constant"),
-    ("model.dtype=float16", r"dtype='float16' is not valid; choose from float32, bfloat16"),
-    ("model.remat=full", r"remat='full' is not valid"),
-    ("lora.init=xavier", r"init must be 'kaiming' or 'gaussian'"),
-    ("lora.task_type=CAUSAL_LM", r"task_type must be SEQ_CLS for a reward model"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        (
+            "optim.schedule=foo",
+            r"schedule='foo' is not valid; choose from cosine, linear, constant",
+        ),
+        ("model.dtype=float16", r"dtype='float16' is not valid; choose from float32, bfloat16"),
+        ("model.remat=full", r"remat='full' is not valid"),
+        ("lora.init=xavier", r"init must be 'kaiming' or 'gaussian'"),
+        ("lora.task_type=CAUSAL_LM", r"task_type must be SEQ_CLS for a reward model"),
+    ],
+)
 def test_literal_values_are_checked(override, match):
     with pytest.raises(ValueError, match=match):
         rm(override)
 
 
-@pytest.mark.parametrize("override, match", [
-    ("batch_size=0", r"batch_size must be >= 1"),
-    ("optim.learning_rate=-1.0", r"learning_rate must be > 0"),
-    ("optim.grad_accum_steps=0", r"grad_accum_steps must be >= 1"),
-    ("optim.warmup_ratio=1.0", r"warmup_ratio must be in \[0, 1\)"),
-    ("data.eval_fraction=1.5", r"eval_fraction must be in \[0, 1\)"),
-    ("data.max_length=1", r"max_length must be >= 2"),
-    ("run.save_every=0", r"run\.save_every must be >= 1"),
-    ("mesh.data=0", r"mesh\.data must be >= 1 or -1"),
-    ("lora.r=0", r"r must be an integer >= 1"),
-    ("lora.modules_to_save=[]", r"SEQ_CLS adapter must list 'score' in modules_to_save"),
-    ("lora.modules_to_save=[lm_head]", r"unknown module 'lm_head'"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("batch_size=0", r"batch_size must be >= 1"),
+        ("optim.learning_rate=-1.0", r"learning_rate must be > 0"),
+        ("optim.grad_accum_steps=0", r"grad_accum_steps must be >= 1"),
+        ("optim.warmup_ratio=1.0", r"warmup_ratio must be in \[0, 1\)"),
+        ("data.eval_fraction=1.5", r"eval_fraction must be in \[0, 1\)"),
+        ("data.max_length=1", r"max_length must be >= 2"),
+        ("run.save_every=0", r"run\.save_every must be >= 1"),
+        ("mesh.data=0", r"mesh\.data must be >= 1 or -1"),
+        ("lora.r=0", r"r must be an integer >= 1"),
+        ("lora.modules_to_save=[]", r"SEQ_CLS adapter must list 'score' in modules_to_save"),
+        ("lora.modules_to_save=[lm_head]", r"unknown module 'lm_head'"),
+    ],
+)
 def test_values_are_checked(override, match):
     with pytest.raises(ValueError, match=match):
         rm(override)
 
 
-@pytest.mark.parametrize("override, match", [
-    ("batch_size", r"override 'batch_size' must look like dotted\.key=value"),
-    ("batch_size.x=1", r"'batch_size' is not a section"),
-    ("optim=3", r"optim must be a mapping of OptimConfig options"),
-    ("batch_size=", r"batch_size may not be null"),
-    ("model.tiny=null", r"model\.tiny may not be null"),
-    ("optim.learning_rate=fast", r"optim\.learning_rate must be a number, got 'fast'"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("batch_size", r"override 'batch_size' must look like dotted\.key=value"),
+        ("batch_size.x=1", r"'batch_size' is not a section"),
+        ("optim=3", r"optim must be a mapping of OptimConfig options"),
+        ("batch_size=", r"batch_size may not be null"),
+        ("model.tiny=null", r"model\.tiny may not be null"),
+        ("optim.learning_rate=fast", r"optim\.learning_rate must be a number, got 'fast'"),
+    ],
+)
 def test_bad_override_syntax(override, match):
     with pytest.raises(ValueError, match=match):
         rm(override)
@@ -178,7 +202,13 @@ def test_bad_override_syntax(override, match):
 
 def test_parse_overrides_reads_yaml_values():
     assert parse_overrides(["a.b=1", "c=[1, 2]", "d=null", "e=", "f=x=y", "g=true"]) == [
-        ("a.b", 1), ("c", [1, 2]), ("d", None), ("e", None), ("f", "x=y"), ("g", True)]
+        ("a.b", 1),
+        ("c", [1, 2]),
+        ("d", None),
+        ("e", None),
+        ("f", "x=y"),
+        ("g", True),
+    ]
 
 
 def test_missing_or_malformed_file(tmp_path):
@@ -191,13 +221,16 @@ def test_missing_or_malformed_file(tmp_path):
 # Desired behaviour that the loader does not have yet (see the report that came with these
 # tests); strict, so each turns into a failure to delete once the loader is fixed.
 
+
 def test_malformed_yaml_value_is_a_value_error():
     with pytest.raises(ValueError, match=r"data\.length_buckets"):
         rm("data.length_buckets=[16")
 
 
-@pytest.mark.parametrize("override", ["max_steps=ten", "run.tensorboard=maybe", "batch_size=abc",
-                                      "data.length_buckets=16"])
+@pytest.mark.parametrize(
+    "override",
+    ["max_steps=ten", "run.tensorboard=maybe", "batch_size=abc", "data.length_buckets=16"],
+)
 def test_wrong_scalar_type_names_the_key(override):
     key = override.split("=")[0]
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
@@ -209,12 +242,15 @@ def test_buckets_must_cover_max_length():
         PreferenceDataConfig(max_length=64, length_buckets=(16, 32))
 
 
-@pytest.mark.parametrize("override, match", [
-    ("eval_batch_size=0", "eval_batch_size"),
-    ("max_steps=0", "max_steps"),
-    ("num_epochs=0", "num_epochs"),
-    ("optim.grad_accum_steps=3", "grad_accum_steps"),  # rm_tiny's batch_size is 16
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("eval_batch_size=0", "eval_batch_size"),
+        ("max_steps=0", "max_steps"),
+        ("num_epochs=0", "num_epochs"),
+        ("optim.grad_accum_steps=3", "grad_accum_steps"),  # rm_tiny's batch_size is 16
+    ],
+)
 def test_rm_options_are_checked_up_front(override, match):
     with pytest.raises(ValueError, match=match):
         rm(override)

@@ -13,16 +13,22 @@ from transformers import PreTrainedTokenizerFast
 
 from jaxrlhf import data as D
 
-WORDS = ("hello world how are you fine thanks bad good the a cat dog sat on mat what is "
-         "one two three four five six seven eight nine ten").split()
+WORDS = (
+    "hello world how are you fine thanks bad good the a cat dog sat on mat what is "
+    "one two three four five six seven eight nine ten"
+).split()
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
 PAD, BOS, EOS = 0, 1, 2
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
 # A template whose assistant turns end in EOS itself: add_eos must not add a second one.
-EOS_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} "
-                "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}<|end|>{% endif %} "
-                "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
+EOS_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} "
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}<|end|>{% endif %} "
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
 
 
 def make_tokenizer(*, bos: bool = True, template: str = TEMPLATE) -> PreTrainedTokenizerFast:
@@ -31,10 +37,16 @@ def make_tokenizer(*, bos: bool = True, template: str = TEMPLATE) -> PreTrainedT
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     if bos:
         tk.post_processor = processors.TemplateProcessing(
-            single="<s> $A", special_tokens=[("<s>", BOS)])
+            single="<s> $A", special_tokens=[("<s>", BOS)]
+        )
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        unk_token="<unk>", additional_special_tokens=["<|user|>", "<|assistant|>", "<|end|>"])
+        tokenizer_object=tk,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|user|>", "<|assistant|>", "<|end|>"],
+    )
     tok.chat_template = template
     return tok
 
@@ -146,8 +158,10 @@ def test_truncation_keeps_prompt_end_and_response_start(tok):
 
 def test_truncation_without_bos_and_default_prompt_budget():
     tok = make_tokenizer(bos=False)
-    rows = [{"prompt": "one two three four five six", "chosen": "seven", "rejected": "eight"},
-            {"prompt": "one", "chosen": "two", "rejected": "three"}]
+    rows = [
+        {"prompt": "one two three four five six", "chosen": "seven", "rejected": "eight"},
+        {"prompt": "one", "chosen": "two", "rejected": "three"},
+    ]
     data, report = D.tokenize_preferences(rows, tok, max_length=8)  # max_prompt_length = 4
     assert data.prompt_ids[0].tolist() == ids(tok, "three four five six")
     assert report.n_truncated == 1
@@ -161,42 +175,76 @@ BAD_ROWS = [
     ({"prompt": "hello", "chosen": None, "rejected": "bad"}, "field 'chosen' is missing"),
     ({"prompt": "hello", "chosen": "", "rejected": "bad"}, "field 'chosen' is empty"),
     ({"prompt": "hello", "chosen": "fine", "rejected": "   "}, "field 'rejected' is empty"),
-    ({"prompt": "hello", "chosen": 5, "rejected": "bad"},
-     "field 'chosen' must be a string or a list of messages, got int"),
+    (
+        {"prompt": "hello", "chosen": 5, "rejected": "bad"},
+        "field 'chosen' must be a string or a list of messages, got int",
+    ),
     ({"prompt": "", "chosen": "fine", "rejected": "bad"}, "field 'prompt' is empty"),
     ({"prompt": None, "chosen": "fine", "rejected": "bad"}, "field 'prompt' is missing"),
-    ({"prompt": {"x": 1}, "chosen": "fine", "rejected": "bad"},
-     "field 'prompt' must be a string or a list of messages, got dict"),
-    ({"prompt": [user("hello")], "chosen": [], "rejected": [bot("bad")]}, "field 'chosen' is empty"),
-    ({"prompt": [user("hello")], "chosen": [{"role": "assistant"}], "rejected": [bot("bad")]},
-     "field 'chosen' message 0 has no string 'content'"),
-    ({"prompt": [user("hello")], "chosen": ["fine"], "rejected": [bot("bad")]},
-     "field 'chosen' message 0 is not a dict"),
-    ({"prompt": "hello", "chosen": "fine", "rejected": [bot("bad")]},
-     "fields 'chosen' and 'rejected' mix a string and a list of messages"),
-    ({"prompt": [user("hello")], "chosen": "fine", "rejected": "bad"},
-     "field 'prompt' is a list of messages but 'chosen' is a string"),
-    ({"prompt": "hello", "chosen": [bot("fine")], "rejected": [bot("bad")]},
-     "field 'prompt' is a string but 'chosen' is a list of messages"),
-    ({"prompt": "hello", "chosen": "fine", "rejected": "bad", "margin": "big"},
-     "field 'margin' must be a number"),
-    ({"prompt": "hello", "chosen": "fine", "rejected": "bad", "margin": math.nan},
-     "field 'margin' must be finite"),
-    ({"prompt": "hello", "chosen": "fine", "rejected": "bad", "margin": None},
-     "field 'margin' is missing"),
+    (
+        {"prompt": {"x": 1}, "chosen": "fine", "rejected": "bad"},
+        "field 'prompt' must be a string or a list of messages, got dict",
+    ),
+    (
+        {"prompt": [user("hello")], "chosen": [], "rejected": [bot("bad")]},
+        "field 'chosen' is empty",
+    ),
+    (
+        {"prompt": [user("hello")], "chosen": [{"role": "assistant"}], "rejected": [bot("bad")]},
+        "field 'chosen' message 0 has no string 'content'",
+    ),
+    (
+        {"prompt": [user("hello")], "chosen": ["fine"], "rejected": [bot("bad")]},
+        "field 'chosen' message 0 is not a dict",
+    ),
+    (
+        {"prompt": "hello", "chosen": "fine", "rejected": [bot("bad")]},
+        "fields 'chosen' and 'rejected' mix a string and a list of messages",
+    ),
+    (
+        {"prompt": [user("hello")], "chosen": "fine", "rejected": "bad"},
+        "field 'prompt' is a list of messages but 'chosen' is a string",
+    ),
+    (
+        {"prompt": "hello", "chosen": [bot("fine")], "rejected": [bot("bad")]},
+        "field 'prompt' is a string but 'chosen' is a list of messages",
+    ),
+    (
+        {"prompt": "hello", "chosen": "fine", "rejected": "bad", "margin": "big"},
+        "field 'margin' must be a number",
+    ),
+    (
+        {"prompt": "hello", "chosen": "fine", "rejected": "bad", "margin": math.nan},
+        "field 'margin' must be finite",
+    ),
+    (
+        {"prompt": "hello", "chosen": "fine", "rejected": "bad", "margin": None},
+        "field 'margin' is missing",
+    ),
 ]
 IMPLICIT_BAD = [
-    ({"chosen": [user("hello"), bot("fine")], "rejected": [user("how"), bot("bad")]},
-     "fields 'chosen' and 'rejected' share no leading messages"),
-    ({"chosen": [user("hello")], "rejected": [user("hello"), bot("bad")]},
-     "field 'chosen' has no messages after the shared prompt"),
+    (
+        {"chosen": [user("hello"), bot("fine")], "rejected": [user("how"), bot("bad")]},
+        "fields 'chosen' and 'rejected' share no leading messages",
+    ),
+    (
+        {"chosen": [user("hello")], "rejected": [user("hello"), bot("bad")]},
+        "field 'chosen' has no messages after the shared prompt",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("row", "message"), BAD_ROWS + IMPLICIT_BAD)
 def test_bad_row_errors_name_row_and_field(tok, row, message):
-    good = {"prompt": [user("hello")], "chosen": [user("hello"), bot("fine")],
-            "rejected": [user("hello"), bot("bad")]} if "prompt" not in row else dict(GOOD)
+    good = (
+        {
+            "prompt": [user("hello")],
+            "chosen": [user("hello"), bot("fine")],
+            "rejected": [user("hello"), bot("bad")],
+        }
+        if "prompt" not in row
+        else dict(GOOD)
+    )
     if "margin" in row:
         good["margin"] = 1.0
     if "prompt" not in row:
@@ -212,20 +260,28 @@ def test_prompt_without_room_is_an_error(tok):
 
 
 def test_non_prefix_stable_template_is_an_error():
-    tok = make_tokenizer(template="{% for m in messages %}{{ m['content'] }} {% endfor %}"
-                                  "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+    tok = make_tokenizer(
+        template="{% for m in messages %}{{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+    )
     rows = [{"prompt": [user("hello")], "chosen": [bot("fine")], "rejected": [bot("bad")]}]
     with pytest.raises(ValueError, match="^row 0: field 'chosen': the chat template"):
         D.tokenize_preferences(rows, tok, max_length=32)
 
 
 def test_chat_template_problems():
-    strict = make_tokenizer(template=(
-        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-        "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }} {% endfor %}"))
-    rows = [{"prompt": [user("hello"), user("hello")], "chosen": [bot("a")], "rejected": [bot("b")]}]
-    with pytest.raises(ValueError, match="^row 0: field 'prompt': the chat template failed: "
-                                         "roles must alternate"):
+    strict = make_tokenizer(
+        template=(
+            "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+            "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }} {% endfor %}"
+        )
+    )
+    rows = [
+        {"prompt": [user("hello"), user("hello")], "chosen": [bot("a")], "rejected": [bot("b")]}
+    ]
+    with pytest.raises(
+        ValueError, match="^row 0: field 'prompt': the chat template failed: roles must alternate"
+    ):
         D.tokenize_preferences(rows, strict, max_length=32)
     no_template = make_tokenizer()
     no_template.chat_template = None
@@ -234,27 +290,39 @@ def test_chat_template_problems():
 
 
 def test_skip_bad_rows_counts(tok):
-    rows = [GOOD, {"prompt": "hello", "chosen": "", "rejected": "bad"}, GOOD,
-            {"prompt": "hello", "chosen": 3, "rejected": "bad"}, PLAIN[1]]
+    rows = [
+        GOOD,
+        {"prompt": "hello", "chosen": "", "rejected": "bad"},
+        GOOD,
+        {"prompt": "hello", "chosen": 3, "rejected": "bad"},
+        PLAIN[1],
+    ]
     data, report = D.tokenize_preferences(rows, tok, max_length=32, skip_bad_rows=True)
     assert (report.n_rows, report.n_kept, report.n_skipped) == (5, 3, 2)
-    assert report.skipped == ((1, "field 'chosen' is empty"),
-                              (3, "field 'chosen' must be a string or a list of messages, got int"))
+    assert report.skipped == (
+        (1, "field 'chosen' is empty"),
+        (3, "field 'chosen' must be a string or a list of messages, got int"),
+    )
     assert data.row_index.tolist() == [0, 2, 4]
     assert data.chosen_ids[2].tolist() == [*ids(tok, "two"), EOS]
     # Late (post-tokenization) failures are skipped and reported too.
     long = {"prompt": "one two three four five", "chosen": "six", "rejected": "seven"}
     data, report = D.tokenize_preferences(
-        [long, {"prompt": "one", "chosen": "two", "rejected": "three"}], tok,
-        max_length=4, max_prompt_length=4, skip_bad_rows=True)
+        [long, {"prompt": "one", "chosen": "two", "rejected": "three"}],
+        tok,
+        max_length=4,
+        max_prompt_length=4,
+        skip_bad_rows=True,
+    )
     assert report.skipped[0][0] == 0 and "leaves no room" in report.skipped[0][1]
     assert data.row_index.tolist() == [1]
 
 
 def test_all_skipped_and_missing_column_are_errors(tok):
     with pytest.raises(ValueError, match="all 1 rows were skipped"):
-        D.tokenize_preferences([{"prompt": "a", "chosen": "", "rejected": "b"}], tok,
-                               max_length=8, skip_bad_rows=True)
+        D.tokenize_preferences(
+            [{"prompt": "a", "chosen": "", "rejected": "b"}], tok, max_length=8, skip_bad_rows=True
+        )
     with pytest.raises(ValueError, match="rows have no 'rejected' column"):
         D.tokenize_preferences([{"prompt": "a", "chosen": "b"}], tok, max_length=8)
     with pytest.raises(ValueError, match="rows is empty"):
@@ -279,7 +347,9 @@ def test_tokenize_prompts(tok):
     assert data.row_index.tolist() == [0, 1, 3]
     assert data.prompt_ids[0].tolist() == [BOS, *ids(tok, "what is one")]
     assert data.prompt_ids[2].tolist() == [BOS, *ids(tok, "five six seven")]
-    rendered = tok.apply_chat_template(rows[1]["prompt"], add_generation_prompt=True, tokenize=False)
+    rendered = tok.apply_chat_template(
+        rows[1]["prompt"], add_generation_prompt=True, tokenize=False
+    )
     assert data.prompt_text[1] == rendered and data.prompts[1] == rows[1]["prompt"]
     assert data.prompt_ids[1].tolist() == [BOS, *ids(tok, rendered)[-3:]]
     assert data.extras == {"answer": ("one", "two", "seven")}
@@ -293,11 +363,18 @@ def test_tokenize_prompts(tok):
 
 
 def test_tokenize_prompts_from_dataset_with_other_field(tok):
-    ds = datasets.Dataset.from_list([{"question": "what is one", "answer": "one"},
-                                     {"question": "", "answer": "x"},
-                                     {"question": "what is two", "answer": "two"}])
+    ds = datasets.Dataset.from_list(
+        [
+            {"question": "what is one", "answer": "one"},
+            {"question": "", "answer": "x"},
+            {"question": "what is two", "answer": "two"},
+        ]
+    )
     data, _ = D.tokenize_prompts(ds, tok, max_prompt_length=8, field="question", skip_bad_rows=True)
-    assert data.extras == {"answer": ("one", "two")} and data.prompts == ("what is one", "what is two")
+    assert data.extras == {"answer": ("one", "two")} and data.prompts == (
+        "what is one",
+        "what is two",
+    )
 
 
 # ----------------------------------------------------------------------------- loading
@@ -359,7 +436,15 @@ def test_buckets():
     assert D.default_buckets(64) == (16, 32, 64)
     assert D.default_buckets(8) == (8,)
     b = D.default_buckets(100)
-    assert [D.bucket_length(n, b) for n in (0, 1, 16, 17, 64, 65, 100)] == [16, 16, 16, 32, 64, 100, 100]
+    assert [D.bucket_length(n, b) for n in (0, 1, 16, 17, 64, 65, 100)] == [
+        16,
+        16,
+        16,
+        32,
+        64,
+        100,
+        100,
+    ]
     with pytest.raises(ValueError, match="sequence length 101 exceeds the largest bucket 100"):
         D.bucket_length(101, b)
     with pytest.raises(ValueError, match="strictly increasing"):
@@ -370,17 +455,28 @@ def test_buckets():
 def pairs(tok):
     rows = [
         {"prompt": "hello how are you", "chosen": "fine thanks", "rejected": "bad", "margin": 0.5},
-        {"prompt": "what is two", "chosen": "two", "rejected": "three four five six", "margin": 1.0},
-        {"prompt": "one", "chosen": "one two three four five six seven eight nine ten one two "
-                                    "three four five six", "rejected": "ten", "margin": 2.0},
+        {
+            "prompt": "what is two",
+            "chosen": "two",
+            "rejected": "three four five six",
+            "margin": 1.0,
+        },
+        {
+            "prompt": "one",
+            "chosen": "one two three four five six seven eight nine ten one two "
+            "three four five six",
+            "rejected": "ten",
+            "margin": 2.0,
+        },
     ]
     return D.tokenize_preferences(rows, tok, max_length=64)[0]
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_pad_preference_batch(pairs, side):
-    batch = D.pad_preference_batch(pairs, [1, 0], pad_id=PAD, buckets=(8, 16, 32),
-                                   padding_side=side, batch_size=4)
+    batch = D.pad_preference_batch(
+        pairs, [1, 0], pad_id=PAD, buckets=(8, 16, 32), padding_side=side, batch_size=4
+    )
     assert batch["chosen_input_ids"].shape == batch["rejected_input_ids"].shape == (4, 16)
     assert batch["pair_mask"].tolist() == [1, 1, 0, 0]
     assert batch["margin"].tolist() == [1.0, 0.5, 0.0, 0.0]
@@ -396,7 +492,7 @@ def test_pad_preference_batch(pairs, side):
             # The response mask covers exactly the response tokens.
             resp = batch[f"{name}_response_mask"][b]
             assert ids[resp == 1].tolist() == getattr(pairs, f"{name}_ids")[i].tolist()
-            assert np.flatnonzero(resp).tolist() == real[len(pairs.prompt_ids[i]):].tolist()
+            assert np.flatnonzero(resp).tolist() == real[len(pairs.prompt_ids[i]) :].tolist()
     # Dummy rows: real tokens (no fully masked row) but no response, margin or pair weight.
     for name in ("chosen", "rejected"):
         assert batch[f"{name}_attention_mask"][2:].sum() > 0
@@ -420,12 +516,15 @@ def test_pad_preference_batch_buckets_and_errors(pairs):
 
 
 def test_pad_prompt_batch(tok):
-    data, _ = D.tokenize_prompts([{"prompt": "what is one"}, {"prompt": "hello"}], tok,
-                                 max_prompt_length=16)
+    data, _ = D.tokenize_prompts(
+        [{"prompt": "what is one"}, {"prompt": "hello"}], tok, max_prompt_length=16
+    )
     batch = D.pad_prompt_batch(data, [0, 1], pad_id=PAD, buckets=(4, 8), batch_size=3)
     assert batch["input_ids"].tolist() == [
-        [BOS, *ids(tok, "what is one")], [PAD, PAD, BOS, *ids(tok, "hello")],
-        [BOS, *ids(tok, "what is one")]]
+        [BOS, *ids(tok, "what is one")],
+        [PAD, PAD, BOS, *ids(tok, "hello")],
+        [BOS, *ids(tok, "what is one")],
+    ]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1]]
     assert batch["row_mask"].tolist() == [1, 1, 0]
     assert batch["row_index"].tolist() == [0, 1, -1]
@@ -435,8 +534,11 @@ def test_pad_prompt_batch(tok):
 def test_padding_fraction():
     batch = {"attention_mask": np.array([[1, 1, 0, 0], [1, 1, 1, 1]]), "row_mask": np.array([1, 0])}
     assert D.padding_fraction(batch) == pytest.approx(6 / 8)
-    pair = {"chosen_attention_mask": np.array([[1, 1, 1, 0]]),
-            "rejected_attention_mask": np.array([[1, 0, 0, 0]]), "pair_mask": np.array([1])}
+    pair = {
+        "chosen_attention_mask": np.array([[1, 1, 1, 0]]),
+        "rejected_attention_mask": np.array([[1, 0, 0, 0]]),
+        "pair_mask": np.array([1]),
+    }
     assert D.padding_fraction(pair) == pytest.approx(4 / 8)
 
 
@@ -468,9 +570,9 @@ def test_batch_indices_resume_and_epochs(grouped):
     full, end = _run(n, 15, **kw)
     assert end == 15 * bs
     for p in range(0, 15 * bs, bs):  # resume from every checkpointable position
-        assert _run(n, 15 - p // bs, position=p, **kw)[0] == full[p // bs:]
+        assert _run(n, 15 - p // bs, position=p, **kw)[0] == full[p // bs :]
     for e in range(3):  # each epoch: 20 distinct rows, the first 20 of that epoch's order
-        epoch = [i for b in full[5 * e:5 * e + 5] for i in b]
+        epoch = [i for b in full[5 * e : 5 * e + 5] for i in b]
         assert sorted(epoch) == sorted(D.epoch_order(n, seed=7, epoch=e)[:20].tolist())
     assert full[:5] != full[5:10]
     if not grouped:
@@ -480,9 +582,11 @@ def test_batch_indices_resume_and_epochs(grouped):
 def test_length_grouping_reduces_padding():
     n, bs = 256, 8
     lengths = np.random.default_rng(1).integers(1, 512, n)
+
     def waste(**kw):
         batches, _ = _run(n, n // bs, batch_size=bs, seed=0, **kw)
         return sum(len(b) * lengths[b].max() - lengths[b].sum() for b in batches)
+
     assert waste(lengths=lengths, group_factor=8) < 0.5 * waste()
 
 
@@ -507,7 +611,9 @@ def test_train_eval_split():
         prompt_ids=tuple(np.array([i], np.int32) for i in range(100)),
         chosen_ids=tuple(np.array([i, i], np.int32) for i in range(100)),
         rejected_ids=tuple(np.array([i], np.int32) for i in range(100)),
-        margin=np.arange(100, dtype=np.float32), row_index=np.arange(100) + 1000).select(ev)
+        margin=np.arange(100, dtype=np.float32),
+        row_index=np.arange(100) + 1000,
+    ).select(ev)
     assert sub.row_index.tolist() == (ev + 1000).tolist() and sub.margin.tolist() == ev.tolist()
     assert [c.tolist() for c in sub.chosen_ids] == [[i, i] for i in ev]
     with pytest.raises(ValueError, match="exactly one of"):

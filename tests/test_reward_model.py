@@ -41,8 +41,15 @@ from jaxrlhf.train.metrics import read_metrics
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "rm_tiny.yaml"
 # One device, one bucket (packed pairs of these rows are <= 47 tokens, so packing never
 # leaves the bucket), batch 8: every run below compiles the same train step.
-SMALL = ("mesh.data=1", "data.max_length=48", "data.length_buckets=[48]", "batch_size=8",
-         "eval_batch_size=32", "run.progress=false", "run.tensorboard=false")
+SMALL = (
+    "mesh.data=1",
+    "data.max_length=48",
+    "data.length_buckets=[48]",
+    "batch_size=8",
+    "eval_batch_size=32",
+    "run.progress=false",
+    "run.tensorboard=false",
+)
 ROWS = case_preference_rows(400)  # case_preference_rows(n) is a prefix of this list
 
 
@@ -52,11 +59,15 @@ def compile_cache(tmp_path_factory):
     same programs again and again, which the in-memory jit cache does not see."""
     from jax.experimental.compilation_cache import compilation_cache as cc
 
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
     old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir",
-                      str(tmp_path_factory.getbasetemp() / "xla_cache"))
+    jax.config.update(
+        "jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "xla_cache")
+    )
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     cc.reset_cache()
@@ -95,8 +106,9 @@ def host(tree):
 def assert_trees_close(actual, expected, *, rtol: float, atol: float = 0.0):
     actual, expected = host(actual), host(expected)
     assert jax.tree.structure(actual) == jax.tree.structure(expected)
-    for (path, a), e in zip(jax.tree_util.tree_flatten_with_path(actual)[0],
-                            jax.tree.leaves(expected), strict=True):
+    for (path, a), e in zip(
+        jax.tree_util.tree_flatten_with_path(actual)[0], jax.tree.leaves(expected), strict=True
+    ):
         np.testing.assert_allclose(a, e, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
@@ -116,9 +128,13 @@ def random_adapter(key, params, lora_cfg, model_cfg):
     the base exactly, which would hide mistakes in the LoRA path)."""
     lora = init_lora(key, params, lora_cfg, model_cfg)
     keys = iter(jax.random.split(jax.random.fold_in(key, 1), 16))
-    lora["layers"] = {p: {"lora_A": ab["lora_A"],
-                          "lora_B": 0.1 * jax.random.normal(next(keys), ab["lora_B"].shape)}
-                      for p, ab in lora["layers"].items()}
+    lora["layers"] = {
+        p: {
+            "lora_A": ab["lora_A"],
+            "lora_B": 0.1 * jax.random.normal(next(keys), ab["lora_B"].shape),
+        }
+        for p, ab in lora["layers"].items()
+    }
     lora["score"] = {"kernel": jax.random.normal(next(keys), lora["score"]["kernel"].shape)}
     return lora
 
@@ -129,8 +145,14 @@ TEXTS = ["say: abc DEF GH", "say: abc def gh", "say: q ZZ", "say: q zz"]
 
 def text_batch(tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """TEXTS as training sees a pair's sequence (BOS ... EOS), right-padded with id 0."""
-    seqs = [[tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False)["input_ids"],
-             tokenizer.eos_token_id] for t in TEXTS]
+    seqs = [
+        [
+            tokenizer.bos_token_id,
+            *tokenizer(t, add_special_tokens=False)["input_ids"],
+            tokenizer.eos_token_id,
+        ]
+        for t in TEXTS
+    ]
     width = max(map(len, seqs))
     ids = np.array([s + [0] * (width - len(s)) for s in seqs], np.int32)
     return ids, (ids != 0).astype(np.int32)
@@ -138,8 +160,15 @@ def text_batch(tokenizer) -> tuple[np.ndarray, np.ndarray]:
 
 def jaxrlhf_scores(params, lora, lora_scale, model_cfg, ids, mask) -> np.ndarray:
     def score(params, lora):
-        return forward(params, jnp.asarray(ids), jnp.asarray(mask), cfg=model_cfg, head="score",
-                       lora=lora, lora_scale=lora_scale)
+        return forward(
+            params,
+            jnp.asarray(ids),
+            jnp.asarray(mask),
+            cfg=model_cfg,
+            head="score",
+            lora=lora,
+            lora_scale=lora_scale,
+        )
 
     return np.asarray(compiled(score, params, lora)(params, lora))
 
@@ -148,8 +177,11 @@ def torch_scores(model, ids, mask) -> np.ndarray:
     import torch
 
     with torch.no_grad():
-        return model(input_ids=torch.tensor(ids, dtype=torch.long),
-                     attention_mask=torch.tensor(mask)).logits[:, 0].numpy()
+        return (
+            model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask))
+            .logits[:, 0]
+            .numpy()
+        )
 
 
 # ----------------------------------------------------------------------------- score read-out
@@ -180,8 +212,10 @@ def test_score_is_read_at_the_last_real_token():
 
     kernel = np.asarray(params["score"]["kernel"])[:, 0]
     by_side = {}
-    for side, ids, mask, last in (("right", right_ids, right_mask, lengths - 1),
-                                  ("left", left_ids, left_mask, np.full(3, t - 1))):
+    for side, ids, mask, last in (
+        ("right", right_ids, right_mask, lengths - 1),
+        ("left", left_ids, left_mask, np.full(3, t - 1)),
+    ):
         scores, hidden = map(np.asarray, scores_and_hidden(params, ids, mask))
         by_hand = np.einsum("bd,d->b", hidden[np.arange(3), last], kernel)
         np.testing.assert_allclose(scores, by_hand, rtol=1e-6, atol=1e-7, err_msg=side)
@@ -202,20 +236,31 @@ def test_packed_pairs_equal_unshared_rewards_losses_and_grads():
     prefs, _ = D.tokenize_preferences(rows, tokenizer, max_length=48)
     lora = random_adapter(jax.random.PRNGKey(3), base, cfg.lora, model_cfg)
     # 6 real pairs in a batch of 8: the two dummy rows must stay out of the loss.
-    batches = {share: rm_command.pair_batch(prefs, np.arange(6), pad_id=0, buckets=(48,),
-                                            batch_size=8, share_prompt=share)
-               for share in (True, False)}
+    batches = {
+        share: rm_command.pair_batch(
+            prefs, np.arange(6), pad_id=0, buckets=(48,), batch_size=8, share_prompt=share
+        )
+        for share in (True, False)
+    }
     assert "packed_input_ids" in batches[True] and "chosen_input_ids" in batches[False]
 
     def rewards_loss_grads(trainable, batch):
         rewards = R.pair_rewards(trainable, base, batch, model_cfg=model_cfg, lora_cfg=cfg.lora)
         (loss, metrics), grads = jax.value_and_grad(R.reward_loss, has_aux=True)(
-            trainable, batch, base, None, model_cfg=model_cfg, lora_cfg=cfg.lora,
-            center_rewards_coefficient=0.01)
+            trainable,
+            batch,
+            base,
+            None,
+            model_cfg=model_cfg,
+            lora_cfg=cfg.lora,
+            center_rewards_coefficient=0.01,
+        )
         return rewards, loss, metrics, grads
 
-    packed, unshared = (compiled(rewards_loss_grads, lora, batches[share])(lora, batches[share])
-                        for share in (True, False))
+    packed, unshared = (
+        compiled(rewards_loss_grads, lora, batches[share])(lora, batches[share])
+        for share in (True, False)
+    )
     for p, u in zip(packed[0], unshared[0], strict=True):  # r_chosen, r_rejected
         assert np.std(np.asarray(u)[:6]) > 0.1  # the adapter makes the rewards differ
         np.testing.assert_allclose(p, u, rtol=1e-5, atol=1e-5)
@@ -232,9 +277,12 @@ def test_packed_lengths_come_from_a_fixed_set():
     rows = [{"prompt": "p" * 10, "chosen": "c" * n, "rejected": "r" * n} for n in range(30, 50)]
     prefs, _ = D.tokenize_preferences(rows, tokenizer, max_length=64)
     buckets = D.default_buckets(64)
-    lengths = {rm_command.pair_batch(prefs, np.array([i]), pad_id=0, buckets=buckets,
-                                     batch_size=1, share_prompt=True)["packed_input_ids"].shape[1]
-               for i in range(len(rows))}
+    lengths = {
+        rm_command.pair_batch(
+            prefs, np.array([i]), pad_id=0, buckets=buckets, batch_size=1, share_prompt=True
+        )["packed_input_ids"].shape[1]
+        for i in range(len(rows))
+    }
     assert len(lengths) <= 2, sorted(lengths)
 
 
@@ -264,8 +312,14 @@ def test_lora_reward_model_learns(trained):
 @pytest.fixture(scope="module")
 def full_finetuned(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("rm_full")
-    cfg = rm_config(run_dir, "lora=null", "max_steps=30", "optim.learning_rate=1.0e-3",
-                    "run.eval_every=100", "run.save_every=100")
+    cfg = rm_config(
+        run_dir,
+        "lora=null",
+        "max_steps=30",
+        "optim.learning_rate=1.0e-3",
+        "run.eval_every=100",
+        "run.save_every=100",
+    )
     return cfg, run(cfg, ROWS)
 
 
@@ -279,7 +333,8 @@ def test_full_finetuning_learns(full_finetuned):
     pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        Path(cfg.run.run_dir) / "model", num_labels=1).eval()
+        Path(cfg.run.run_dir) / "model", num_labels=1
+    ).eval()
     model_cfg, _, tokenizer = tiny_base()
     ids, mask = text_batch(tokenizer)
     theirs = torch_scores(model, ids, mask)
@@ -302,8 +357,9 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
     rows = ROWS[:16]
     common = ("max_steps=1", "data.eval_fraction=0", "run.save_every=100")
     one = run(rm_config(tmp_path / "accum1", *common), rows)["trainable"]
-    two = run(rm_config(tmp_path / "accum2", *common, "optim.grad_accum_steps=2"),
-              rows)["trainable"]
+    two = run(rm_config(tmp_path / "accum2", *common, "optim.grad_accum_steps=2"), rows)[
+        "trainable"
+    ]
     # B starts at zero: a non-zero B shows the step happened.
     assert np.abs(np.asarray(one["layers"]["q_proj"]["lora_B"])).max() > 0
     assert_trees_close(two, one, rtol=1e-5, atol=1e-6)
@@ -334,8 +390,9 @@ def _at_position(monkeypatch, position: int, action) -> None:
 
 
 def _checkpoint_steps(run_dir) -> list[int]:
-    return sorted(int(p.name) for p in (Path(run_dir) / "checkpoints").iterdir()
-                  if p.name.isdigit())
+    return sorted(
+        int(p.name) for p in (Path(run_dir) / "checkpoints").iterdir() if p.name.isdigit()
+    )
 
 
 def test_sigterm_saves_and_resume_is_exact(tmp_path, monkeypatch, capsys, uninterrupted):
@@ -354,8 +411,9 @@ def test_sigterm_saves_and_resume_is_exact(tmp_path, monkeypatch, capsys, uninte
     assert_trees_close(out["trainable"], uninterrupted, rtol=0, atol=0)
 
 
-def test_crash_then_resume_from_last_periodic_checkpoint(tmp_path, monkeypatch, capsys,
-                                                         uninterrupted):
+def test_crash_then_resume_from_last_periodic_checkpoint(
+    tmp_path, monkeypatch, capsys, uninterrupted
+):
     cfg = rm_config(tmp_path, *RESUME, "run.save_every=2")
 
     def crash():
@@ -384,8 +442,16 @@ def test_bad_row_is_named_or_skipped(tmp_path, capsys):
     cfg = rm_config(tmp_path, "max_steps=2", "data.eval_fraction=0", "run.save_every=100")
     with pytest.raises(ValueError, match=r"row 5: field 'chosen' is empty"):
         run(cfg, rows)
-    out = run(rm_config(tmp_path, "max_steps=2", "data.eval_fraction=0", "run.save_every=100",
-                        "data.skip_bad_rows=true"), rows)
+    out = run(
+        rm_config(
+            tmp_path,
+            "max_steps=2",
+            "data.eval_fraction=0",
+            "run.save_every=100",
+            "data.skip_bad_rows=true",
+        ),
+        rows,
+    )
     assert out["steps"] == 2
     assert "skipped 1 bad rows of 41" in capsys.readouterr().out
 
@@ -407,7 +473,8 @@ def test_exported_adapter_scores_the_same_in_peft(trained, tmp_path):
     model_cfg, base, tokenizer = load_base(cfg.model, seed=cfg.run.seed)
     save_hf_folder(base, model_cfg, tmp_path / "base")
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(
-        tmp_path / "base", num_labels=1)
+        tmp_path / "base", num_labels=1
+    )
     model = peft.PeftModel.from_pretrained(hf, adapter_dir).eval()
 
     ids, mask = text_batch(tokenizer)

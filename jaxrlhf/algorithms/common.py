@@ -23,10 +23,15 @@ class TrainState:
     rng: jax.Array
 
 
-def init_train_state(trainable: Any, optimizer: optax.GradientTransformation,
-                     rng: jax.Array) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
-                      opt_state=optimizer.init(trainable), rng=rng)
+def init_train_state(
+    trainable: Any, optimizer: optax.GradientTransformation, rng: jax.Array
+) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        trainable=trainable,
+        opt_state=optimizer.init(trainable),
+        rng=rng,
+    )
 
 
 def model_views(trainable: Any, frozen: Any, lora_cfg: LoraConfig | None) -> tuple[Any, Any, float]:
@@ -37,8 +42,9 @@ def model_views(trainable: Any, frozen: Any, lora_cfg: LoraConfig | None) -> tup
     return frozen, trainable, lora_cfg.scale
 
 
-def apply_update(state: TrainState, grads: Any, optimizer: optax.GradientTransformation
-                 ) -> tuple[TrainState, jax.Array]:
+def apply_update(
+    state: TrainState, grads: Any, optimizer: optax.GradientTransformation
+) -> tuple[TrainState, jax.Array]:
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)

@@ -44,13 +44,20 @@ def load_base(model: ModelSection, *, seed: int = 0) -> tuple[ModelConfig, dict,
     """(config, params on host, tokenizer) for `model.path` (`tiny` builds a random model
     with the byte tokenizer)."""
     if model.path == "tiny":
-        overrides = {"vocab_size": VOCAB_SIZE, "pad_token_id": 0, "bos_token_id": 1,
-                     "eos_token_id": (2,), **model.tiny}
+        overrides = {
+            "vocab_size": VOCAB_SIZE,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": (2,),
+            **model.tiny,
+        }
         if isinstance(overrides.get("eos_token_id"), list):
             overrides["eos_token_id"] = tuple(overrides["eos_token_id"])
         cfg = tiny_config(**overrides)
         if cfg.vocab_size < VOCAB_SIZE:
-            raise ValueError(f"model.tiny.vocab_size must be >= {VOCAB_SIZE} for the byte tokenizer")
+            raise ValueError(
+                f"model.tiny.vocab_size must be >= {VOCAB_SIZE} for the byte tokenizer"
+            )
         params = jax.device_get(init_params(jax.random.PRNGKey(seed), cfg))
         tokenizer = byte_tokenizer()
     else:
@@ -77,15 +84,22 @@ def merge_adapter_into_base(params: dict, cfg: ModelConfig, adapter_dir: str) ->
     return jax.device_get(merge(params, lora, lora_cfg, with_heads=True))
 
 
-def split_trainable(key: jax.Array, base: dict, model_cfg: ModelConfig,
-                    lora_cfg: LoraConfig | None, heads: tuple[str, ...] = ()) -> tuple[Any, Any]:
+def split_trainable(
+    key: jax.Array,
+    base: dict,
+    model_cfg: ModelConfig,
+    lora_cfg: LoraConfig | None,
+    heads: tuple[str, ...] = (),
+) -> tuple[Any, Any]:
     """(trainable, frozen). LoRA: a fresh adapter over the frozen base (heads as
     modules_to_save). Full fine-tuning: a float32 copy of everything, heads added."""
     if lora_cfg is not None:
         missing = [h for h in heads if h not in lora_cfg.modules_to_save]
         if missing:
-            raise ValueError(f"lora.modules_to_save must include {missing}: those heads start "
-                             f"random and must be trained")
+            raise ValueError(
+                f"lora.modules_to_save must include {missing}: those heads start "
+                f"random and must be trained"
+            )
         return init_lora(key, base, lora_cfg, model_cfg), base
     trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), base)
     for i, head in enumerate(heads):
@@ -94,15 +108,20 @@ def split_trainable(key: jax.Array, base: dict, model_cfg: ModelConfig,
     return trainable, None
 
 
-def announce(mesh, *, frozen: Any, trainable: Any, opt_state: Any, extra: dict | None = None) -> None:
+def announce(
+    mesh, *, frozen: Any, trainable: Any, opt_state: Any, extra: dict | None = None
+) -> None:
     """Print the mesh, the per-device bytes of params / trainable / optimizer state and the
     trainable summary."""
     mib = 1024 * 1024
     log(f"mesh: {describe_mesh(mesh)}")
-    parts = [f"frozen params {per_device_bytes(frozen) / mib:.1f} MiB" if frozen is not None
-             else "frozen params 0 MiB (full fine-tuning)",
-             f"trainable {per_device_bytes(trainable) / mib:.2f} MiB",
-             f"optimizer {per_device_bytes(opt_state) / mib:.2f} MiB"]
+    parts = [
+        f"frozen params {per_device_bytes(frozen) / mib:.1f} MiB"
+        if frozen is not None
+        else "frozen params 0 MiB (full fine-tuning)",
+        f"trainable {per_device_bytes(trainable) / mib:.2f} MiB",
+        f"optimizer {per_device_bytes(opt_state) / mib:.2f} MiB",
+    ]
     for k, v in (extra or {}).items():
         parts.append(f"{k} {per_device_bytes(v) / mib:.1f} MiB")
     log("per-device bytes: " + ", ".join(parts))
@@ -114,8 +133,10 @@ def prepare_run_dir(run: RunConfig, cfg: Any, *, resume: bool = False) -> None:
     already holds checkpoints, which a later --resume would otherwise mix up."""
     ckpt_dir = os.path.join(run.run_dir, "checkpoints")
     if not resume and os.path.isdir(ckpt_dir) and any(p.isdigit() for p in os.listdir(ckpt_dir)):
-        raise ValueError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue that "
-                         f"run or choose a new run.run_dir")
+        raise ValueError(
+            f"{ckpt_dir} already holds checkpoints; pass --resume to continue that "
+            f"run or choose a new run.run_dir"
+        )
     if jax.process_index() == 0:
         os.makedirs(run.run_dir, exist_ok=True)
         save_config(cfg, os.path.join(run.run_dir, "config.yaml"))
@@ -134,10 +155,13 @@ def host_batch(batch: dict, keys: tuple[str, ...] | None = None) -> dict:
 
 def micro_batches(batch: dict, n: int) -> dict:
     """[B, ...] -> [n, B/n, ...] on the host, for gradient accumulation."""
+
     def split(x):
         if x.shape[0] % n:
-            raise ValueError(f"a batch of {x.shape[0]} does not split into {n} micro-batches; "
-                             f"make batch_size a multiple of optim.grad_accum_steps")
+            raise ValueError(
+                f"a batch of {x.shape[0]} does not split into {n} micro-batches; "
+                f"make batch_size a multiple of optim.grad_accum_steps"
+            )
         return x.reshape(n, x.shape[0] // n, *x.shape[1:])
 
     return {k: split(v) for k, v in batch.items()}

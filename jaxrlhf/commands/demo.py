@@ -36,36 +36,63 @@ class DemoConfig:
     n_eval_prompts: int = 64
     pair_max_new_tokens: int = 20
     pair_temperature: float = 1.0
-    min_gold_gap: float = 0.05
+    min_gold_gap: float = 0.25
     """Pairs whose two gold scores differ by less are ties and dropped."""
     gold: RewardFuncConfig = dataclasses.field(
-        default_factory=lambda: RewardFuncConfig(fn="vader_sentiment", name="vader"))
+        default_factory=lambda: RewardFuncConfig(fn="vader_sentiment", name="vader")
+    )
     """The outside judge. `--quick` swaps in the share of lowercase letters, because a tiny
     random model emits byte noise that VADER scores 0."""
-    rm: C.RMConfig = dataclasses.field(default_factory=lambda: C.RMConfig(
-        lora=LoraConfig(r=16, alpha=32, task_type="SEQ_CLS", modules_to_save=("score",)),
-        optim=C.OptimConfig(learning_rate=5e-4, schedule="linear", warmup_ratio=0.1),
-        data=C.PreferenceDataConfig(max_length=48, eval_fraction=0.15, length_buckets=(32, 48)),
-        batch_size=16, eval_batch_size=32, num_epochs=2.0))
-    ppo: C.PPOConfig = dataclasses.field(default_factory=lambda: C.PPOConfig(
-        lora=LoraConfig(r=16, alpha=32),
-        value_lora=LoraConfig(r=16, alpha=32, modules_to_save=("value",)),
-        value_init_from_reward_model=True,
-        optim=C.OptimConfig(learning_rate=2e-4, schedule="constant"),
-        data=C.PromptDataConfig(max_prompt_length=24, length_buckets=(16, 24)),
-        generation=C.GenerationConfig(max_new_tokens=20, temperature=1.0),
-        reward_model=C.RewardModelSection(path="(set by the demo)"),
-        num_iterations=16, rollout_batch_size=32, mini_batch_size=16, num_ppo_epochs=2,
-        kl_coef=0.05, eval_prompts_batch=32, missing_eos_penalty=None))
+    rm: C.RMConfig = dataclasses.field(
+        default_factory=lambda: C.RMConfig(
+            lora=LoraConfig(r=16, alpha=32, task_type="SEQ_CLS", modules_to_save=("score",)),
+            optim=C.OptimConfig(learning_rate=1e-3, schedule="linear", warmup_ratio=0.1),
+            data=C.PreferenceDataConfig(max_length=48, eval_fraction=0.15, length_buckets=(32, 48)),
+            batch_size=16,
+            eval_batch_size=32,
+            num_epochs=3.0,
+        )
+    )
+    ppo: C.PPOConfig = dataclasses.field(
+        default_factory=lambda: C.PPOConfig(
+            lora=LoraConfig(r=16, alpha=32),
+            value_lora=LoraConfig(r=16, alpha=32, modules_to_save=("value",)),
+            value_init_from_reward_model=True,
+            optim=C.OptimConfig(learning_rate=3e-4, schedule="constant"),
+            data=C.PromptDataConfig(max_prompt_length=24, length_buckets=(16, 24)),
+            generation=C.GenerationConfig(max_new_tokens=20, temperature=1.0),
+            reward_model=C.RewardModelSection(path="(set by the demo)"),
+            num_iterations=16,
+            rollout_batch_size=32,
+            mini_batch_size=16,
+            num_ppo_epochs=2,
+            kl_coef=0.05,
+            eval_prompts_batch=32,
+            missing_eos_penalty=None,
+        )
+    )
 
 
 QUICK = [
-    "model.path=tiny", "run_dir=runs/demo_quick", "n_train_prompts=96", "n_eval_prompts=32",
-    "pair_max_new_tokens=8", "rm.num_epochs=4", "rm.lora.r=4", "rm.lora.alpha=8",
-    "rm.optim.learning_rate=3e-3", "ppo.optim.learning_rate=3e-3",
-    "ppo.num_iterations=3", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8",
-    "ppo.generation.max_new_tokens=8", "ppo.lora.r=4", "ppo.lora.alpha=8",
-    "ppo.value_lora.r=4", "ppo.value_lora.alpha=8", "ppo.num_ppo_epochs=1",
+    "model.path=tiny",
+    "run_dir=runs/demo_quick",
+    "n_train_prompts=96",
+    "n_eval_prompts=32",
+    "pair_max_new_tokens=8",
+    "rm.num_epochs=4",
+    "rm.lora.r=4",
+    "rm.lora.alpha=8",
+    "rm.optim.learning_rate=3e-3",
+    "ppo.optim.learning_rate=3e-3",
+    "ppo.num_iterations=3",
+    "ppo.rollout_batch_size=16",
+    "ppo.mini_batch_size=8",
+    "ppo.generation.max_new_tokens=8",
+    "ppo.lora.r=4",
+    "ppo.lora.alpha=8",
+    "ppo.value_lora.r=4",
+    "ppo.value_lora.alpha=8",
+    "ppo.num_ppo_epochs=1",
     "gold={fn: char_share, name: lowercase, kwargs: {chars: abcdefghijklmnopqrstuvwxyz}}",
     "min_gold_gap=0.01",
 ]
@@ -76,7 +103,9 @@ def demo_prompts() -> list[str]:
     return [line for line in text.splitlines() if line and not line.startswith("#")]
 
 
-def make_pairs(model_cfg, base, tokenizer, prompts: list[str], cfg: DemoConfig) -> tuple[list, dict]:
+def make_pairs(
+    model_cfg, base, tokenizer, prompts: list[str], cfg: DemoConfig
+) -> tuple[list, dict]:
     """Two samples of the base model per prompt, ordered by VADER (ties dropped)."""
     from jaxrlhf import data as D
     from jaxrlhf.commands.rollout import Sampler, prompt_batch
@@ -84,33 +113,53 @@ def make_pairs(model_cfg, base, tokenizer, prompts: list[str], cfg: DemoConfig) 
 
     mesh = make_mesh(C.MeshConfig(data=1))
     params = put_tree(base, mesh)
-    gen = C.GenerationConfig(max_new_tokens=cfg.pair_max_new_tokens,
-                             temperature=cfg.pair_temperature)
-    sampler = Sampler(model_cfg, gen, lora_cfg=None, eos_token_ids=tuple(model_cfg.eos_token_id),
-                      pad_token_id=tokenizer.pad_token_id)
-    data, _ = D.tokenize_prompts([{"prompt": p} for p in prompts], tokenizer,
-                                 max_prompt_length=cfg.ppo.data.max_prompt_length)
+    gen = C.GenerationConfig(
+        max_new_tokens=cfg.pair_max_new_tokens, temperature=cfg.pair_temperature
+    )
+    sampler = Sampler(
+        model_cfg,
+        gen,
+        lora_cfg=None,
+        eos_token_ids=tuple(model_cfg.eos_token_id),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    data, _ = D.tokenize_prompts(
+        [{"prompt": p} for p in prompts],
+        tokenizer,
+        max_prompt_length=cfg.ppo.data.max_prompt_length,
+    )
     rows, batch = [], 32
     key = jax.random.PRNGKey(cfg.seed + 1)
-    buckets = tuple(cfg.ppo.data.length_buckets or D.default_buckets(
-        cfg.ppo.data.max_prompt_length))
+    buckets = tuple(
+        cfg.ppo.data.length_buckets or D.default_buckets(cfg.ppo.data.max_prompt_length)
+    )
     for start in range(0, len(data), batch):
         idx = np.arange(start, min(start + batch, len(data)))
-        device, values, _ = prompt_batch(data, idx, pad_id=tokenizer.pad_token_id,
-                                         buckets=buckets, mesh=mesh, repeat=2)
+        device, values, _ = prompt_batch(
+            data, idx, pad_id=tokenizer.pad_token_id, buckets=buckets, mesh=mesh, repeat=2
+        )
         out = sampler(params, None, device, jax.random.fold_in(key, start))
         tokens = np.asarray(out["tokens"])
         mask = np.asarray(out["response_mask"]).astype(bool)
-        texts = [tokenizer.decode(t[m].tolist(), skip_special_tokens=True)
-                 for t, m in zip(tokens, mask, strict=True)]
+        texts = [
+            tokenizer.decode(t[m].tolist(), skip_special_tokens=True)
+            for t, m in zip(tokens, mask, strict=True)
+        ]
         gold = gold_scores(cfg.gold, values, texts)
         for i in range(0, len(texts), 2):
             a, b = gold[i], gold[i + 1]
             if abs(a - b) < cfg.min_gold_gap or not texts[i].strip() or not texts[i + 1].strip():
                 continue
             hi, lo = (i, i + 1) if a > b else (i + 1, i)
-            rows.append({"prompt": values[i], "chosen": texts[hi], "rejected": texts[lo],
-                         "gold_chosen": max(a, b), "gold_rejected": min(a, b)})
+            rows.append(
+                {
+                    "prompt": values[i],
+                    "chosen": texts[hi],
+                    "rejected": texts[lo],
+                    "gold_chosen": max(a, b),
+                    "gold_rejected": min(a, b),
+                }
+            )
     stats = {"prompts": len(prompts), "pairs": len(rows), "ties_dropped": len(prompts) - len(rows)}
     return rows, stats
 
@@ -122,14 +171,16 @@ def gold_scores(gold: RewardFuncConfig, prompts: list, completions: list[str]) -
 def make_gold_hook(gold: RewardFuncConfig):
     def hook(prompts: list, completions: list[str]) -> dict:
         scores = gold_scores(gold, prompts, completions)
-        return {"gold": float(scores.mean()), "gold_positive_share": float((scores > 0.05).mean()),
-                "samples": completions[:4]}
+        return {
+            "gold": float(scores.mean()),
+            "gold_positive_share": float((scores > 0.05).mean()),
+            "samples": completions[:4],
+        }
 
     return hook
 
 
-def run_demo(*, quick: bool = False, run_dir: str | None = None,
-             overrides: list[str] = ()) -> dict:
+def run_demo(*, quick: bool = False, run_dir: str | None = None, overrides: list[str] = ()) -> dict:
     cfg = C.load_config(DemoConfig, None, (QUICK if quick else []) + list(overrides))
     if run_dir:
         cfg = dataclasses.replace(cfg, run_dir=run_dir)
@@ -142,13 +193,16 @@ def run_demo(*, quick: bool = False, run_dir: str | None = None,
     prompts = demo_prompts()
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(prompts))
-    eval_prompts = [prompts[i] for i in order[:cfg.n_eval_prompts]]
-    train_prompts = [prompts[i] for i in order[cfg.n_eval_prompts:cfg.n_eval_prompts
-                                                + cfg.n_train_prompts]]
+    eval_prompts = [prompts[i] for i in order[: cfg.n_eval_prompts]]
+    train_prompts = [
+        prompts[i] for i in order[cfg.n_eval_prompts : cfg.n_eval_prompts + cfg.n_train_prompts]
+    ]
     model_cfg, base, tokenizer = load_base(cfg.model, seed=cfg.seed)
 
-    log(f"[2/5] preference pairs: 2 base samples for each of {len(train_prompts)} prompts, "
-        f"ordered by the gold judge ({cfg.gold.label})")
+    log(
+        f"[2/5] preference pairs: 2 base samples for each of {len(train_prompts)} prompts, "
+        f"ordered by the gold judge ({cfg.gold.label})"
+    )
     t0 = time.perf_counter()
     pairs, pair_stats = make_pairs(model_cfg, base, tokenizer, train_prompts, cfg)
     timings["pairs"] = time.perf_counter() - t0
@@ -162,26 +216,47 @@ def run_demo(*, quick: bool = False, run_dir: str | None = None,
     log("[3/5] reward model: jaxrlhf rm (LoRA, SEQ_CLS)")
     t0 = time.perf_counter()
     rm_cfg = dataclasses.replace(
-        cfg.rm, model=cfg.model,
-        run=dataclasses.replace(cfg.rm.run, run_dir=str(root / "rm"), seed=cfg.seed,
-                                tensorboard=False, eval_every=10_000, save_every=10_000))
+        cfg.rm,
+        model=cfg.model,
+        run=dataclasses.replace(
+            cfg.rm.run,
+            run_dir=str(root / "rm"),
+            seed=cfg.seed,
+            tensorboard=False,
+            eval_every=10_000,
+            save_every=10_000,
+        ),
+    )
     import datasets
 
-    rm_out = run_rm(rm_cfg, source=datasets.Dataset.from_list(
-        [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in pairs]))
+    rm_out = run_rm(
+        rm_cfg,
+        source=datasets.Dataset.from_list(
+            [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in pairs]
+        ),
+    )
     timings["reward_model"] = time.perf_counter() - t0
 
     log("[4/5] policy: jaxrlhf ppo (LoRA policy, LoRA critic from the reward model)")
     t0 = time.perf_counter()
     ppo_cfg = dataclasses.replace(
-        cfg.ppo, model=cfg.model,
+        cfg.ppo,
+        model=cfg.model,
         reward_model=dataclasses.replace(cfg.ppo.reward_model, path=rm_out["export"]),
         data=dataclasses.replace(cfg.ppo.data, eval_size=0),
-        run=dataclasses.replace(cfg.ppo.run, run_dir=str(root / "ppo"), seed=cfg.seed,
-                                tensorboard=False, eval_every=max(cfg.ppo.num_iterations // 4, 1),
-                                save_every=max(cfg.ppo.num_iterations // 2, 1)))
-    ppo_source = {"train": [{"prompt": p} for p in train_prompts],
-                  "eval": [{"prompt": p} for p in eval_prompts]}
+        run=dataclasses.replace(
+            cfg.ppo.run,
+            run_dir=str(root / "ppo"),
+            seed=cfg.seed,
+            tensorboard=False,
+            eval_every=max(cfg.ppo.num_iterations // 4, 1),
+            save_every=max(cfg.ppo.num_iterations // 2, 1),
+        ),
+    )
+    ppo_source = {
+        "train": [{"prompt": p} for p in train_prompts],
+        "eval": [{"prompt": p} for p in eval_prompts],
+    }
     ppo_out = run_ppo(ppo_cfg, source=ppo_source, eval_hook=make_gold_hook(cfg.gold))
     timings["ppo"] = time.perf_counter() - t0
 
@@ -189,28 +264,48 @@ def run_demo(*, quick: bool = False, run_dir: str | None = None,
     timings["total"] = time.perf_counter() - t_start
     report = write_report(root, cfg, pair_stats, rm_out, ppo_out, timings)
     log(f"report: {report}")
-    return {"rm": rm_out, "ppo": ppo_out, "pairs": pair_stats, "report": str(report),
-            "timings": timings}
+    return {
+        "rm": rm_out,
+        "ppo": ppo_out,
+        "pairs": pair_stats,
+        "report": str(report),
+        "timings": timings,
+    }
 
 
-def write_report(root: Path, cfg: DemoConfig, pair_stats: dict, rm_out: dict, ppo_out: dict,
-                 timings: dict) -> Path:
+def write_report(
+    root: Path, cfg: DemoConfig, pair_stats: dict, rm_out: dict, ppo_out: dict, timings: dict
+) -> Path:
     from jaxrlhf.train.metrics import plot_run, read_metrics
 
     before, after = ppo_out["eval_before"], ppo_out["eval"]
-    plots = plot_run(root / "ppo", out=root / "plots",
-                     keys=["objective/scores", "objective/kl", "gold", "score", "kl",
-                           "gold_positive_share", "loss/value", "policy/clipfrac"])
+    plots = plot_run(
+        root / "ppo",
+        out=root / "plots",
+        keys=[
+            "objective/scores",
+            "objective/kl",
+            "gold",
+            "score",
+            "kl",
+            "gold_positive_share",
+            "loss/value",
+            "policy/clipfrac",
+        ],
+    )
     rows = read_metrics(root / "ppo")
     curve = [(r["step"], r.get("gold"), r.get("kl")) for r in rows if r.get("split") == "eval"]
     lines = [
-        "# PE-RLHF demo report", "",
+        "# PE-RLHF demo report",
+        "",
         f"Model: `{cfg.model.path}`; task: steer continuations of {pair_stats['prompts']} "
         f"fortune openings toward a higher gold score; gold judge: `{cfg.gold.fn}` "
         "(an outside scorer the models never see; the default is VADER's compound sentiment).",
         "",
-        "## Headline", "",
-        "| held-out prompts | before (base) | after (PPO LoRA) |", "|---|---|---|",
+        "## Headline",
+        "",
+        "| held-out prompts | before (base) | after (PPO LoRA) |",
+        "|---|---|---|",
         f"| gold score ({cfg.gold.label}, mean) | {before.get('gold', float('nan')):.3f} | "
         f"{after.get('gold', float('nan')):.3f} |",
         f"| share of positive continuations | {before.get('gold_positive_share', 0):.2f} | "
@@ -220,17 +315,29 @@ def write_report(root: Path, cfg: DemoConfig, pair_stats: dict, rm_out: dict, pp
         "",
         f"Reward model: {pair_stats['pairs']} pairs ({pair_stats['ties_dropped']} ties dropped); "
         f"held-out accuracy {rm_out['eval_before'].get('accuracy', float('nan')):.3f} before, "
-        f"**{rm_out['eval'].get('accuracy', float('nan')):.3f}** after training.", "",
-        "## Gold score and KL over PPO iterations (held-out prompts)", "",
-        "| iteration | gold | KL |", "|---|---|---|",
+        f"**{rm_out['eval'].get('accuracy', float('nan')):.3f}** after training.",
+        "",
+        "## Gold score and KL over PPO iterations (held-out prompts)",
+        "",
+        "| iteration | gold | KL |",
+        "|---|---|---|",
         *[f"| {s} | {g:.3f} | {k:.3f} |" for s, g, k in curve if g is not None],
-        "", "## Completions side by side (held-out prompts)", "",
-        "| base | PPO |", "|---|---|",
-        *[f"| {a!r} | {b!r} |" for a, b in zip(before.get("samples", []), after.get("samples", []),
-                                                strict=False)],
-        "", "## Time (seconds, this machine)", "",
+        "",
+        "## Completions side by side (held-out prompts)",
+        "",
+        "| base | PPO |",
+        "|---|---|",
+        *[
+            f"| {a!r} | {b!r} |"
+            for a, b in zip(before.get("samples", []), after.get("samples", []), strict=False)
+        ],
+        "",
+        "## Time (seconds, this machine)",
+        "",
         *[f"- {k}: {v:.0f}" for k, v in timings.items()],
-        "", "Plots: " + ", ".join(f"`{p.relative_to(root)}`" for p in plots), "",
+        "",
+        "Plots: " + ", ".join(f"`{p.relative_to(root)}`" for p in plots),
+        "",
     ]
     path = root / "report.md"
     path.write_text("\n".join(lines))

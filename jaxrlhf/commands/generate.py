@@ -15,18 +15,33 @@ from jaxrlhf.sampling import SamplingConfig, decode_text, make_generate_fn
 DEFAULT_PROMPT = "What is the capital of France?"
 
 
-def generate_texts(model: str, prompts: list[str], *, adapter: str | None = None,
-                   chat: bool = False, max_new_tokens: int = 48, temperature: float = 0.0,
-                   top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+def generate_texts(
+    model: str,
+    prompts: list[str],
+    *,
+    adapter: str | None = None,
+    chat: bool = False,
+    max_new_tokens: int = 48,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> list[str]:
     """Completions of `prompts` by `model` (with `adapter` merged when given)."""
     cfg, params, tokenizer = load_base(ModelSection(path=model, adapter=adapter))
     rows = [{"prompt": [{"role": "user", "content": p}] if chat else p} for p in prompts]
     data, _ = D.tokenize_prompts(rows, tokenizer, max_prompt_length=1024)
-    batch = D.pad_prompt_batch(data, np.arange(len(data)), pad_id=tokenizer.pad_token_id,
-                               buckets=D.default_buckets(1024))
-    sampling = SamplingConfig.for_model(cfg, max_new_tokens=max_new_tokens,
-                                        temperature=temperature, top_k=top_k, top_p=top_p,
-                                        pad_token_id=tokenizer.pad_token_id)
+    batch = D.pad_prompt_batch(
+        data, np.arange(len(data)), pad_id=tokenizer.pad_token_id, buckets=D.default_buckets(1024)
+    )
+    sampling = SamplingConfig.for_model(
+        cfg,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     fn = make_generate_fn(cfg, sampling)
     out = fn(params, batch["input_ids"], batch["attention_mask"], jax.random.PRNGKey(seed))
     return decode_text(tokenizer, out)
@@ -34,9 +49,17 @@ def generate_texts(model: str, prompts: list[str], *, adapter: str | None = None
 
 def run_generate(args: argparse.Namespace) -> None:
     prompts = args.prompts or [DEFAULT_PROMPT]
-    texts = generate_texts(args.model, prompts, adapter=args.adapter, chat=args.chat,
-                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    texts = generate_texts(
+        args.model,
+        prompts,
+        adapter=args.adapter,
+        chat=args.chat,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     for prompt, text in zip(prompts, texts, strict=True):
         print(f">>> {prompt}\n{text}\n")
 

@@ -33,22 +33,32 @@ class PromptSplits:
     buckets: tuple[int, ...]
 
 
-def load_prompts(cfg: PromptDataConfig, tokenizer: Any, *, seed: int,
-                 source: Any = None) -> PromptSplits:
+def load_prompts(
+    cfg: PromptDataConfig, tokenizer: Any, *, seed: int, source: Any = None
+) -> PromptSplits:
     eval_source = None
     if isinstance(source, dict) and "train" in source:  # in-memory {"train": rows, "eval": rows}
         source, eval_source = source["train"], source.get("eval")
     rows = D.load_rows(source if source is not None else cfg.train)
-    prompts, report = D.tokenize_prompts(rows, tokenizer, max_prompt_length=cfg.max_prompt_length,
-                                         field=cfg.field, skip_bad_rows=cfg.skip_bad_rows)
+    prompts, report = D.tokenize_prompts(
+        rows,
+        tokenizer,
+        max_prompt_length=cfg.max_prompt_length,
+        field=cfg.field,
+        skip_bad_rows=cfg.skip_bad_rows,
+    )
     if report.n_skipped:
         print(f"data: skipped {report.n_skipped} bad prompt rows of {report.n_rows}")
     eval_prompts = None
     if eval_source is not None or cfg.eval:
         eval_rows = D.load_rows(eval_source if eval_source is not None else cfg.eval)
-        eval_prompts, _ = D.tokenize_prompts(eval_rows, tokenizer,
-                                             max_prompt_length=cfg.max_prompt_length,
-                                             field=cfg.field, skip_bad_rows=cfg.skip_bad_rows)
+        eval_prompts, _ = D.tokenize_prompts(
+            eval_rows,
+            tokenizer,
+            max_prompt_length=cfg.max_prompt_length,
+            field=cfg.field,
+            skip_bad_rows=cfg.skip_bad_rows,
+        )
     elif cfg.eval_size:
         tr, ev = D.train_eval_split(len(prompts), eval_size=cfg.eval_size, seed=seed)
         prompts, eval_prompts = prompts.select(tr), prompts.select(ev)
@@ -66,18 +76,33 @@ def host_view(x: Any) -> np.ndarray:
 class Sampler:
     """Generates responses for a batch of prompts from the current policy."""
 
-    def __init__(self, model_cfg: ModelConfig, gen: GenerationConfig, *, lora_cfg: LoraConfig | None,
-                 eos_token_ids: tuple[int, ...], pad_token_id: int):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        gen: GenerationConfig,
+        *,
+        lora_cfg: LoraConfig | None,
+        eos_token_ids: tuple[int, ...],
+        pad_token_id: int,
+    ):
         self.model_cfg, self.gen, self.lora_cfg = model_cfg, gen, lora_cfg
-        self.sampling = SamplingConfig(max_new_tokens=gen.max_new_tokens,
-                                       temperature=gen.temperature, top_k=gen.top_k,
-                                       top_p=gen.top_p, eos_token_ids=eos_token_ids,
-                                       pad_token_id=pad_token_id)
+        self.sampling = SamplingConfig(
+            max_new_tokens=gen.max_new_tokens,
+            temperature=gen.temperature,
+            top_k=gen.top_k,
+            top_p=gen.top_p,
+            eos_token_ids=eos_token_ids,
+            pad_token_id=pad_token_id,
+        )
         self.generate = make_generate_fn(model_cfg, self.sampling)
         lcfg = lora_cfg
         self._merge = jax.jit(lambda base, lora: merge(base, lora, lcfg, with_heads=False))
-        self._join = jax.jit(lambda p_ids, p_mask, tokens, resp: (
-            jnp.concatenate([p_ids, tokens], axis=1), jnp.concatenate([p_mask, resp], axis=1)))
+        self._join = jax.jit(
+            lambda p_ids, p_mask, tokens, resp: (
+                jnp.concatenate([p_ids, tokens], axis=1),
+                jnp.concatenate([p_mask, resp], axis=1),
+            )
+        )
 
     def __call__(self, policy: Any, frozen: Any, prompts: dict, key: jax.Array) -> dict:
         """`policy`: the policy adapter tree (LoRA) or the full params (full fine-tuning)."""
@@ -89,47 +114,80 @@ class Sampler:
             del merged
         else:
             lora = policy if self.gen.max_rank is None else pad_rank(policy, self.gen.max_rank)
-            out = self.generate(frozen, prompts["input_ids"], prompts["attention_mask"], key,
-                                lora={"layers": lora["layers"]}, lora_scale=self.lora_cfg.scale)
-        ids, mask = self._join(prompts["input_ids"], prompts["attention_mask"], out.tokens,
-                               out.response_mask)
-        return {"input_ids": ids, "attention_mask": mask, "response_mask": out.response_mask,
-                "sampler_logprobs": out.logprobs, "finished": out.finished, "tokens": out.tokens}
+            out = self.generate(
+                frozen,
+                prompts["input_ids"],
+                prompts["attention_mask"],
+                key,
+                lora={"layers": lora["layers"]},
+                lora_scale=self.lora_cfg.scale,
+            )
+        ids, mask = self._join(
+            prompts["input_ids"], prompts["attention_mask"], out.tokens, out.response_mask
+        )
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "response_mask": out.response_mask,
+            "sampler_logprobs": out.logprobs,
+            "finished": out.finished,
+            "tokens": out.tokens,
+        }
 
 
 class Scorer:
     """Scores responses: a reward model (LoRA or full, on the policy's base or its own) and
     Python reward functions, weighted and summed, with the EOS penalty and clipping."""
 
-    def __init__(self, *, model_cfg: ModelConfig, frozen: Any, mesh, section: RewardModelSection | None,
-                 funcs: tuple[RewardFuncConfig, ...], tokenizer: Any,
-                 missing_eos_penalty: float | None, score_clip: float | None,
-                 score_scaling: str = "none"):
+    def __init__(
+        self,
+        *,
+        model_cfg: ModelConfig,
+        frozen: Any,
+        mesh,
+        section: RewardModelSection | None,
+        funcs: tuple[RewardFuncConfig, ...],
+        tokenizer: Any,
+        missing_eos_penalty: float | None,
+        score_clip: float | None,
+        score_scaling: str = "none",
+    ):
         self.funcs, self.tokenizer = funcs, tokenizer
         self.missing_eos_penalty, self.score_clip, self.score_scaling = (
-            missing_eos_penalty, score_clip, score_scaling)
+            missing_eos_penalty,
+            score_clip,
+            score_scaling,
+        )
         self.rm = None
         if section is not None:
             self.rm = load_reward_model(section, model_cfg=model_cfg, frozen=frozen, mesh=mesh)
             rm_cfg, rm_scale = self.rm["model_cfg"], self.rm["scale"]
-            self._rm_fn = jax.jit(lambda p, lora, ids, mask: reward_model_scores(
-                p, lora, rm_scale, ids, mask, model_cfg=rm_cfg))
+            self._rm_fn = jax.jit(
+                lambda p, lora, ids, mask: reward_model_scores(
+                    p, lora, rm_scale, ids, mask, model_cfg=rm_cfg
+                )
+            )
             self.rm_weight = section.weight
 
     def reward_model(self, input_ids, attention_mask) -> jax.Array:
         return self._rm_fn(self.rm["params"], self.rm["lora"], input_ids, attention_mask)
 
-    def __call__(self, rollout: dict, prompts: list, columns: dict[str, list]
-                 ) -> tuple[np.ndarray, dict[str, float], list[str]]:
+    def __call__(
+        self, rollout: dict, prompts: list, columns: dict[str, list]
+    ) -> tuple[np.ndarray, dict[str, float], list[str]]:
         """(scores [B], metrics, completion texts)."""
         tokens = host_view(rollout["tokens"])
         resp = host_view(rollout["response_mask"]).astype(bool)
-        completions = [self.tokenizer.decode(t[m].tolist(), skip_special_tokens=True)
-                       for t, m in zip(tokens, resp, strict=True)]
+        completions = [
+            self.tokenizer.decode(t[m].tolist(), skip_special_tokens=True)
+            for t, m in zip(tokens, resp, strict=True)
+        ]
         total = np.zeros(len(completions), np.float32)
         metrics: dict[str, float] = {}
         if self.rm is not None:
-            rm_scores = host_view(self.reward_model(rollout["input_ids"], rollout["attention_mask"]))
+            rm_scores = host_view(
+                self.reward_model(rollout["input_ids"], rollout["attention_mask"])
+            )
             total += self.rm_weight * rm_scores
             metrics["rewards/reward_model"] = float(rm_scores.mean())
         if self.funcs:
@@ -147,8 +205,9 @@ class Scorer:
         return total.astype(np.float32), metrics, completions
 
 
-def load_reward_model(section: RewardModelSection, *, model_cfg: ModelConfig, frozen: Any,
-                      mesh) -> dict:
+def load_reward_model(
+    section: RewardModelSection, *, model_cfg: ModelConfig, frozen: Any, mesh
+) -> dict:
     """The reward model's params (the policy's frozen base, shared, when `base` is unset),
     its adapter tree and scale (None/1.0 for a full SEQ_CLS model)."""
     from jaxrlhf.commands.common import load_base
@@ -165,31 +224,54 @@ def load_reward_model(section: RewardModelSection, *, model_cfg: ModelConfig, fr
             params = put_tree(base, mesh)
         lora, lora_cfg = load_peft(path, rm_cfg)
         if "score" not in lora:
-            raise ValueError(f"reward model adapter {path} has no trained score head "
-                             f"(modules_to_save must include 'score')")
-        return {"model_cfg": rm_cfg, "params": params, "lora": put_tree(lora, mesh),
-                "scale": lora_cfg.scale, "lora_cfg": lora_cfg}
+            raise ValueError(
+                f"reward model adapter {path} has no trained score head "
+                f"(modules_to_save must include 'score')"
+            )
+        return {
+            "model_cfg": rm_cfg,
+            "params": params,
+            "lora": put_tree(lora, mesh),
+            "scale": lora_cfg.scale,
+            "lora_cfg": lora_cfg,
+        }
     rm_cfg, params = load_hf_folder(path)
     if "score" not in params:
-        raise ValueError(f"reward model {path} has no score head (expected a "
-                         f"*ForSequenceClassification checkpoint or a PEFT SEQ_CLS adapter)")
-    return {"model_cfg": rm_cfg.replace(dtype=model_cfg.dtype), "params": put_tree(params, mesh),
-            "lora": None, "scale": 1.0, "lora_cfg": None}
+        raise ValueError(
+            f"reward model {path} has no score head (expected a "
+            f"*ForSequenceClassification checkpoint or a PEFT SEQ_CLS adapter)"
+        )
+    return {
+        "model_cfg": rm_cfg.replace(dtype=model_cfg.dtype),
+        "params": put_tree(params, mesh),
+        "lora": None,
+        "scale": 1.0,
+        "lora_cfg": None,
+    }
 
 
-def prompt_batch(prompts: D.PromptData, idx: np.ndarray, *, pad_id: int,
-                 buckets: tuple[int, ...], mesh, repeat: int = 1) -> tuple[dict, list, dict]:
+def prompt_batch(
+    prompts: D.PromptData,
+    idx: np.ndarray,
+    *,
+    pad_id: int,
+    buckets: tuple[int, ...],
+    mesh,
+    repeat: int = 1,
+) -> tuple[dict, list, dict]:
     """(device batch, prompt values, extra columns) for prompts `idx`, each repeated
     `repeat` times consecutively (GRPO's groups)."""
     idx = np.repeat(np.asarray(idx), repeat)
     # Each process feeds its slice of the global batch; texts are kept for the whole batch,
     # because completions are all-gathered for scoring (see `host_view`).
-    local = D.process_slice(idx, process_index=jax.process_index(),
-                            process_count=jax.process_count())
+    local = D.process_slice(
+        idx, process_index=jax.process_index(), process_count=jax.process_count()
+    )
     bucket = D.bucket_length(max(len(prompts.prompt_ids[i]) for i in idx), buckets)
     batch = D.pad_prompt_batch(prompts, local, pad_id=pad_id, buckets=(bucket,))
-    device = shard_batch({"input_ids": batch["input_ids"],
-                          "attention_mask": batch["attention_mask"]}, mesh)
+    device = shard_batch(
+        {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, mesh
+    )
     values = [prompts.prompts[i] for i in idx]
     columns = {k: [v[i] for i in idx] for k, v in prompts.extras.items()}
     return device, values, columns

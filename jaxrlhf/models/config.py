@@ -52,8 +52,15 @@ class ModelConfig:
     """`block` recomputes each decoder block in the backward pass (less memory, ~1/3 more FLOPs)."""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                     "num_heads", "num_kv_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
@@ -62,7 +69,9 @@ class ModelConfig:
                 f"num_kv_heads ({self.num_kv_heads}) for grouped-query attention"
             )
         if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"ModelConfig.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+            raise ValueError(
+                f"ModelConfig.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}"
+            )
         if self.remat not in ("none", "block"):
             raise ValueError(f"ModelConfig.remat must be 'none' or 'block', got {self.remat!r}")
 
@@ -159,7 +168,11 @@ def config_from_hf(hf: Any, **overrides: Any) -> ModelConfig:
 
 def to_hf_dict(cfg: ModelConfig) -> dict:
     """The `config.json` contents transformers needs to load our exported weights."""
-    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    arch = {
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+    }
     out: dict[str, Any] = {
         "architectures": [arch[cfg.model_type]],
         "model_type": cfg.model_type,
@@ -178,7 +191,9 @@ def to_hf_dict(cfg: ModelConfig) -> dict:
         "torch_dtype": "float32",
         "pad_token_id": cfg.pad_token_id,
         "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": list(cfg.eos_token_id) if len(cfg.eos_token_id) != 1 else cfg.eos_token_id[0],
+        "eos_token_id": list(cfg.eos_token_id)
+        if len(cfg.eos_token_id) != 1
+        else cfg.eos_token_id[0],
     }
     if cfg.model_type == "llama":
         out["attention_bias"] = cfg.attention_bias
@@ -197,9 +212,17 @@ def to_hf_dict(cfg: ModelConfig) -> dict:
 def tiny_config(**overrides: Any) -> ModelConfig:
     """A small random-init config for tests, smoke runs and benchmarks."""
     base = dict(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
-        num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512,
-        pad_token_id=0, bos_token_id=1, eos_token_id=(2,),
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=(2,),
     )
     base.update(overrides)
     return ModelConfig(**base)

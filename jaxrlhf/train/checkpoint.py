@@ -21,8 +21,9 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, *, keep: int = 2, save_every: int = 1):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1,
-                                               create=True, enable_async_checkpointing=False)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=1, create=True, enable_async_checkpointing=False
+        )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self.save_every = save_every
 
@@ -37,8 +38,12 @@ class Checkpointer:
             return False
         if step in self._manager.all_steps():
             return False
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})))
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})
+            ),
+        )
         self._manager.wait_until_finished()
         return True
 
@@ -49,8 +54,12 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint to resume from in {self.directory}")
         abstract = jax.tree.map(_abstract, target)
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+            ),
+        )
         return restored.state, dict(restored.meta or {}), step
 
     def close(self) -> None:

@@ -42,12 +42,21 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def run_loop(*, state: Any, start_step: int, total_steps: int,
-             train_step: Callable[[Any], tuple[Any, dict]],
-             eval_fn: Callable[[Any], dict] | None, meta: Callable[[Any], dict],
-             run: RunConfig, checkpointer: Checkpointer | None, logger: MetricsLogger,
-             desc: str, bar_keys: tuple[str, ...] = ("loss",),
-             on_log: Callable[[int, dict], None] | None = None) -> Any:
+def run_loop(
+    *,
+    state: Any,
+    start_step: int,
+    total_steps: int,
+    train_step: Callable[[Any], tuple[Any, dict]],
+    eval_fn: Callable[[Any], dict] | None,
+    meta: Callable[[Any], dict],
+    run: RunConfig,
+    checkpointer: Checkpointer | None,
+    logger: MetricsLogger,
+    desc: str,
+    bar_keys: tuple[str, ...] = ("loss",),
+    on_log: Callable[[int, dict], None] | None = None,
+) -> Any:
     """Run steps start_step+1 .. total_steps. Returns the final state."""
     bar = progress_bar(total_steps, initial=start_step, desc=desc, enabled=run.progress)
     step = start_step
@@ -64,12 +73,14 @@ def run_loop(*, state: Any, start_step: int, total_steps: int,
                 bar.set_postfix({k: f"{host[k]:.4g}" for k in bar_keys if k in host})
             if eval_fn is not None and (step % run.eval_every == 0 or step == total_steps):
                 logger.log(step, eval_fn(state), split="eval")
-            if checkpointer is not None and (step % run.save_every == 0 or flag.stop
-                                             or step == total_steps):
+            if checkpointer is not None and (
+                step % run.save_every == 0 or flag.stop or step == total_steps
+            ):
                 checkpointer.save(step, state, meta(state), force=True)
             if flag.stop:
                 bar.close()
                 raise TrainingInterrupted(
-                    f"interrupted at step {step}; checkpoint saved, continue with --resume")
+                    f"interrupted at step {step}; checkpoint saved, continue with --resume"
+                )
     bar.close()
     return state

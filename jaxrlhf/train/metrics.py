@@ -23,7 +23,9 @@ def to_python(metrics: dict) -> dict[str, float]:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, enabled: bool | None = None):
+    def __init__(
+        self, run_dir: str | Path, *, tensorboard: bool = True, enabled: bool | None = None
+    ):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.run_dir = Path(run_dir)
         self._tb = None
@@ -58,8 +60,13 @@ class MetricsLogger:
 def progress_bar(total: int, *, initial: int = 0, desc: str = "", enabled: bool = True):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
-                disable=not enabled or jax.process_index() != 0)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        dynamic_ncols=True,
+        disable=not enabled or jax.process_index() != 0,
+    )
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -69,8 +76,9 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_run(run_dir: str | Path, *, keys: list[str] | None = None,
-             out: str | Path | None = None) -> list[Path]:
+def plot_run(
+    run_dir: str | Path, *, keys: list[str] | None = None, out: str | Path | None = None
+) -> list[Path]:
     """One PNG per split (train/eval/...) with a panel per metric over steps."""
     import matplotlib
 
@@ -83,8 +91,14 @@ def plot_run(run_dir: str | Path, *, keys: list[str] | None = None,
     written = []
     for split in sorted({r.get("split", "train") for r in records}):
         rows = [r for r in records if r.get("split", "train") == split]
-        names = keys or sorted({k for r in rows for k in r if k not in ("step", "split", "time")
-                                and isinstance(r[k], int | float)})
+        names = keys or sorted(
+            {
+                k
+                for r in rows
+                for k in r
+                if k not in ("step", "split", "time") and isinstance(r[k], int | float)
+            }
+        )
         names = [n for n in names if any(n in r for r in rows)]
         if not names:
             continue
@@ -98,7 +112,7 @@ def plot_run(run_dir: str | Path, *, keys: list[str] | None = None,
             ax.set_title(name, fontsize=9)
             ax.set_xlabel("step", fontsize=8)
             ax.grid(alpha=0.3)
-        for ax in list(axes.flat)[len(names):]:
+        for ax in list(axes.flat)[len(names) :]:
             ax.axis("off")
         fig.suptitle(f"{Path(run_dir).name} — {split}")
         fig.tight_layout()

@@ -13,7 +13,9 @@ def case_preference_rows(n: int, seed: int = 0) -> list[dict]:
     rows = []
     for _ in range(n):
         prompt = "say: " + "".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 6)))
-        word = " ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 5)))
-                        for _ in range(rng.randint(1, 3)))
+        word = " ".join(
+            "".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 5)))
+            for _ in range(rng.randint(1, 3))
+        )
         rows.append({"prompt": prompt, "chosen": " " + word.upper(), "rejected": " " + word})
     return rows

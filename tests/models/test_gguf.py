@@ -41,18 +41,33 @@ def hf():
     kwargs = dict(gguf_file=path.name)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs)
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, dtype=torch.float32, **kwargs).eval()
+        path.parent, dtype=torch.float32, **kwargs
+    ).eval()
     return model, tokenizer
 
 
 def test_config_matches_transformers(ours, hf):
     cfg, _, _ = ours
     hf_cfg = hf[0].config
-    assert (cfg.model_type, cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size,
-            cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
-        "llama", hf_cfg.vocab_size, hf_cfg.hidden_size, hf_cfg.intermediate_size,
-        hf_cfg.num_hidden_layers, hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads,
-        hf_cfg.head_dim)
+    assert (
+        cfg.model_type,
+        cfg.vocab_size,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_layers,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+    ) == (
+        "llama",
+        hf_cfg.vocab_size,
+        hf_cfg.hidden_size,
+        hf_cfg.intermediate_size,
+        hf_cfg.num_hidden_layers,
+        hf_cfg.num_attention_heads,
+        hf_cfg.num_key_value_heads,
+        hf_cfg.head_dim,
+    )
     assert cfg.rope_theta == hf_cfg.rope_parameters["rope_theta"] and cfg.rope_scaling is None
     assert cfg.rms_norm_eps == hf_cfg.rms_norm_eps
     assert cfg.tie_word_embeddings and hf_cfg.tie_word_embeddings
@@ -81,7 +96,11 @@ def test_tokenizer_matches_transformers(ours, hf, text):
 
 def test_special_tokens_and_padding(ours):
     tok = ours[2]
-    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|im_end|>",
+    )
     assert tok.padding_side == "left"
     batch = tok(["Hi", "A longer line of text"], padding=True)
     assert batch["input_ids"][0][0] == tok.pad_token_id and batch["attention_mask"][0][0] == 0
@@ -89,12 +108,17 @@ def test_special_tokens_and_padding(ours):
 
 def test_chat_template_matches_transformers(ours, hf):
     tok, hf_tok = ours[2], hf[1]
-    chat = [{"role": "system", "content": "Be brief."}, *QUESTION,
-            {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Why?"}]
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        *QUESTION,
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "Why?"},
+    ]
     for messages in (QUESTION, chat):
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        assert text == hf_tok.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=True)
+        assert text == hf_tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
         assert tok.encode(text) == hf_tok.encode(text)
     assert text.endswith("<|im_start|>assistant\n")
 
@@ -121,8 +145,12 @@ def test_greedy_decoding_matches_transformers(ours, hf):
 
     model, hf_tok = hf
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, n, dtype=torch.long),
-                             do_sample=False, max_new_tokens=NEW_TOKENS,
-                             pad_token_id=hf_tok.pad_token_id)
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, n, dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=NEW_TOKENS,
+            pad_token_id=hf_tok.pad_token_id,
+        )
     assert generated == out[0, n:].tolist()
     assert "Paris" in tok.decode(generated)

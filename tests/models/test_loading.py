@@ -35,11 +35,20 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 BYTE_CHARS = sorted(pre_tokenizers.ByteLevel.alphabet())
 MERGES = ["Ġ t", "h e"]
 GGUF_TOKENS = SPECIALS + BYTE_CHARS + ["Ġt", "he"]
-TINY = dict(vocab_size=len(GGUF_TOKENS), hidden_size=64, intermediate_size=128,
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=256, rms_norm_eps=1e-5, pad_token_id=None,
-            bos_token_id=1, eos_token_id=2,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+TINY = dict(
+    vocab_size=len(GGUF_TOKENS),
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    pad_token_id=None,
+    bos_token_id=1,
+    eos_token_id=2,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+)
 
 
 def randomize_(model: torch.nn.Module) -> None:
@@ -87,8 +96,9 @@ def left_padded_batch(vocab: int):
 def hf_logits(model, ids, mask) -> np.ndarray:
     pos = torch.tensor(np.clip(np.cumsum(mask, -1) - 1, 0, None))
     with torch.no_grad():
-        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                     position_ids=pos).logits.numpy()
+        return model(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=pos
+        ).logits.numpy()
 
 
 def max_rel_err_real(ours, ref, mask) -> float:
@@ -131,8 +141,9 @@ def test_base_model_without_prefix(tmp_path):
     model = transformers.LlamaModel(transformers.LlamaConfig(**TINY, tie_word_embeddings=True))
     model.save_pretrained(tmp_path)
     cfg, params = load_hf_folder(tmp_path)
-    np.testing.assert_array_equal(np.asarray(params["embed"]),
-                                  model.embed_tokens.weight.detach().numpy())
+    np.testing.assert_array_equal(
+        np.asarray(params["embed"]), model.embed_tokens.weight.detach().numpy()
+    )
 
 
 def test_config_overrides(hf_dir):
@@ -146,7 +157,8 @@ def tiny_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=SPECIALS[1], eos_token=SPECIALS[2])
+        tokenizer_object=backend, bos_token=SPECIALS[1], eos_token=SPECIALS[2]
+    )
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2-tied"])
@@ -201,7 +213,10 @@ def test_missing_weights(hf_copy):
 
 
 def test_index_names_missing_shard(hf_copy):
-    index = {"metadata": {}, "weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}
+    index = {
+        "metadata": {},
+        "weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"},
+    }
     (hf_copy / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(FileNotFoundError, match=r"lists shards that do not exist.*00002"):
         load_hf_folder(hf_copy)
@@ -235,8 +250,11 @@ def rewrite_weights(folder: Path, edit) -> None:
 def test_truncated_tensor_shape_mismatch(hf_copy):
     name = "model.layers.1.self_attn.k_proj.weight"
     rewrite_weights(hf_copy, lambda t: {**t, name: t[name][:16]})
-    with pytest.raises(ValueError, match=r"Shape mismatch for tensor 'model\.layers\.1\.self_attn"
-                                         r"\.k_proj\.weight'.*\(32, 64\).*\(16, 64\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"Shape mismatch for tensor 'model\.layers\.1\.self_attn"
+        r"\.k_proj\.weight'.*\(32, 64\).*\(16, 64\)",
+    ):
         load_hf_folder(hf_copy)
 
 
@@ -275,7 +293,11 @@ def test_default_model_path(monkeypatch):
 
 def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     """What llama.cpp's converter does to q/k rows (the inverse of `unpermute_qk`)."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def gguf_name(hf_name: str) -> str:
@@ -287,9 +309,16 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{i}.{inverse['.'.join(mod)]}.{leaf}"
 
 
-def write_gguf(path: Path, state_dict: dict[str, np.ndarray], *, arch: str = "llama",
-               qtypes: dict[str, Q] | None = None, extra: dict[str, np.ndarray] | None = None,
-               meta: dict | None = None, pad_id: int | None = None) -> Path:
+def write_gguf(
+    path: Path,
+    state_dict: dict[str, np.ndarray],
+    *,
+    arch: str = "llama",
+    qtypes: dict[str, Q] | None = None,
+    extra: dict[str, np.ndarray] | None = None,
+    meta: dict | None = None,
+    pad_id: int | None = None,
+) -> Path:
     """A GGUF laid out as llama.cpp's converter writes one (q/k permuted, HF row-major)."""
     meta = {"embedding_length": 64, "feed_forward_length": 128, **(meta or {})}
     w = gguf.GGUFWriter(str(path), arch)
@@ -310,7 +339,9 @@ def write_gguf(path: Path, state_dict: dict[str, np.ndarray], *, arch: str = "ll
     w.add_eos_token_id(2)
     if pad_id is not None:
         w.add_pad_token_id(pad_id)
-    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
+    w.add_chat_template(
+        "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    )
     for hf_name, t in state_dict.items():
         t = np.ascontiguousarray(t, dtype=np.float32)
         if arch == "llama" and "q_proj" in hf_name:
@@ -344,13 +375,24 @@ def test_gguf_f32_equals_hf_weights(hf_state, hf_dir, tmp_path):
     assert_trees_equal(params, hf_params)  # exact: the q/k un-permutation is right
     assert cfg.rms_norm_eps == pytest.approx(hf_cfg.rms_norm_eps, rel=1e-6)  # stored as float32
     assert cfg.replace(pad_token_id=None, num_labels=1, rms_norm_eps=hf_cfg.rms_norm_eps) == (
-        hf_cfg.replace(num_labels=1))
+        hf_cfg.replace(num_labels=1)
+    )
     assert cfg.pad_token_id == 2  # no padding id in the file: eos
 
     assert tok.padding_side == "left" and tok.pad_token == "<|im_end|>"
     ids = tok.encode("the cat<|im_end|> 42")
-    assert tok.convert_ids_to_tokens(ids) == ["t", "he", "Ġ", "c", "a", "t", "<|im_end|>",
-                                              "Ġ", "4", "2"]
+    assert tok.convert_ids_to_tokens(ids) == [
+        "t",
+        "he",
+        "Ġ",
+        "c",
+        "a",
+        "t",
+        "<|im_end|>",
+        "Ġ",
+        "4",
+        "2",
+    ]
     assert tok.decode(ids) == "the cat<|im_end|> 42"
     prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert prompt == "<|im_start|>hi<|im_end|>"
@@ -376,10 +418,13 @@ def test_gguf_quantized_tensors(hf_state, tmp_path):
 
 
 def test_gguf_qwen2_is_not_permuted(tmp_path):
-    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY, tie_word_embeddings=True))
+    model = transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(**TINY, tie_word_embeddings=True)
+    )
     randomize_(model)
-    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()
-             if k != "lm_head.weight"}
+    state = {
+        k: v.detach().numpy().copy() for k, v in model.state_dict().items() if k != "lm_head.weight"
+    }
     cfg, params, _ = load_gguf(write_gguf(tmp_path / "qwen2.gguf", state, arch="qwen2"))
     assert cfg.model_type == "qwen2" and cfg.attention_bias and cfg.tie_word_embeddings
     got = state_dict_from_params(params, cfg)
@@ -412,6 +457,9 @@ def test_gguf_errors(hf_state, tmp_path):
         load_gguf(write_gguf(tmp_path / "gpt2.gguf", hf_state, arch="gpt2"))
 
     wrong = write_gguf(tmp_path / "wrong.gguf", hf_state, meta={"feed_forward_length": 96})
-    with pytest.raises(ValueError, match=r"Shape mismatch for tensor 'model\.layers\.0\.mlp\."
-                                         r"\w+_proj\.weight' in .*wrong\.gguf.*96.*128"):
+    with pytest.raises(
+        ValueError,
+        match=r"Shape mismatch for tensor 'model\.layers\.0\.mlp\."
+        r"\w+_proj\.weight' in .*wrong\.gguf.*96.*128",
+    ):
         load_gguf(wrong)

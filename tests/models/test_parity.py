@@ -23,26 +23,52 @@ LENGTHS = (12, 7, 3)  # one full row, two padded ones
 PAD_ID = 0
 REL_TOL = 1e-4
 
-TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-            pad_token_id=PAD_ID, bos_token_id=1, eos_token_id=2)
+TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=PAD_ID,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 CAUSAL_CASES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
-    "llama-rope-linear": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
-                          {"rope_parameters": {"rope_type": "linear", "factor": 2.0,
-                                               "rope_theta": 10000.0}}),
+    "llama-rope-linear": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
+    ),
     # original_max_position_embeddings=16 puts head_dim 16's wavelengths on both sides of
     # the llama3 ramp (4..16), so all three branches of the rescaling are exercised.
-    "llama-rope-llama3": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
-                          {"rope_parameters": {"rope_type": "llama3", "factor": 8.0,
-                                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                               "original_max_position_embeddings": 16,
-                                               "rope_theta": 10000.0}}),
-    "qwen2-bias-tied": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
-                        {"tie_word_embeddings": True}),
-    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
-                {"rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}}),
+    "llama-rope-llama3": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "rope_theta": 10000.0,
+            }
+        },
+    ),
+    "qwen2-bias-tied": (
+        transformers.Qwen2Config,
+        transformers.Qwen2ForCausalLM,
+        {"tie_word_embeddings": True},
+    ),
+    "mistral": (
+        transformers.MistralConfig,
+        transformers.MistralForCausalLM,
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}},
+    ),
 }
 
 
@@ -63,7 +89,7 @@ def batch(side: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     mask = np.zeros_like(ids)
     for row, n in enumerate(LENGTHS):
         if side == "left":
-            mask[row, SEQ - n:] = 1
+            mask[row, SEQ - n :] = 1
         else:
             mask[row, :n] = 1
     return np.where(mask == 1, ids, PAD_ID), mask
@@ -127,7 +153,13 @@ def test_config_from_hf_refuses_unsupported_architecture():
 
 def test_config_from_hf_refuses_unsupported_rope_type():
     raw = transformers.LlamaConfig(
-        **TINY, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
-                                 "original_max_position_embeddings": 64}).to_dict()
+        **TINY,
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "rope_theta": 10000.0,
+            "original_max_position_embeddings": 64,
+        },
+    ).to_dict()
     with pytest.raises(ValueError, match=r"rope_scaling type 'yarn' is not supported"):
         config_from_hf(raw)
