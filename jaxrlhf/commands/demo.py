@@ -35,6 +35,8 @@ class DemoConfig:
     n_train_prompts: int = 384
     n_eval_prompts: int = 64
     pair_max_new_tokens: int = 20
+    pairs_per_prompt: int = 2
+    """Each pair is two fresh base samples of the prompt; more pairs per prompt, more data."""
     pair_temperature: float = 1.0
     min_gold_gap: float = 0.25
     """Pairs whose two gold scores differ by less are ties and dropped."""
@@ -45,12 +47,14 @@ class DemoConfig:
     random model emits byte noise that VADER scores 0."""
     rm: C.RMConfig = dataclasses.field(
         default_factory=lambda: C.RMConfig(
-            lora=LoraConfig(r=16, alpha=32, task_type="SEQ_CLS", modules_to_save=("score",)),
-            optim=C.OptimConfig(learning_rate=1e-3, schedule="linear", warmup_ratio=0.1),
+            lora=LoraConfig(r=8, alpha=16, task_type="SEQ_CLS", modules_to_save=("score",)),
+            optim=C.OptimConfig(
+                learning_rate=5e-4, schedule="linear", warmup_ratio=0.1, weight_decay=0.01
+            ),
             data=C.PreferenceDataConfig(max_length=48, eval_fraction=0.15, length_buckets=(32, 48)),
             batch_size=16,
             eval_batch_size=32,
-            num_epochs=3.0,
+            num_epochs=2.0,
         )
     )
     ppo: C.PPOConfig = dataclasses.field(
@@ -75,6 +79,7 @@ class DemoConfig:
 
 QUICK = [
     "model.path=tiny",
+    "pairs_per_prompt=1",
     "run_dir=runs/demo_quick",
     "n_train_prompts=96",
     "n_eval_prompts=32",
@@ -136,7 +141,12 @@ def make_pairs(
     for start in range(0, len(data), batch):
         idx = np.arange(start, min(start + batch, len(data)))
         device, values, _ = prompt_batch(
-            data, idx, pad_id=tokenizer.pad_token_id, buckets=buckets, mesh=mesh, repeat=2
+            data,
+            idx,
+            pad_id=tokenizer.pad_token_id,
+            buckets=buckets,
+            mesh=mesh,
+            repeat=2 * cfg.pairs_per_prompt,
         )
         out = sampler(params, None, device, jax.random.fold_in(key, start))
         tokens = np.asarray(out["tokens"])
@@ -160,7 +170,8 @@ def make_pairs(
                     "gold_rejected": min(a, b),
                 }
             )
-    stats = {"prompts": len(prompts), "pairs": len(rows), "ties_dropped": len(prompts) - len(rows)}
+    n_candidates = len(prompts) * cfg.pairs_per_prompt
+    stats = {"prompts": len(prompts), "pairs": len(rows), "ties_dropped": n_candidates - len(rows)}
     return rows, stats
 
 
