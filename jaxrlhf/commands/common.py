@@ -165,3 +165,14 @@ def micro_batches(batch: dict, n: int) -> dict:
         return x.reshape(n, x.shape[0] // n, *x.shape[1:])
 
     return {k: split(v) for k, v in batch.items()}
+
+
+def gather_to_host(tree: Any) -> Any:
+    """A (possibly sharded) tree as host numpy. Call on every process: with several
+    processes, params split across hosts are all-gathered first, since no single process
+    can fetch arrays that span non-addressable devices."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)

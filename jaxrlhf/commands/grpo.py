@@ -136,7 +136,9 @@ def run_grpo(
                 ShardedStep(
                     upd,
                     mesh=mesh,
-                    arg_shardings=(state_sh, frozen_sh, "batch", replicated(mesh)),
+                    # Indices split like the batch: replicated ones made the gathered
+                    # minibatch replicated, so every device ran all of it.
+                    arg_shardings=(state_sh, frozen_sh, "batch", "batch"),
                     out_shardings=(state_sh, replicated(mesh)),
                     donate_argnums=(0,),
                 ),

@@ -18,6 +18,7 @@ from jaxrlhf.algorithms import ppo as P
 from jaxrlhf.algorithms.common import TrainState, init_train_state
 from jaxrlhf.commands.common import (
     announce,
+    gather_to_host,
     load_base,
     log,
     maybe_init_distributed,
@@ -423,9 +424,9 @@ def export_policy(
     from jaxrlhf.peft_format import export_peft
 
     out = Path(run_dir) / ("adapter" if lora_cfg is not None else "model")
+    policy = gather_to_host(policy)  # collective: before process 0 alone goes on
     if jax.process_index() != 0:
         return out
-    policy = jax.device_get(policy)
     if lora_cfg is not None:
         policy = {k: v for k, v in policy.items() if k != "value"}
         export_cfg = lora_cfg

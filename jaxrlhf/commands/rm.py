@@ -15,6 +15,7 @@ from jaxrlhf.algorithms import reward_model as R
 from jaxrlhf.algorithms.common import TrainState, init_train_state
 from jaxrlhf.commands.common import (
     announce,
+    gather_to_host,
     host_batch,
     load_base,
     log,
@@ -307,9 +308,9 @@ def export_reward_model(cfg: RMConfig, trainable, base, model_cfg, tokenizer) ->
     from jaxrlhf.peft_format import export_merged, export_peft
 
     out = Path(cfg.run.run_dir) / ("adapter" if cfg.lora is not None else "model")
+    trainable = gather_to_host(trainable)  # collective: before process 0 alone goes on
     if jax.process_index() != 0:
         return out
-    trainable = jax.device_get(trainable)
     if cfg.lora is not None:
         export_peft(trainable, cfg.lora, model_cfg, out, base_model_name_or_path=cfg.model.path)
     else:  # a full *ForSequenceClassification folder (score head, num_labels, pad id)
