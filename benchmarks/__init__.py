@@ -1,0 +1,1 @@
+"""The CPU benchmark suite (`make bench`, `python benchmarks/run_all.py`); see BENCHMARKS.md."""

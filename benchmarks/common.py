@@ -1,0 +1,466 @@
+"""What every benchmark shares: the machine, timing, compiled-program statistics, peak RSS,
+FLOP estimates, the model sizes and the results files.
+
+Conventions (see BENCHMARKS.md):
+- A "step" is one call of a compiled program (or a fixed sequence of them), blocked until its
+  outputs are ready. Compilation happens before any timing.
+- Variants compared with each other (LoRA vs full, jaxrlhf vs TRL) are timed in the same process,
+  interleaved round by round, and summarised by the median, so that load from other processes
+  on a shared machine hits both sides alike.
+- XLA's cost analysis counts the body of a loop once, and the decoder runs its layers with
+  `lax.scan`, so FLOPs are counted on a lowering with every scan unrolled (`xla_flops`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+MIB = 1024 * 1024
+
+# ----------------------------------------------------------------------------- the machine
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict:
+    """CPU, cores, memory, library versions, the XLA environment, the date and the load."""
+    try:
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        mem = None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    return {
+        "cpu": cpu_model(),
+        "cores": cores,
+        "memory_gib": round(mem / 2**30, 1) if mem else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": _version("jaxlib"),
+        "torch": _version("torch"),
+        "transformers": _version("transformers"),
+        "trl": _version("trl"),
+        "peft": _version("peft"),
+        "jax_devices": len(jax.devices()),
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "NPROC": os.environ.get("NPROC", ""),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "loadavg_start": load_average(),
+    }
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
+def machine_line(m: dict) -> str:
+    load = m.get("loadavg_start")
+    load_s = f"; 1-min load average at start {load[0]:.1f}" if load else ""
+    parts = [f"{m['cpu']}, {m['cores']} cores, {m.get('memory_gib')} GiB", f"jax {m['jax']}"]
+    for pkg in ("torch", "transformers", "trl", "peft"):
+        if m.get(pkg):
+            parts.append(f"{pkg} {m[pkg]}")
+    return "; ".join(parts) + load_s
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def block(tree: Any) -> None:
+    jax.block_until_ready(tree)
+
+
+def summarize(times: list[float]) -> dict:
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "n": len(times),
+        "times_s": [round(t, 5) for t in times],
+    }
+
+
+def interleaved(
+    thunks: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1
+) -> dict[str, dict]:
+    """Time each thunk (one step, blocking) `repeats` times after `warmup` calls, round-robin:
+    A B A B … with the order reversed every other round, so drift and other processes' load
+    are shared. Returns name -> `summarize(times)`."""
+    names = list(thunks)
+    for _ in range(warmup):
+        for n in names:
+            thunks[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names if r % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            thunks[n]()
+            times[n].append(time.perf_counter() - t0)
+    return {n: summarize(t) for n, t in times.items()}
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_delta(fn: Callable[[], Any]) -> int | None:
+    """Peak resident memory while `fn` runs, above the resident memory just before (freed heap
+    is returned to the OS first). None where the peak mark cannot be reset."""
+    _malloc_trim()
+    base = _status_bytes("VmRSS")
+    if base is None or not _reset_peak():
+        fn()
+        return None
+    fn()
+    peak = _status_bytes("VmHWM")
+    return None if peak is None else max(peak - base, 0)
+
+
+def tree_bytes(tree: Any) -> int:
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype")))
+
+
+def copy_tree(tree: Any) -> Any:
+    """Fresh device buffers (so donating one case's state never frees another's arrays)."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+# ----------------------------------------------------------------------------- compiled programs
+
+
+def compile_program(
+    fn: Callable,
+    *args: Any,
+    donate_argnums: tuple[int, ...] = (),
+    static_argnums: tuple[int, ...] = (),
+) -> tuple[Any, dict]:
+    """(compiled executable, stats): compile time and `memory_analysis()` in bytes. `footprint`
+    is argument + output + temp − aliased (donated) bytes: the program's peak working set."""
+    t0 = time.perf_counter()
+    lowered = jax.jit(fn, donate_argnums=donate_argnums, static_argnums=static_argnums).lower(*args)
+    compiled = lowered.compile()
+    stats = {"compile_s": round(time.perf_counter() - t0, 2)}
+    ma = compiled.memory_analysis()
+    if ma is not None:
+        arg, out = int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes)
+        temp, alias = int(ma.temp_size_in_bytes), int(ma.alias_size_in_bytes)
+        stats.update(
+            argument_bytes=arg,
+            output_bytes=out,
+            temp_bytes=temp,
+            alias_bytes=alias,
+            footprint_bytes=arg + out + temp - alias,
+        )
+    return compiled, stats
+
+
+_orig_scan, _orig_map = jax.lax.scan, jax.lax.map
+
+
+@contextlib.contextmanager
+def _unrolled_scans():
+    def scan(f, init, xs=None, length=None, reverse=False, unroll=1, **kw):
+        return _orig_scan(f, init, xs, length=length, reverse=reverse, unroll=True, **kw)
+
+    def lax_map(f, xs, **kw):
+        return scan(lambda _, x: ((), f(x)), (), xs)[1]
+
+    jax.lax.scan, jax.lax.map = scan, lax_map
+    try:
+        yield
+    finally:
+        jax.lax.scan, jax.lax.map = _orig_scan, _orig_map
+
+
+def xla_flops(fn: Callable, *args: Any) -> float | None:
+    """FLOPs of `fn(*args)` from XLA's HLO cost analysis of a lowering with every `lax.scan`
+    unrolled (the analysis counts a loop body once). Not compiled; while loops (generation)
+    are not covered, use the analytic estimates there."""
+    try:
+        with _unrolled_scans():
+            # A fresh function object: jit caches traces per function, and a cached trace
+            # would keep its rolled loops.
+            lowered = jax.jit(lambda *a: fn(*a)).lower(*args)
+        cost = lowered.cost_analysis()
+    except Exception as e:  # noqa: BLE001 - a missing figure must not stop the suite
+        print(f"  (cost analysis failed: {type(e).__name__}: {e})")
+        return None
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else {}
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops else None
+
+
+# ----------------------------------------------------------------------------- FLOP models
+
+
+def matmul_params(cfg) -> int:
+    """Weights that take part in a matmul per token, excluding the vocabulary projection."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    attn = d * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * d
+    return cfg.num_layers * (attn + 3 * d * f)
+
+
+def forward_flops(
+    cfg, *, tokens: int, context: int, lm_tokens: int = 0, lora_r: int | None = None
+) -> float:
+    """Analytic FLOPs of one forward pass over `tokens` tokens (in rows of `context` keys):
+    2·N_matmul per token, attention scores and mix (4·context·q_size per token and layer,
+    dense as computed), the vocabulary projection for `lm_tokens`, and the LoRA side path."""
+    flops = 2.0 * matmul_params(cfg) * tokens
+    flops += 4.0 * cfg.num_layers * context * cfg.q_size * tokens
+    flops += 2.0 * cfg.hidden_size * cfg.vocab_size * lm_tokens
+    if lora_r:
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        io = (d + cfg.q_size) * 2 + (d + cfg.kv_size) * 2 + (d + f) * 3
+        flops += 2.0 * lora_r * io * cfg.num_layers * tokens
+    return flops
+
+
+def train_flops(cfg, *, lora: bool, **kw) -> float:
+    """Forward + backward: 3× the forward with full fine-tuning (activation and weight
+    gradients), ~2× with LoRA (activation gradients only through the frozen weights)."""
+    return (2.0 if lora else 3.0) * forward_flops(cfg, lora_r=16 if lora else None, **kw)
+
+
+# ----------------------------------------------------------------------------- model sizes
+
+
+SMOLLM2_135M = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_layers=30,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    max_position_embeddings=8192,
+    tie_word_embeddings=True,
+    pad_token_id=2,
+    bos_token_id=1,
+    eos_token_id=(2,),
+)
+
+SIZES: dict[str, dict] = {
+    # Random Llama-family configs; tied embeddings like SmolLM2. "2M" is for --quick only.
+    "2M": dict(
+        vocab_size=2048,
+        hidden_size=128,
+        intermediate_size=384,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+        pad_token_id=2,
+        bos_token_id=1,
+        eos_token_id=(2,),
+    ),
+    "10M": dict(
+        vocab_size=8192,
+        hidden_size=256,
+        intermediate_size=768,
+        num_layers=10,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+        pad_token_id=2,
+        bos_token_id=1,
+        eos_token_id=(2,),
+    ),
+    "60M": dict(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_layers=14,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=64,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+        pad_token_id=2,
+        bos_token_id=1,
+        eos_token_id=(2,),
+    ),
+    # SmolLM2-135M(-Instruct)'s own config (as loaded from its GGUF), random weights.
+    "135M": SMOLLM2_135M,
+}
+
+
+def model_config(size: str):
+    from jaxrlhf.models.config import tiny_config
+
+    return tiny_config(**SIZES[size])
+
+
+def random_params(cfg, seed: int = 0) -> dict:
+    """Random fp32 params on the host (numpy), so every case copies its own device buffers."""
+    from jaxrlhf.models.transformer import init_params
+
+    return jax.device_get(init_params(jax.random.PRNGKey(seed), cfg))
+
+
+def size_info(cfg) -> dict:
+    return {
+        "params": int(cfg.num_params()),
+        "matmul_params": int(matmul_params(cfg)),
+        "layers": cfg.num_layers,
+        "hidden": cfg.hidden_size,
+        "vocab": cfg.vocab_size,
+    }
+
+
+def lora_config(task: str = "CAUSAL_LM", heads: tuple[str, ...] = ()):
+    """The benchmark adapter: r=16, alpha=32, all seven projections, no dropout (TRL/PEFT's
+    common RLHF setting)."""
+    from jaxrlhf.lora import LoraConfig
+
+    return LoraConfig(r=16, alpha=32.0, dropout=0.0, task_type=task, modules_to_save=heads)
+
+
+def optimizer(total_steps: int = 1000):
+    from jaxrlhf.config import OptimConfig
+    from jaxrlhf.train.optim import make_optimizer
+
+    return make_optimizer(OptimConfig(learning_rate=1e-5), total_steps)
+
+
+def random_ids(rng: np.random.Generator, shape: tuple[int, ...], vocab: int) -> np.ndarray:
+    """Token ids that are never a special token (0..2), so no row ends early."""
+    return rng.integers(3, vocab, size=shape, dtype=np.int32)
+
+
+# ----------------------------------------------------------------------------- roofline shares
+
+
+def with_rates(
+    entry: dict, *, flops: float | None, seconds: float, roofline: dict | None, key: str = ""
+) -> None:
+    """Add achieved GFLOP/s and the share of the measured fp32 matmul rate to `entry`."""
+    if not flops or not seconds:
+        return
+    rate = flops / seconds / 1e9
+    entry[f"{key}gflops_per_s"] = round(rate, 2)
+    peak = (roofline or {}).get("matmul_fp32_gflops")
+    if peak:
+        entry[f"{key}roofline_share"] = round(rate / peak, 3)
+
+
+def load_result(name: str) -> dict | None:
+    path = RESULTS_DIR / f"{name}.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def save_result(name: str, result: dict) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "–"
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    if n >= MIB:
+        return f"{n / MIB:.1f} MiB"
+    return f"{n / 1024:.0f} KiB"
+
+
+def fmt(x: float | None, digits: int = 2, suffix: str = "") -> str:
+    if x is None:
+        return "–"
+    return f"{x:.{digits}f}{suffix}"
+
+
+def fmt_share(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)

@@ -1,0 +1,153 @@
+"""Decode throughput of the KV-cache sampler against the machine's memory bandwidth.
+
+For each model and batch size, `generate` is compiled for N new tokens and for one (prefill
+plus the first token); the decode step time is their difference over N − 1 steps. A decode
+step reads every weight once (the tied embedding twice: the gathered rows and the vocabulary
+projection, counted once here) and the whole KV cache (`2·L·B·S·KVH·hd` floats, S = P + N:
+the cache is allocated at full length and attention runs over every slot, masked). The
+"unmerged LoRA" row samples with the adapter applied on the fly (`generation.merge_adapter:
+false`) instead of merged into the weights.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from benchmarks import common as C
+from benchmarks.rollout import Rollout
+
+PROMPT_LEN, NEW_TOKENS = 32, 64
+
+
+def decode_bytes(cfg, params: dict, *, batch: int, cache: int, lora: dict | None = None) -> dict:
+    weights = C.tree_bytes({k: v for k, v in params.items() if k not in ("score", "value")})
+    kv = 2 * cfg.num_layers * batch * cache * cfg.num_kv_heads * cfg.head_dim * 4
+    extra = C.tree_bytes(lora) if lora is not None else 0
+    return {"weights": weights + extra, "kv_cache": kv, "total": weights + extra + kv}
+
+
+def run(
+    *,
+    sizes: list[str],
+    batches: tuple[int, ...],
+    repeats: int,
+    roofline: dict | None,
+    lora_batches: tuple[int, ...] = (16,),
+) -> dict:
+    from jaxrlhf.lora import init_lora
+
+    bw = (roofline or {}).get("bandwidth_gb_per_s")
+    result = {"benchmark": "decode", "prompt": PROMPT_LEN, "new_tokens": NEW_TOKENS, "rows": []}
+    for size in sizes:
+        print(f"[decode] {size}", flush=True)
+        cfg = C.model_config(size)
+        params = C.copy_tree(C.random_params(cfg))
+        lora_cfg = C.lora_config()
+        adapter = init_lora(jax.random.PRNGKey(1), params, lora_cfg, cfg)
+        for b in batches:
+            ids = C.random_ids(np.random.default_rng(b), (b, PROMPT_LEN), cfg.vocab_size)
+            variants = [("merged", None, False)]
+            if b in lora_batches:
+                variants.append(("unmerged LoRA", lora_cfg, False))
+            # Every program of this batch size is timed in one interleaved round-robin, so
+            # the merged/unmerged comparison shares the machine's load.
+            thunks, built = {}, {}
+            for name, lcfg, merge in variants:
+                policy = params if lcfg is None else adapter
+                long = Rollout(
+                    cfg, params, policy, ids, lora_cfg=lcfg, new_tokens=NEW_TOKENS, merge=merge
+                )
+                short = Rollout(cfg, params, policy, ids, lora_cfg=lcfg, new_tokens=1, merge=merge)
+                key = jax.random.PRNGKey(0)
+                thunks[f"{name}/long"] = lambda r=long, p=policy, k=key: r(p, k)
+                thunks[f"{name}/short"] = lambda r=short, p=policy, k=key: r(p, k)
+                built[name] = long
+            timed = C.interleaved(thunks, repeats=repeats, warmup=1)
+            for name, lcfg, _ in variants:
+                long = built[name]
+                t = {"long": timed[f"{name}/long"], "short": timed[f"{name}/short"]}
+                step_s = (t["long"]["median_s"] - t["short"]["median_s"]) / (NEW_TOKENS - 1)
+                by = decode_bytes(
+                    cfg,
+                    params,
+                    batch=b,
+                    cache=PROMPT_LEN + NEW_TOKENS,
+                    lora=adapter if lcfg is not None else None,
+                )
+                step_flops = C.forward_flops(
+                    cfg,
+                    tokens=b,
+                    context=PROMPT_LEN + NEW_TOKENS,
+                    lm_tokens=b,
+                    lora_r=16 if lcfg else None,
+                )
+                row = {
+                    "size": size,
+                    "params": int(cfg.num_params()),
+                    "batch": b,
+                    "variant": name,
+                    "generate_s": t["long"]["median_s"],
+                    "prefill_s": t["short"]["median_s"],
+                    "decode_step_s": step_s,
+                    "decode_tokens_per_s": b / step_s if step_s > 0 else None,
+                    "total_tokens_per_s": b * NEW_TOKENS / t["long"]["median_s"],
+                    "bytes_per_step": by,
+                    "bytes_per_token": by["total"] / b,
+                    "achieved_gb_per_s": by["total"] / step_s / 1e9 if step_s > 0 else None,
+                    "step_gflop": step_flops / 1e9,
+                    "programs": long.programs,
+                }
+                if bw and row["achieved_gb_per_s"]:
+                    row["bandwidth_share"] = row["achieved_gb_per_s"] / bw
+                C.with_rates(row, flops=step_flops, seconds=step_s, roofline=roofline)
+                result["rows"].append(row)
+        del params, adapter
+    return result
+
+
+def render(result: dict) -> str:
+    rows = []
+    for r in result["rows"]:
+        rows.append(
+            [
+                f"{r['size']} ({r['params'] / 1e6:.0f}M)",
+                r["batch"],
+                r["variant"],
+                C.fmt(r["prefill_s"], 3),
+                C.fmt(r["decode_step_s"] * 1e3, 1),
+                C.fmt(r["decode_tokens_per_s"], 0),
+                C.fmt(r["total_tokens_per_s"], 0),
+                C.fmt_bytes(r["bytes_per_token"]),
+                f"{C.fmt_bytes(r['bytes_per_step']['weights'])} + "
+                f"{C.fmt_bytes(r['bytes_per_step']['kv_cache'])}",
+                C.fmt(r["achieved_gb_per_s"], 1),
+                C.fmt_share(r.get("bandwidth_share")),
+                C.fmt_share(r.get("roofline_share")),
+            ]
+        )
+    return "\n".join(
+        [
+            f"Prompt {result['prompt']} tokens, {result['new_tokens']} new tokens, fp32, sampling "
+            "at temperature 1 with no early stop. Decode step = (time for N tokens − time for 1) / "
+            "(N − 1).",
+            "",
+            C.table(
+                [
+                    "model",
+                    "batch",
+                    "weights",
+                    "prefill + 1 token, s",
+                    "decode step, ms",
+                    "decode tokens/s",
+                    "end-to-end tokens/s",
+                    "bytes / decoded token",
+                    "bytes / step (weights + KV)",
+                    "achieved GB/s",
+                    "% measured bandwidth",
+                    "% fp32 matmul roofline",
+                ],
+                rows,
+            ),
+        ]
+    )

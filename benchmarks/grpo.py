@@ -1,0 +1,158 @@
+"""GRPO iteration, LoRA vs full fine-tuning.
+
+One iteration, as `jaxrlhf grpo` runs it with TRL's defaults (β = 0, μ = 1, one mini-batch,
+loss "dapo"): sample G completions for each prompt (LoRA: the adapter merged into the base
+first) → score them on the host → `prepare` (group advantages; with β = 0 and μ = 1 no extra
+forward) → `update` (policy forward + backward, clipping, AdamW).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common as C
+from benchmarks.harness import Case, render_phases, render_sizes, run_cases
+from benchmarks.rollout import Rollout
+
+PROMPTS, GENERATIONS, PROMPT_LEN, NEW_TOKENS = 4, 4, 32, 32
+
+
+def default_reward(tokens: np.ndarray) -> np.ndarray:
+    """A stand-in for a Python reward function: cheap, deterministic, varied within a group."""
+    return (tokens % 7 == 0).mean(axis=1).astype(np.float32)
+
+
+def build_case(
+    mode: str,
+    cfg,
+    params_host: dict,
+    prompt_ids: np.ndarray,
+    *,
+    generations: int = GENERATIONS,
+    new_tokens: int = NEW_TOKENS,
+    reward: Callable[[np.ndarray], np.ndarray] = default_reward,
+    flops: bool = True,
+    seed: int = 0,
+) -> Case:
+    """`prompt_ids`: [prompts, P]; each prompt is repeated `generations` times."""
+    from jaxrlhf.algorithms import grpo as G
+    from jaxrlhf.algorithms.common import init_train_state
+    from jaxrlhf.commands.common import split_trainable
+
+    lora_cfg = C.lora_config() if mode == "lora" else None
+    key = jax.random.PRNGKey(seed)
+    frozen = C.copy_tree(params_host)  # the base; in full FT the (unused at β = 0) reference
+    trainable, _ = split_trainable(key, frozen if lora_cfg else params_host, cfg, lora_cfg)
+    trainable = C.copy_tree(trainable)
+    opt = C.optimizer()
+    state = init_train_state(trainable, opt, jax.random.fold_in(key, 1))
+    ids = np.repeat(prompt_ids, generations, axis=0)
+    b, p = ids.shape
+    rollout = Rollout(cfg, frozen, trainable, ids, lora_cfg=lora_cfg, new_tokens=new_tokens)
+    hyper = G.GRPOHyper(
+        num_generations=generations,
+        beta=0.0,
+        loss_type="dapo",
+        temperature=1.0,
+        max_completion_length=new_tokens,
+    )
+    prepare = G.make_prepare_fn(model_cfg=cfg, lora_cfg=lora_cfg, hyper=hyper, prompt_len=p)
+    update = G.make_update_fn(
+        model_cfg=cfg, lora_cfg=lora_cfg, hyper=hyper, optimizer=opt, prompt_len=p, micro_batches=1
+    )
+    example = rollout(state.trainable, jax.random.PRNGKey(1))
+    keys = ("input_ids", "attention_mask", "response_mask", "finished")
+    r_in = {k: example[k] for k in keys}
+    scores = jnp.asarray(reward(np.asarray(example["tokens"])))
+    prep_c, prep_stats = C.compile_program(prepare, state.trainable, frozen, r_in, scores)
+    batch, _ = prep_c(state.trainable, frozen, r_in, scores)
+    indices = jnp.arange(b)
+    upd_c, upd_stats = C.compile_program(update, state, frozen, batch, indices, donate_argnums=(0,))
+    holder = {"state": state, "step": 0}
+
+    def run() -> dict:
+        t0 = time.perf_counter()
+        holder["step"] += 1
+        ro = rollout(holder["state"].trainable, jax.random.PRNGKey(holder["step"]))
+        t1 = time.perf_counter()
+        sc = jnp.asarray(reward(np.asarray(ro["tokens"])))
+        t2 = time.perf_counter()
+        bt, m = prep_c(holder["state"].trainable, frozen, {k: ro[k] for k in keys}, sc)
+        C.block((bt, m))
+        t3 = time.perf_counter()
+        new, m = upd_c(holder["state"], frozen, bt, indices)
+        C.block((new, m))
+        holder["state"] = new
+        t4 = time.perf_counter()
+        return {"rollout": t1 - t0, "reward": t2 - t1, "prepare": t3 - t2, "update": t4 - t3}
+
+    n_tok = b * (p + new_tokens)
+    flops_upd = C.xla_flops(update, state, frozen, batch, indices) if flops else None
+    analytic_upd = C.train_flops(
+        cfg,
+        lora=lora_cfg is not None,
+        tokens=n_tok,
+        context=p + new_tokens,
+        lm_tokens=b * new_tokens,
+    )
+    return Case(
+        mode=mode,
+        run=run,
+        programs={**rollout.programs, "prepare": prep_stats, "update": upd_stats},
+        trainable_bytes=C.tree_bytes(state.trainable),
+        optimizer_bytes=C.tree_bytes(state.opt_state),
+        frozen_bytes=C.tree_bytes(frozen),
+        tokens=n_tok,
+        flops_xla=(rollout.flops + flops_upd) if flops_upd else None,
+        flops_analytic=rollout.flops + analytic_upd,
+        notes="generation FLOPs are analytic (a while loop)",
+    )
+
+
+def run(*, sizes: list[str], repeats: int, roofline: dict | None) -> dict:
+    result = {
+        "benchmark": "grpo",
+        "batch": {
+            "prompts": PROMPTS,
+            "generations": GENERATIONS,
+            "prompt": PROMPT_LEN,
+            "new_tokens": NEW_TOKENS,
+            "tokens_per_iteration": PROMPTS * GENERATIONS * (PROMPT_LEN + NEW_TOKENS),
+        },
+        "sizes": [],
+    }
+    for size in sizes:
+        print(f"[grpo] {size}", flush=True)
+        cfg = C.model_config(size)
+        params = C.random_params(cfg)
+        prompts = C.random_ids(np.random.default_rng(0), (PROMPTS, PROMPT_LEN), cfg.vocab_size)
+        cases = [build_case(mode, cfg, params, prompts) for mode in ("lora", "full")]
+        entry = {"size": size, "model": C.size_info(cfg)}
+        entry.update(run_cases(cases, repeats=repeats, roofline=roofline))
+        result["sizes"].append(entry)
+        del cases, params
+    return result
+
+
+def render(result: dict) -> str:
+    b = result["batch"]
+    return "\n".join(
+        [
+            f"Iteration: {b['prompts']} prompts × G={b['generations']} completions, prompt "
+            f"{b['prompt']} + {b['new_tokens']} sampled tokens ({b['tokens_per_iteration']} tokens "
+            "per iteration), β = 0, μ = 1, one optimizer step, fp32. Generation FLOPs are "
+            "analytic; the update's are XLA's. Full fine-tuning keeps the frozen base resident "
+            "too (as `jaxrlhf grpo` does).",
+            "",
+            render_sizes(result, what="iteration"),
+            "",
+            "Phases of an iteration (median s, share):",
+            "",
+            render_phases(result),
+        ]
+    )

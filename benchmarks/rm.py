@@ -1,0 +1,155 @@
+"""Reward-model step (Bradley–Terry), LoRA vs full fine-tuning.
+
+One step = `jaxrlhf.algorithms.reward_model.make_train_step`: forward of chosen and rejected
+rows (unpacked, no prefix sharing, as TRL's RewardTrainer), the pairwise loss, gradients
+w.r.t. the trainable tree, global-norm clipping and AdamW. LoRA: r=16, alpha=32 on all seven
+projections + the `score` head (modules_to_save); full: every parameter + the head.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common as C
+from benchmarks.harness import Case, render_breakdown, render_sizes, run_cases
+
+PAIRS, SEQ = 8, 64
+
+
+def pair_batch(
+    cfg,
+    *,
+    pairs: int = PAIRS,
+    seq: int = SEQ,
+    seed: int = 0,
+    chosen: np.ndarray | None = None,
+    rejected: np.ndarray | None = None,
+) -> dict:
+    """A [1 micro-batch, pairs, seq] batch of unpadded random pairs (or the given ids)."""
+    rng = np.random.default_rng(seed)
+    c = chosen if chosen is not None else C.random_ids(rng, (pairs, seq), cfg.vocab_size)
+    r = rejected if rejected is not None else C.random_ids(rng, (pairs, seq), cfg.vocab_size)
+    ones = np.ones_like(c, dtype=np.int32)
+    batch = {
+        "chosen_input_ids": c,
+        "chosen_attention_mask": ones,
+        "rejected_input_ids": r,
+        "rejected_attention_mask": ones,
+        "pair_mask": np.ones((c.shape[0],), np.float32),
+    }
+    return {k: jnp.asarray(v[None]) for k, v in batch.items()}
+
+
+def build_case(
+    mode: str, cfg, params_host: dict, batch: dict, *, flops: bool = True, seed: int = 0
+) -> tuple[Case, dict]:
+    """The compiled RM step of `mode` and the pieces (for the forward/backward breakdown)."""
+    from jaxrlhf.algorithms import reward_model as R
+    from jaxrlhf.algorithms.common import init_train_state
+    from jaxrlhf.commands.common import split_trainable
+
+    lora_cfg = C.lora_config("SEQ_CLS", ("score",)) if mode == "lora" else None
+    key = jax.random.PRNGKey(seed)
+    base = C.copy_tree(params_host)
+    trainable, frozen = split_trainable(key, base, cfg, lora_cfg, heads=("score",))
+    trainable = C.copy_tree(trainable)
+    if frozen is None:
+        del base
+    opt = C.optimizer()
+    state = init_train_state(trainable, opt, jax.random.fold_in(key, 1))
+    step = R.make_train_step(model_cfg=cfg, lora_cfg=lora_cfg, optimizer=opt)
+    compiled, stats = C.compile_program(step, state, frozen, batch, donate_argnums=(0,))
+    holder = {"state": state}
+
+    def run():
+        new, metrics = compiled(holder["state"], frozen, batch)
+        C.block((new, metrics))
+        holder["state"] = new
+
+    tokens = 2 * int(np.prod(batch["chosen_input_ids"].shape))
+    seq = batch["chosen_input_ids"].shape[-1]
+    case = Case(
+        mode=mode,
+        run=run,
+        programs={"step": stats},
+        hlo=compiled.as_text,
+        trainable_bytes=C.tree_bytes(state.trainable),
+        optimizer_bytes=C.tree_bytes(state.opt_state),
+        frozen_bytes=C.tree_bytes(frozen) if frozen is not None else 0,
+        tokens=tokens,
+        flops_xla=C.xla_flops(step, state, frozen, batch) if flops else None,
+        flops_analytic=C.train_flops(cfg, lora=lora_cfg is not None, tokens=tokens, context=seq),
+    )
+    return case, {"holder": holder, "frozen": frozen, "lora_cfg": lora_cfg, "step": step}
+
+
+def breakdown(cfg, cases: dict[str, tuple[Case, dict]], batch: dict, *, repeats: int) -> dict:
+    """Forward only and forward+backward (no optimizer) of each mode, interleaved with the
+    whole step, so the lead can see where the time goes."""
+    from jaxrlhf.algorithms import reward_model as R
+
+    micro = jax.tree.map(lambda x: x[0], batch)
+    thunks = {}
+    for mode, (case, parts) in cases.items():
+        lora_cfg, frozen = parts["lora_cfg"], parts["frozen"]
+        trainable = C.copy_tree(parts["holder"]["state"].trainable)  # the step donates its state
+
+        def fwd(tr, fr, b, lora_cfg=lora_cfg):
+            return R.pair_rewards(tr, fr, b, model_cfg=cfg, lora_cfg=lora_cfg)
+
+        def loss(tr, fr, b, lora_cfg=lora_cfg):
+            return R.reward_loss(
+                tr, b, fr, None, model_cfg=cfg, lora_cfg=lora_cfg, center_rewards_coefficient=None
+            )[0]
+
+        f_c, _ = C.compile_program(fwd, trainable, frozen, micro)
+        g_c, _ = C.compile_program(jax.value_and_grad(loss), trainable, frozen, micro)
+        thunks[f"{mode}/forward_s"] = lambda f=f_c, t=trainable, fr=frozen: C.block(f(t, fr, micro))
+        thunks[f"{mode}/grad_s"] = lambda g=g_c, t=trainable, fr=frozen: C.block(g(t, fr, micro))
+        thunks[f"{mode}/step_s"] = case.run
+    timed = C.interleaved(thunks, repeats=repeats, warmup=1)
+    out: dict[str, dict] = {}
+    for name, t in timed.items():
+        mode, part = name.split("/")
+        out.setdefault(mode, {})[part] = round(t["median_s"], 4)
+    return out
+
+
+def run(
+    *, sizes: list[str], repeats: int, roofline: dict | None, breakdown_sizes: tuple[str, ...] = ()
+) -> dict:
+    result = {
+        "benchmark": "rm",
+        "batch": {"pairs": PAIRS, "seq_len": SEQ, "tokens_per_step": 2 * PAIRS * SEQ},
+        "sizes": [],
+    }
+    for size in sizes:
+        print(f"[rm] {size}", flush=True)
+        cfg = C.model_config(size)
+        params = C.random_params(cfg)
+        batch = pair_batch(cfg)
+        built = {mode: build_case(mode, cfg, params, batch) for mode in ("lora", "full")}
+        entry = {"size": size, "model": C.size_info(cfg)}
+        entry.update(run_cases([b[0] for b in built.values()], repeats=repeats, roofline=roofline))
+        if size in breakdown_sizes:
+            entry["breakdown"] = breakdown(cfg, built, batch, repeats=max(2, repeats - 1))
+        result["sizes"].append(entry)
+        del built, params
+    return result
+
+
+def render(result: dict) -> str:
+    b = result["batch"]
+    parts = [
+        f"Batch: {b['pairs']} pairs × {b['seq_len']} tokens (chosen and rejected rows, "
+        f"{b['tokens_per_step']} tokens per step), fp32. LoRA r=16, α=32, 7 projections + "
+        "score head.",
+        "",
+        render_sizes(result, what="step"),
+    ]
+    bd = render_breakdown(result)
+    if bd:
+        parts += ["", "Where the time goes (medians, interleaved; % of the whole step):", "", bd]
+    return "\n".join(parts)
