@@ -17,7 +17,7 @@ import numpy as np
 from benchmarks import common as C
 from benchmarks.rollout import Rollout
 
-PROMPT_LEN, NEW_TOKENS = 32, 64
+PROMPT_LEN, NEW_TOKENS = 32, 32
 
 
 def decode_bytes(cfg, params: dict, *, batch: int, cache: int, lora: dict | None = None) -> dict:

@@ -60,7 +60,7 @@ FULL = {
     "sizes": {
         "decode": ["10M", "60M", "135M"],
         "rm": ["10M", "60M", "135M"],
-        "dpo": ["10M", "60M", "135M"],
+        "dpo": ["10M", "135M"],
         "grpo": ["10M", "60M"],
         "ppo": ["10M", "60M"],
     },
@@ -314,6 +314,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.perf_counter()
         bench_machine = C.machine_info()
+        # Other jobs' load moves the ceiling: re-measure it, keep the best seen.
+        rate = roof.matmul_fp32_gflops()
+        roofline.setdefault("matmul_fp32_samples", [roofline["matmul_fp32_gflops"]]).append(rate)
+        roofline["matmul_fp32_gflops"] = max(roofline["matmul_fp32_samples"])
+        C.save_result("roofline", roofline)
         result = run_benchmark(name, profile, roofline, args)
         result["meta"] = {
             "command": command.strip(),

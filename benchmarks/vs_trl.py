@@ -316,7 +316,7 @@ def run(
     *,
     size: str = "135M",
     steps: int,
-    warmup: int = 1,
+    warmup: int = 2,
     only: tuple[str, ...] = ("rm", "dpo", "grpo"),
 ) -> dict:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
