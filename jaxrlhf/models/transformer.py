@@ -170,11 +170,42 @@ def linear(
             xa = jnp.where(keep, x / (1.0 - dropout_rate), 0).astype(x.dtype)
         a = lora["lora_A"].astype(x.dtype)
         b = lora["lora_B"].astype(x.dtype)
-        y = y + (
-            jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", xa, a), b)
-            * jnp.asarray(lora_scale, x.dtype)
-        )
+        y = y + lora_delta(xa, a, b, jnp.asarray(lora_scale, x.dtype))
     return y
+
+
+@jax.custom_vjp
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
+    """`s·(x·A)·B` for x [..., in], A [in, r], B [r, out].
+
+    The backward is written by hand because the derived one contracts A's gradient over
+    the token axis with the large [tokens, out] cotangent transposed in memory (XLA:CPU
+    lays the dot out that way), which cost as much as the whole forward pass. Here every
+    transpose is of a rank-r matrix and each dot is a plain [m, k]·[k, n] product.
+    """
+    return _lora_delta_fwd(x, a, b, scale)[0]
+
+
+def _lora_delta_fwd(x, a, b, scale):
+    xa = jnp.einsum("...i,ir->...r", x, a)
+    return jnp.einsum("...r,ro->...o", xa, b) * scale, (x, a, b, xa, scale)
+
+
+def _lora_delta_bwd(res, g):
+    x, a, b, xa, scale = res
+    tokens_x = x.reshape(-1, x.shape[-1])  # [N, in]
+    tokens_g = g.reshape(-1, g.shape[-1])  # [N, out]
+    tokens_xa = xa.reshape(-1, xa.shape[-1])  # [N, r]
+    g_xa_unscaled = tokens_g @ b.T  # [N, r]
+    g_xa = g_xa_unscaled * scale
+    g_a = (g_xa.T @ tokens_x).T  # [in, r]: the [r, N] transpose is the small one
+    g_b = (tokens_xa.T @ tokens_g) * scale  # [r, out]
+    g_x = (g_xa @ a.T).reshape(x.shape)
+    g_scale = jnp.sum(g_xa_unscaled * tokens_xa).astype(scale.dtype).reshape(scale.shape)
+    return g_x, g_a, g_b, g_scale
+
+
+lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
 def build_attention_mask(
