@@ -16,6 +16,11 @@ decoding reports temperature-1 log-probs.
 
 The LoRA tree, if any, is applied unmerged (`x·W + s·(x·A)·B`); merge it first with
 `jaxrlhf.lora` when sampling speed matters more than memory.
+
+On a device mesh (`make_generate_fn(..., mesh=mesh)`) the layout is explicit: params and
+LoRA by their logical axes (`sharding.tree_shardings`), prompts and every per-row output
+over ("data", "fsdp"), and the KV cache rows over ("data", "fsdp") with its kv heads over
+"tensor" (`sharding.kv_cache_sharding`), constrained at every step of the decode loop.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from jaxrlhf import sharding as S
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.transformer import (
     KVCache,
@@ -176,6 +183,20 @@ def choose_tokens(
 # ----------------------------------------------------------------------------- model steps
 
 
+def constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
+    """`cache` pinned to `sharding.kv_cache_sharding` on `mesh` (unchanged without one)."""
+    if mesh is None:
+        return cache
+    return jax.lax.with_sharding_constraint(cache, S.kv_cache_sharding(cache, mesh))
+
+
+def _constrain_rows(tree: Any, mesh: Mesh | None) -> Any:
+    """Per-row arrays pinned to the batch axes (whole where data x fsdp does not divide B)."""
+    if mesh is None:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, S.batch_shardings(tree, mesh))
+
+
 def prefill(
     params: Params,
     prompt_ids: jax.Array,
@@ -185,11 +206,13 @@ def prefill(
     cache_length: int,
     lora: Params | None = None,
     lora_scale: Any = 1.0,
+    mesh: Mesh | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Run the left-padded prompts [B, P] into a fresh cache of `cache_length` slots.
-    Returns the logits [B, V] of the first response token and the cache (index = P)."""
+    Returns the logits [B, V] of the first response token and the cache (index = P).
+    With `mesh`, the cache is constrained to `sharding.kv_cache_sharding`."""
     b, p = prompt_ids.shape
-    cache = init_cache(cfg, b, cache_length)
+    cache = constrain_cache(init_cache(cfg, b, cache_length), mesh)
     hidden, cache = backbone(
         params,
         prompt_ids,
@@ -201,7 +224,7 @@ def prefill(
         cache=cache,
     )
     # Left padding puts every row's last real token at P-1: one [B, 1, V] logits slice.
-    return lm_logits(params, hidden[:, -1:])[:, 0], cache
+    return lm_logits(params, hidden[:, -1:])[:, 0], constrain_cache(cache, mesh)
 
 
 def decode_step(
@@ -241,12 +264,16 @@ def generate(
     sampling: SamplingConfig,
     lora: Params | None = None,
     lora_scale: Any = 1.0,
+    mesh: Mesh | None = None,
 ) -> SampleOutput:
     """Sample `sampling.max_new_tokens` tokens after left-padded prompts [B, P].
 
     Every row needs at least one real prompt token (see `check_left_padded`). The loop stops
     as soon as every row has produced an EOS; the outputs always have N = max_new_tokens
     columns. Traceable: call it inside `jax.jit` (or use `make_generate_fn`, which does).
+    With `mesh`, the KV cache and the per-row loop state are constrained to their shardings
+    (cache: `sharding.kv_cache_sharding`; rows: over ("data", "fsdp")) in the prefill and
+    at every decode step, rather than left to the compiler.
     """
     b, p = prompt_ids.shape
     n = sampling.max_new_tokens
@@ -279,12 +306,16 @@ def generate(
         cache_length=p + n,
         lora=lora,
         lora_scale=lora_scale,
+        mesh=mesh,
     )
-    outputs = (
-        jnp.full((b, n), pad, jnp.int32),
-        jnp.zeros((b, n), jnp.int32),
-        jnp.zeros((b, n), jnp.float32),
-        jnp.zeros((b,), bool),
+    outputs = _constrain_rows(
+        (
+            jnp.full((b, n), pad, jnp.int32),
+            jnp.zeros((b, n), jnp.int32),
+            jnp.zeros((b, n), jnp.float32),
+            jnp.zeros((b,), bool),
+        ),
+        mesh,
     )
     last, *outputs = emit(0, logits, *outputs)
 
@@ -298,7 +329,8 @@ def generate(
             params, last, n_prompt + i - 1, cache, cfg=cfg, lora=lora, lora_scale=lora_scale
         )
         last, *outputs = emit(i, logits, *outputs)
-        return (i + 1, last, cache, *outputs)
+        last, outputs = _constrain_rows((last, tuple(outputs)), mesh)
+        return (i + 1, last, constrain_cache(cache, mesh), *outputs)
 
     carry = (jnp.int32(1), last, cache, *outputs)
     _, _, _, tokens, response_mask, logprobs, finished = jax.lax.while_loop(cond, body, carry)
@@ -323,16 +355,40 @@ def check_left_padded(prompt_mask: Any) -> None:
         )
 
 
-def make_generate_fn(cfg: ModelConfig, sampling: SamplingConfig) -> Callable[..., SampleOutput]:
+def generate_shardings(
+    mesh: Mesh, params: Params, prompt_ids: Any, lora: Params | None = None
+) -> tuple[tuple, SampleOutput]:
+    """(in_shardings, out_shardings) of the compiled sampler on `mesh` for these arguments:
+    params and LoRA by their logical axes, prompt ids/mask and every per-row output over
+    ("data", "fsdp") (whole when data x fsdp does not divide the batch, as `shard_batch`
+    places such a batch), the key and the LoRA scale replicated."""
+    rows = S.batch_shardings(jax.ShapeDtypeStruct(np.shape(prompt_ids), jnp.int32), mesh)
+    rows_1d = S.batch_shardings(jax.ShapeDtypeStruct(np.shape(prompt_ids)[:1], jnp.int32), mesh)
+    lora_sh = None if lora is None else S.tree_shardings(lora, mesh)
+    rep = S.replicated(mesh)
+    in_sh = (S.tree_shardings(params, mesh), rows, rows, rep, lora_sh, rep)
+    return in_sh, SampleOutput(tokens=rows, response_mask=rows, logprobs=rows, finished=rows_1d)
+
+
+def make_generate_fn(
+    cfg: ModelConfig, sampling: SamplingConfig, mesh: Mesh | None = None
+) -> Callable[..., SampleOutput]:
     """`fn(params, prompt_ids, prompt_mask, key, lora=None, lora_scale=1.0) -> SampleOutput`,
     compiled once per shape (and per LoRA tree structure) with `cfg`/`sampling` baked in.
 
     `lora_scale` is cast to a float32 array before the compiled call, so adapters with
-    different alpha/r share one program. The compiled function is `fn.jitted`.
+    different alpha/r share one program.
+
+    Without `mesh`, the compiled function is `fn.jitted` (a plain `jax.jit`; the compiler
+    picks every layout). With `mesh`, it is jitted with explicit in/out shardings
+    (`generate_shardings`) and the KV cache is constrained inside (`generate(mesh=...)`);
+    arguments placed otherwise are moved to those shardings first (a no-op for params
+    placed with `sharding.put_tree` and prompts with `sharding.shard_batch`). Either way
+    `fn.jitted_for(*args)` is the `jax.jit` that serves these arguments and
+    `fn.num_programs()` counts the compiled programs (one per shape bucket).
     """
 
-    @jax.jit
-    def jitted(params, prompt_ids, prompt_mask, key, lora, lora_scale):
+    def run(params, prompt_ids, prompt_mask, key, lora, lora_scale):
         return generate(
             params,
             prompt_ids,
@@ -342,7 +398,27 @@ def make_generate_fn(cfg: ModelConfig, sampling: SamplingConfig) -> Callable[...
             sampling=sampling,
             lora=lora,
             lora_scale=lora_scale,
+            mesh=mesh,
         )
+
+    programs: dict[Any, Any] = {}
+    if mesh is None:
+        programs[None] = jax.jit(run)
+
+    def shardings(args: tuple) -> tuple[tuple, SampleOutput]:
+        params, prompt_ids, _, _, lora, _ = args
+        return generate_shardings(mesh, params, prompt_ids, lora)
+
+    def jitted_for(*args):
+        if mesh is None:
+            return programs[None]
+        in_sh, out_sh = shardings(args)
+        # Shardings depend on the params/LoRA shapes and on whether data x fsdp divides the
+        # batch; one jit per distinct set, each compiling once per shape it sees.
+        key = (jax.tree.structure(in_sh), tuple(jax.tree.leaves(in_sh)), out_sh)
+        if key not in programs:
+            programs[key] = jax.jit(run, in_shardings=in_sh, out_shardings=out_sh)
+        return programs[key]
 
     def generate_fn(
         params: Params,
@@ -353,11 +429,18 @@ def make_generate_fn(cfg: ModelConfig, sampling: SamplingConfig) -> Callable[...
         lora_scale: Any = 1.0,
     ) -> SampleOutput:
         check_left_padded(prompt_mask)
-        return jitted(
-            params, prompt_ids, prompt_mask, key, lora, jnp.asarray(lora_scale, jnp.float32)
-        )
+        args = (params, prompt_ids, prompt_mask, key, lora, jnp.asarray(lora_scale, jnp.float32))
+        if mesh is not None:
+            args = jax.device_put(args, shardings(args)[0])
+        return jitted_for(*args)(*args)
 
-    generate_fn.jitted = jitted  # type: ignore[attr-defined]
+    def num_programs() -> int:
+        return sum(j._cache_size() for j in programs.values())
+
+    if mesh is None:
+        generate_fn.jitted = programs[None]  # type: ignore[attr-defined]
+    generate_fn.jitted_for = jitted_for  # type: ignore[attr-defined]
+    generate_fn.num_programs = num_programs  # type: ignore[attr-defined]
     generate_fn.__doc__ = make_generate_fn.__doc__
     return generate_fn
 

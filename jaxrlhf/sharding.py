@@ -3,7 +3,8 @@
 One `Mesh` with axes ("data", "fsdp", "tensor") serves one CPU, a GPU or a pod. Every param
 has logical axis names derived from its path (`embed`, `vocab`, `heads`, `kv_heads`, `mlp`,
 `layers`, `lora_rank`); `RULES` maps them to mesh axes. A LoRA `A` shares its kernel's
-input-axis sharding and `B` its output-axis sharding. Batches shard over ("data", "fsdp").
+input-axis sharding and `B` its output-axis sharding. Batches shard over ("data", "fsdp"),
+and so does the sampler's KV cache, whose kv-heads dimension is split over "tensor".
 A dimension that a mesh axis does not divide is replicated rather than refused, so tiny test
 models run on any mesh.
 """
@@ -45,6 +46,15 @@ _PROJ_AXES = {
     "gate_proj": ("embed", "mlp"),
     "up_proj": ("embed", "mlp"),
     "down_proj": ("mlp", "embed"),
+}
+
+# Logical axes of the sampler's KV cache (`models.transformer.KVCache`): k and v are
+# [layers, batch, slots, kv_heads, head_dim], `valid` is [batch, slots], `index` a scalar.
+_CACHE_AXES = {
+    "k": ("layers", "cache_batch", None, "cache_heads", None),
+    "v": ("layers", "cache_batch", None, "cache_heads", None),
+    "valid": ("cache_batch", None),
+    "index": (),
 }
 
 
@@ -173,6 +183,21 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, batch_axis: int = 0) -> NamedShard
     spec = [None] * ndim
     spec[batch_axis] = BATCH_AXES
     return NamedSharding(mesh, P(*spec))
+
+
+def kv_cache_sharding(cache: Any, mesh: Mesh, rules: dict[str, Any] = RULES) -> Any:
+    """Shardings of a KV cache (a `KVCache` of arrays or `jax.ShapeDtypeStruct`s, same type
+    back): rows over ("data", "fsdp") (`cache_batch`), kv heads over "tensor"
+    (`cache_heads`); slots, head_dim and layers whole. As everywhere, a dimension its mesh
+    axes do not divide (e.g. 4 kv heads on tensor=8) stays whole."""
+    return cache._replace(
+        **{
+            name: NamedSharding(
+                mesh, logical_to_spec(axes, tuple(getattr(cache, name).shape), mesh, rules)
+            )
+            for name, axes in _CACHE_AXES.items()
+        }
+    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -75,6 +75,7 @@ def setup():
         lora_cfg=LORA,
         eos_token_ids=tuple(model_cfg.eos_token_id),
         pad_token_id=tok.pad_token_id,
+        mesh=mesh,
     )
     rollout = sampler(policy, base, prompts, jax.random.PRNGKey(2))
     scorer = Scorer(

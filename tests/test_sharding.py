@@ -2,7 +2,9 @@
 one PPO update and one DPO step give the same loss, metrics and updated adapters on every
 mesh shape as on one device; params, adapters, optimizer state and batches really are split
 (shard shapes, and per-device FLOPs of the compiled step); a checkpoint restores onto another
-mesh shape; `run_rm` end to end on a 2x2x2 mesh equals the one-device run.
+mesh shape; `run_rm` end to end on a 2x2x2 mesh equals the one-device run; the KV-cache
+sampler on every mesh shape gives the one-device tokens and log-probs with its cache split
+over rows (data x fsdp) and kv heads (tensor).
 
 The steps are wrapped exactly as the commands wrap them (`ShardedStep` with the state's
 `tree_shardings`, the frozen base's, and "micro_batch"/"batch" for batches). The tiny model
@@ -21,6 +23,7 @@ import pytest
 from helpers.tasks import case_preference_rows
 
 from jaxrlhf import data as D
+from jaxrlhf import sampling as sampling_mod
 from jaxrlhf.algorithms import dpo as DPO
 from jaxrlhf.algorithms import ppo as P
 from jaxrlhf.algorithms import reward_model as R
@@ -28,14 +31,18 @@ from jaxrlhf.algorithms.common import TrainState, init_train_state
 from jaxrlhf.commands.common import micro_batches
 from jaxrlhf.commands.dpo import dpo_batch
 from jaxrlhf.commands.rm import pair_batch
-from jaxrlhf.config import OptimConfig
+from jaxrlhf.commands.rollout import Sampler
+from jaxrlhf.config import GenerationConfig, OptimConfig
 from jaxrlhf.lora import LoraConfig, init_lora
 from jaxrlhf.models.byte_tokenizer import byte_tokenizer
 from jaxrlhf.models.config import tiny_config
-from jaxrlhf.models.transformer import init_params
+from jaxrlhf.models.transformer import init_cache, init_params
+from jaxrlhf.sampling import SamplingConfig, make_generate_fn
 from jaxrlhf.sharding import (
     MeshConfig,
     ShardedStep,
+    batch_sharding,
+    kv_cache_sharding,
     make_mesh,
     put_tree,
     replicated,
@@ -427,3 +434,231 @@ def test_run_rm_on_2x2x2_mesh_matches_one_device(tmp_path, capsys):
     q_b = sharded["trainable"]["layers"]["q_proj"]["lora_B"]
     assert q_b.sharding.shard_shape(q_b.shape) == (L, 8, 32)
     assert_trees_close(sharded["trainable"], single["trainable"], "run_rm adapter: ")
+
+
+# ----------------------------------------------------------------------------- sampling
+# 8 kv heads (16 query heads of 4): on every mesh below the cache splits over its rows or
+# its kv heads (MODEL's 4 kv heads would stay whole on tensor=8).
+SAMPLE_MODEL = tiny_config(
+    vocab_size=264,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=16,
+    num_kv_heads=8,
+    head_dim=4,
+)
+ROWS, PROMPT, NEW = 8, 6, 6
+GREEDY = SamplingConfig(max_new_tokens=NEW, eos_token_ids=(2,), pad_token_id=0, greedy=True)
+
+
+@functools.cache
+def sample_params() -> dict:
+    return jax.device_get(
+        jax.jit(init_params, static_argnums=1)(jax.random.PRNGKey(1), SAMPLE_MODEL)
+    )
+
+
+def sample_prompts(rows: int = ROWS, length: int = PROMPT, seed: int = 0):
+    """Left-padded prompts with 1..length real tokens (ids >= 3: no pad/bos/eos inside)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, SAMPLE_MODEL.vocab_size, (rows, length)).astype(np.int32)
+    mask = np.ones_like(ids)
+    for row in range(rows):
+        mask[row, : row % length] = 0
+    return ids * mask, mask
+
+
+@functools.cache
+def single_device_sample():
+    ids, mask = sample_prompts()
+    out = make_generate_fn(SAMPLE_MODEL, GREEDY)(sample_params(), ids, mask, jax.random.key(0))
+    return jax.device_get(out)
+
+
+def assert_samples_close(actual, expected, what: str) -> None:
+    actual, expected = jax.device_get(actual), jax.device_get(expected)
+    for name in ("tokens", "response_mask", "finished"):
+        np.testing.assert_array_equal(
+            getattr(actual, name), getattr(expected, name), err_msg=f"{what}{name}"
+        )
+    np.testing.assert_allclose(
+        actual.logprobs, expected.logprobs, rtol=RTOL, atol=ATOL, err_msg=f"{what}logprobs"
+    )
+
+
+def spy_on_cache(monkeypatch) -> dict:
+    """Record, at compile time, the shardings the partitioner gave the KV cache after the
+    prefill and as the decode loop carries it (`jax.debug.inspect_array_sharding`)."""
+    seen: dict = {}
+
+    def record(name, x):
+        jax.debug.inspect_array_sharding(x, callback=lambda sh: seen.__setitem__(name, sh))
+
+    real_prefill, real_decode = sampling_mod.prefill, sampling_mod.decode_step
+
+    def prefill(*args, **kwargs):
+        logits, cache = real_prefill(*args, **kwargs)
+        record("prefill_k", cache.k)
+        return logits, cache
+
+    def decode_step(params, tokens, positions, cache, **kwargs):
+        record("k", cache.k)
+        record("v", cache.v)
+        record("valid", cache.valid)
+        return real_decode(params, tokens, positions, cache, **kwargs)
+
+    monkeypatch.setattr(sampling_mod, "prefill", prefill)
+    monkeypatch.setattr(sampling_mod, "decode_step", decode_step)
+    return seen
+
+
+def count_traces(monkeypatch) -> list:
+    traces: list = []
+    real_generate = sampling_mod.generate
+
+    def counting_generate(*args, **kwargs):
+        traces.append(1)
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(sampling_mod, "generate", counting_generate)
+    return traces
+
+
+def test_kv_cache_sharding_rules():
+    """Rows over data x fsdp, kv heads over tensor; a dimension the axes do not divide
+    (MODEL's 4 kv heads on tensor=8, 6 rows on data x fsdp = 4) stays whole."""
+    cache = jax.eval_shape(lambda: init_cache(MODEL, 8, 12))  # k, v: [L, 8, 12, 4, 8]
+    kv = (L, 8, 12, 4, 8)
+
+    def shapes(shape, cache=cache):
+        sh = kv_cache_sharding(cache, mesh_of(shape))
+        return (
+            sh.k.shard_shape(cache.k.shape),
+            sh.v.shard_shape(cache.v.shape),
+            sh.valid.shard_shape(cache.valid.shape),
+            sh.index.shard_shape(()),
+        )
+
+    assert shapes((8, 1, 1)) == ((L, 1, 12, 4, 8),) * 2 + ((1, 12), ())
+    assert shapes((1, 8, 1)) == ((L, 1, 12, 4, 8),) * 2 + ((1, 12), ())
+    assert shapes((1, 1, 8)) == (kv, kv, (8, 12), ())  # 4 kv heads: not split 8 ways
+    assert shapes((2, 2, 2)) == ((L, 2, 12, 2, 8),) * 2 + ((2, 12), ())
+    odd = jax.eval_shape(lambda: init_cache(MODEL, 6, 12))
+    assert shapes((2, 2, 2), odd)[0] == (L, 6, 12, 2, 8)
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
+def test_greedy_generation_matches_single_device_with_split_cache(shape, monkeypatch):
+    """`make_generate_fn(mesh=...)`: the one-device tokens and log-probs; the KV cache in
+    the compiled loop split by rows over data x fsdp and kv heads over tensor; the outputs
+    split by rows; new values of the same shapes reuse the one compiled program."""
+    expected = single_device_sample()  # before the spies: they record one compilation
+    seen, traces = spy_on_cache(monkeypatch), count_traces(monkeypatch)
+    mesh = mesh_of(shape)
+    data, fsdp, tensor = shape
+    fn = make_generate_fn(SAMPLE_MODEL, GREEDY, mesh=mesh)
+    params = put_tree(sample_params(), mesh)
+    ids, mask = sample_prompts()
+    batch = shard_batch({"ids": ids, "mask": mask}, mesh)
+    out = fn(params, batch["ids"], batch["mask"], jax.random.key(0))
+    assert_samples_close(out, expected, f"generate on {shape}: ")
+
+    rows, heads = ROWS // (data * fsdp), SAMPLE_MODEL.num_kv_heads // tensor
+    slots, hd = PROMPT + NEW, SAMPLE_MODEL.head_dim
+    kv_shape = (SAMPLE_MODEL.num_layers, ROWS, slots, SAMPLE_MODEL.num_kv_heads, hd)
+    for name in ("prefill_k", "k", "v"):
+        assert seen[name].shard_shape(kv_shape) == (SAMPLE_MODEL.num_layers, rows, slots, heads, hd)
+    assert seen["valid"].shard_shape((ROWS, slots)) == (rows, slots)
+    for name, x in out._asdict().items():
+        assert x.sharding.is_equivalent_to(batch_sharding(mesh, x.ndim), x.ndim), name
+        assert x.sharding.shard_shape(x.shape) == (rows, *x.shape[1:]), name
+
+    # Host arrays, other values, another key: the same program.
+    fn(sample_params(), ids[::-1].copy(), mask[::-1].copy(), jax.random.key(1))
+    assert len(traces) == 1 and fn.num_programs() == 1
+
+
+def test_sharded_generate_constraints_buckets_and_odd_batches(monkeypatch):
+    """On 2x2x2: the program pins k and v explicitly (fresh cache, after the prefill, every
+    decode step) rather than leaving them to propagation; another prompt bucket is one more
+    program; a batch that data x fsdp does not divide runs with whole rows (as `shard_batch`
+    places it) and gives the same results."""
+    expected = jax.tree.map(lambda x: x[:6], single_device_sample())
+    traces = count_traces(monkeypatch)
+    mesh = mesh_of((2, 2, 2))
+    fn = make_generate_fn(SAMPLE_MODEL, GREEDY, mesh=mesh)
+    params = put_tree(sample_params(), mesh)
+    ids, mask = sample_prompts()
+    fn(params, ids, mask, jax.random.key(0))
+    long_ids, long_mask = sample_prompts(length=PROMPT + 2, seed=1)
+    fn(params, long_ids, long_mask, jax.random.key(0))
+    fn(params, long_ids[::-1].copy(), long_mask[::-1].copy(), jax.random.key(2))
+    assert len(traces) == 2 and fn.num_programs() == 2
+    odd = shard_batch({"ids": ids[:6], "mask": mask[:6]}, mesh)
+    out = fn(params, odd["ids"], odd["mask"], jax.random.key(0))
+    assert_samples_close(out, expected, "6 rows on 2x2x2: ")
+    assert out.tokens.sharding.is_fully_replicated
+    assert fn.num_programs() == 3
+
+    args = (params, ids, mask, jax.random.key(0), None, np.float32(1.0))
+    text = fn.jitted_for(*args).lower(*args).as_text()
+    m = SAMPLE_MODEL
+    kv_dims = (m.num_layers, ROWS, PROMPT + NEW, m.num_kv_heads, m.head_dim)
+    kv_type = f"tensor<{'x'.join(map(str, kv_dims))}xf32>"
+    pinned = [
+        line
+        for line in text.splitlines()
+        if ("sharding_constraint" in line or "@Sharding" in line) and kv_type in line
+    ]
+    assert len(pinned) >= 6, text  # k and v: init, prefill, decode loop
+    if "sdy.sharding_constraint" in text:  # Shardy (the default partitioner)
+        assert all('[{}, {"data", "fsdp"}, {}, {"tensor"}, {}]' in line for line in pinned)
+
+
+def test_sampler_on_mesh_matches_single_device():
+    """`commands.rollout.Sampler` given the run's mesh (as ppo/grpo give it): the merged
+    policy comes out in the base's shardings, and merged and unmerged rollouts on 2x2x2
+    equal the one-device rollout (same key: the same sampled tokens)."""
+    mesh = mesh_of((2, 2, 2))
+    lora_cfg = LoraConfig(r=4, alpha=8)
+    frozen = sample_params()
+    policy = jax.device_get(
+        jax.jit(
+            lambda k: jax.tree.map(
+                lambda x: 0.2 * jax.random.normal(k, x.shape),
+                init_lora(k, frozen, lora_cfg, SAMPLE_MODEL),
+            )
+        )(jax.random.PRNGKey(3))
+    )
+    ids, mask = sample_prompts()
+    key = jax.random.PRNGKey(4)
+
+    def sampler(mesh, merge_adapter=True):
+        return Sampler(
+            SAMPLE_MODEL,
+            GenerationConfig(max_new_tokens=NEW, temperature=0.9, merge_adapter=merge_adapter),
+            lora_cfg=lora_cfg,
+            eos_token_ids=(2,),
+            pad_token_id=0,
+            mesh=mesh,
+        )
+
+    expected = jax.device_get(
+        sampler(None)(policy, frozen, {"input_ids": ids, "attention_mask": mask}, key)
+    )
+    placed_frozen, placed_policy = put_tree(frozen, mesh), put_tree(policy, mesh)
+    prompts = shard_batch({"input_ids": ids, "attention_mask": mask}, mesh)
+    merged_sampler = sampler(mesh)
+    merged = merged_sampler.merged(placed_frozen, placed_policy)
+    for leaf, sh in zip(
+        jax.tree.leaves(merged), jax.tree.leaves(tree_shardings(merged, mesh)), strict=True
+    ):
+        assert leaf.sharding == sh
+    for name, s in (("merged", merged_sampler), ("unmerged", sampler(mesh, False))):
+        got = jax.device_get(s(placed_policy, placed_frozen, prompts, key))
+        for k in ("input_ids", "attention_mask", "response_mask", "tokens", "finished"):
+            np.testing.assert_array_equal(got[k], expected[k], err_msg=f"{name} {k}")
+        np.testing.assert_allclose(
+            got["sampler_logprobs"], expected["sampler_logprobs"], rtol=RTOL, atol=ATOL
+        )

@@ -127,6 +127,7 @@ def make_pairs(
         lora_cfg=None,
         eos_token_ids=tuple(model_cfg.eos_token_id),
         pad_token_id=tokenizer.pad_token_id,
+        mesh=mesh,
     )
     data, _ = D.tokenize_prompts(
         [{"prompt": p} for p in prompts],

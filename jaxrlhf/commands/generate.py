@@ -6,6 +6,7 @@ import argparse
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxrlhf import data as D
 from jaxrlhf.commands.common import load_base
@@ -26,8 +27,11 @@ def generate_texts(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
+    mesh: Mesh | None = None,
 ) -> list[str]:
-    """Completions of `prompts` by `model` (with `adapter` merged when given)."""
+    """Completions of `prompts` by `model` (with `adapter` merged when given). With `mesh`,
+    the params are split by their logical axes and the prompts and KV cache by rows / kv
+    heads (`make_generate_fn(..., mesh=mesh)`); without, one device runs it."""
     cfg, params, tokenizer = load_base(ModelSection(path=model, adapter=adapter))
     rows = [{"prompt": [{"role": "user", "content": p}] if chat else p} for p in prompts]
     data, _ = D.tokenize_prompts(rows, tokenizer, max_prompt_length=1024)
@@ -42,7 +46,7 @@ def generate_texts(
         top_p=top_p,
         pad_token_id=tokenizer.pad_token_id,
     )
-    fn = make_generate_fn(cfg, sampling)
+    fn = make_generate_fn(cfg, sampling, mesh=mesh)
     out = fn(params, batch["input_ids"], batch["attention_mask"], jax.random.PRNGKey(seed))
     return decode_text(tokenizer, out)
 

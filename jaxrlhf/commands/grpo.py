@@ -109,6 +109,7 @@ def run_grpo(
         lora_cfg=cfg.lora,
         eos_token_ids=eos,
         pad_token_id=tokenizer.pad_token_id,
+        mesh=mesh,
     )
     steps: dict[int, tuple] = {}
 

@@ -161,6 +161,7 @@ def run_ppo(
         lora_cfg=cfg.lora,
         eos_token_ids=eos,
         pad_token_id=tokenizer.pad_token_id,
+        mesh=mesh,
     )
     steps: dict[int, tuple] = {}
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from jaxrlhf import data as D
 from jaxrlhf.algorithms.ppo import reward_model_scores
@@ -23,7 +24,7 @@ from jaxrlhf.lora import LoraConfig, merge, pad_rank
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.rewards import RewardFuncConfig, compute_rewards
 from jaxrlhf.sampling import SamplingConfig, make_generate_fn
-from jaxrlhf.sharding import put_tree, shard_batch
+from jaxrlhf.sharding import put_tree, shard_batch, tree_shardings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +75,12 @@ def host_view(x: Any) -> np.ndarray:
 
 
 class Sampler:
-    """Generates responses for a batch of prompts from the current policy."""
+    """Generates responses for a batch of prompts from the current policy.
+
+    With `mesh` (the run's mesh) the sampler is compiled with explicit shardings: params by
+    their logical axes, prompts and responses over ("data", "fsdp"), the KV cache rows over
+    ("data", "fsdp") and its kv heads over "tensor" (see `sampling.make_generate_fn`); the
+    merged policy comes out of the merge already in the params' shardings."""
 
     def __init__(
         self,
@@ -84,8 +90,9 @@ class Sampler:
         lora_cfg: LoraConfig | None,
         eos_token_ids: tuple[int, ...],
         pad_token_id: int,
+        mesh: Mesh | None = None,
     ):
-        self.model_cfg, self.gen, self.lora_cfg = model_cfg, gen, lora_cfg
+        self.model_cfg, self.gen, self.lora_cfg, self.mesh = model_cfg, gen, lora_cfg, mesh
         self.sampling = SamplingConfig(
             max_new_tokens=gen.max_new_tokens,
             temperature=gen.temperature,
@@ -94,9 +101,10 @@ class Sampler:
             eos_token_ids=eos_token_ids,
             pad_token_id=pad_token_id,
         )
-        self.generate = make_generate_fn(model_cfg, self.sampling)
+        self.generate = make_generate_fn(model_cfg, self.sampling, mesh=mesh)
         lcfg = lora_cfg
-        self._merge = jax.jit(lambda base, lora: merge(base, lora, lcfg, with_heads=False))
+        self._merge_fn = lambda base, lora: merge(base, lora, lcfg, with_heads=False)
+        self._merge = jax.jit(self._merge_fn) if mesh is None else None  # mesh: on first use
         self._join = jax.jit(
             lambda p_ids, p_mask, tokens, resp: (
                 jnp.concatenate([p_ids, tokens], axis=1),
@@ -104,12 +112,20 @@ class Sampler:
             )
         )
 
+    def merged(self, frozen: Any, policy: Any) -> Any:
+        """The base with the policy adapter folded in; on a mesh, in the base's shardings
+        (`tree_shardings`), which is what the sampler is compiled for."""
+        if self._merge is None:
+            shapes = jax.eval_shape(self._merge_fn, frozen, policy)
+            self._merge = jax.jit(self._merge_fn, out_shardings=tree_shardings(shapes, self.mesh))
+        return self._merge(frozen, policy)
+
     def __call__(self, policy: Any, frozen: Any, prompts: dict, key: jax.Array) -> dict:
         """`policy`: the policy adapter tree (LoRA) or the full params (full fine-tuning)."""
         if self.lora_cfg is None:
             out = self.generate(policy, prompts["input_ids"], prompts["attention_mask"], key)
         elif self.gen.merge_adapter:
-            merged = self._merge(frozen, policy)
+            merged = self.merged(frozen, policy)
             out = self.generate(merged, prompts["input_ids"], prompts["attention_mask"], key)
             del merged
         else:
