@@ -3,8 +3,9 @@
 One step = `jaxrlhf.algorithms.dpo.make_train_step` with the reference computed inside the
 step (TRL's default `precompute_ref_log_probs=False`): a no-grad forward of the reference
 (LoRA: the base with the adapter off; full: a separate frozen copy), the policy forward and
-backward over chosen and rejected rows (unpacked, as TRL), the sigmoid loss (β = 0.1),
-clipping and AdamW.
+backward, the sigmoid loss (β = 0.1), clipping and AdamW. Pairs are packed as `jaxrlhf dpo`
+packs them by default (`share_prompt`: the prompt runs once, log-probs of response tokens
+only); tokens/s counts the chosen and rejected rows' tokens, as TRL processes them.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ def dpo_batch(
     response: int = RESPONSE,
     seed: int = 0,
     ids: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    share_prompt: bool = True,
 ) -> dict:
-    """A [1, pairs, prompt + response] batch of unpadded rows, or from given
-    (prompt_ids, chosen_ids, rejected_ids)."""
+    """A one-micro-batch step input from random (or the given (prompt_ids, chosen_ids,
+    rejected_ids)) unpadded pairs: packed like `jaxrlhf dpo` by default, else chosen and
+    rejected rows of prompt + response."""
     rng = np.random.default_rng(seed)
     if ids is None:
         p = C.random_ids(rng, (pairs, prompt), cfg.vocab_size)
@@ -50,7 +53,29 @@ def dpo_batch(
     }
     batch["chosen_attention_mask"] = np.ones_like(batch["chosen_input_ids"])
     batch["rejected_attention_mask"] = np.ones_like(batch["rejected_input_ids"])
+    if share_prompt:
+        from jaxrlhf.algorithms.dpo import PACKED_KEYS
+        from jaxrlhf.packing import pack_pairs
+
+        packed = pack_pairs({**batch, "prompt_lengths": np.full((n,), lp)}, pad_id=0)
+        batch = {f"packed_{k}": v for k, v in packed.items() if f"packed_{k}" in PACKED_KEYS}
+        batch["pair_mask"] = np.ones((n,), np.float32)
     return {k: jnp.asarray(v[None]) for k, v in batch.items()}
+
+
+def token_counts(batch: dict) -> tuple[int, int, int, int]:
+    """(tokens of the chosen and rejected rows, tokens the model runs on, positions that
+    get a log-prob, row length) of a `dpo_batch`."""
+    if "packed_input_ids" in batch:
+        run = int(np.asarray(batch["packed_attention_mask"]).sum())
+        seg = np.asarray(batch["packed_segment_ids"])
+        prompt = int(((seg == 0) & (np.asarray(batch["packed_attention_mask"]) == 1)).sum())
+        lm = int(np.asarray(batch["packed_response_chosen"]).sum())
+        lm += int(np.asarray(batch["packed_response_rejected"]).sum())
+        return run + prompt, run, lm, batch["packed_input_ids"].shape[-1]
+    rows = np.asarray(batch["chosen_input_ids"])
+    tokens = 2 * rows.size
+    return tokens, tokens, tokens - tokens // rows.shape[-1], rows.shape[-1]
 
 
 def build_case(
@@ -76,11 +101,9 @@ def build_case(
         C.block((new, metrics))
         holder["state"] = new
 
-    tokens = 2 * int(np.prod(batch["chosen_input_ids"].shape))
-    seq = batch["chosen_input_ids"].shape[-1]
-    lm = tokens - tokens // seq  # log-probs of tokens 1..T-1 of every row
-    analytic = C.forward_flops(cfg, tokens=tokens, context=seq, lm_tokens=lm) + C.train_flops(
-        cfg, lora=lora_cfg is not None, tokens=tokens, context=seq, lm_tokens=lm
+    tokens, run_tokens, lm, seq = token_counts(batch)
+    analytic = C.forward_flops(cfg, tokens=run_tokens, context=seq, lm_tokens=lm) + C.train_flops(
+        cfg, lora=lora_cfg is not None, tokens=run_tokens, context=seq, lm_tokens=lm
     )
     return Case(
         mode=mode,
@@ -125,8 +148,9 @@ def render(result: dict) -> str:
     return "\n".join(
         [
             f"Batch: {b['pairs']} pairs, prompt {b['prompt']} + response {b['response']} tokens "
-            f"(chosen and rejected rows: {b['tokens_per_step']} tokens per step), fp32, β = 0.1, "
-            "reference log-probs computed in the step. LoRA r=16, α=32, 7 projections; full "
+            f"(chosen and rejected rows: {b['tokens_per_step']} tokens per step), packed with the "
+            "prompt once and log-probs of response tokens only (the `dpo` default), fp32, "
+            "β = 0.1, reference log-probs computed in the step. LoRA r=16, α=32, 7 projections; full "
             "fine-tuning keeps a separate frozen reference copy (counted in “resident”).",
             "",
             render_sizes(result, what="step"),

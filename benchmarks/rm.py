@@ -1,8 +1,9 @@
 """Reward-model step (Bradley–Terry), LoRA vs full fine-tuning.
 
-One step = `jaxrlhf.algorithms.reward_model.make_train_step`: forward of chosen and rejected
-rows (unpacked, no prefix sharing, as TRL's RewardTrainer), the pairwise loss, gradients
-w.r.t. the trainable tree, global-norm clipping and AdamW. LoRA: r=16, alpha=32 on all seven
+One step = `jaxrlhf.algorithms.reward_model.make_train_step`: forward of each pair (a
+32-token prompt and two 32-token responses, packed as `jaxrlhf rm` packs them by default so
+the prompt runs once; TRL's RewardTrainer runs chosen and rejected rows of 64 tokens), the
+pairwise loss, gradients w.r.t. the trainable tree, global-norm clipping and AdamW. LoRA: r=16, alpha=32 on all seven
 projections + the `score` head (modules_to_save); full: every parameter + the head.
 """
 
@@ -15,7 +16,7 @@ import numpy as np
 from benchmarks import common as C
 from benchmarks.harness import Case, render_breakdown, render_sizes, run_cases
 
-PAIRS, SEQ = 8, 64
+PAIRS, SEQ, PROMPT = 8, 64, 32
 
 
 def pair_batch(
@@ -24,13 +25,22 @@ def pair_batch(
     pairs: int = PAIRS,
     seq: int = SEQ,
     seed: int = 0,
+    prompt: int = PROMPT,
     chosen: np.ndarray | None = None,
     rejected: np.ndarray | None = None,
+    share_prompt: bool = True,
 ) -> dict:
-    """A [1 micro-batch, pairs, seq] batch of unpadded random pairs (or the given ids)."""
+    """One micro-batch of unpadded random pairs whose rows share their first `prompt` tokens
+    (or the given rows): packed like `jaxrlhf rm` by default, else chosen/rejected rows."""
     rng = np.random.default_rng(seed)
-    c = chosen if chosen is not None else C.random_ids(rng, (pairs, seq), cfg.vocab_size)
-    r = rejected if rejected is not None else C.random_ids(rng, (pairs, seq), cfg.vocab_size)
+    if chosen is None:
+        p = C.random_ids(rng, (pairs, prompt), cfg.vocab_size)
+        c, r = (
+            np.concatenate([p, C.random_ids(rng, (pairs, seq - prompt), cfg.vocab_size)], 1)
+            for _ in range(2)
+        )
+    else:
+        c, r = chosen, rejected
     ones = np.ones_like(c, dtype=np.int32)
     batch = {
         "chosen_input_ids": c,
@@ -39,7 +49,30 @@ def pair_batch(
         "rejected_attention_mask": ones,
         "pair_mask": np.ones((c.shape[0],), np.float32),
     }
+    if share_prompt:
+        from jaxrlhf.packing import pack_pairs
+
+        packed = pack_pairs({**batch, "prompt_lengths": np.full((c.shape[0],), prompt)}, pad_id=0)
+        batch = {
+            **{f"packed_{k}": packed[k] for k in PACKED},
+            "chosen_last": packed["chosen_last"],
+            "rejected_last": packed["rejected_last"],
+            "pair_mask": batch["pair_mask"],
+        }
     return {k: jnp.asarray(v[None]) for k, v in batch.items()}
+
+
+PACKED = ("input_ids", "attention_mask", "positions", "segment_ids")
+
+
+def token_counts(batch: dict) -> tuple[int, int, int]:
+    """(tokens of the chosen and rejected rows, tokens the model runs on, row length)."""
+    if "packed_input_ids" in batch:
+        mask = np.asarray(batch["packed_attention_mask"])
+        prompt = int(((np.asarray(batch["packed_segment_ids"]) == 0) & (mask == 1)).sum())
+        return int(mask.sum()) + prompt, int(mask.sum()), mask.shape[-1]
+    rows = np.asarray(batch["chosen_input_ids"])
+    return 2 * rows.size, 2 * rows.size, rows.shape[-1]
 
 
 def build_case(
@@ -68,8 +101,7 @@ def build_case(
         C.block((new, metrics))
         holder["state"] = new
 
-    tokens = 2 * int(np.prod(batch["chosen_input_ids"].shape))
-    seq = batch["chosen_input_ids"].shape[-1]
+    tokens, run_tokens, seq = token_counts(batch)
     case = Case(
         mode=mode,
         run=run,
@@ -80,7 +112,9 @@ def build_case(
         frozen_bytes=C.tree_bytes(frozen) if frozen is not None else 0,
         tokens=tokens,
         flops_xla=C.xla_flops(step, state, frozen, batch) if flops else None,
-        flops_analytic=C.train_flops(cfg, lora=lora_cfg is not None, tokens=tokens, context=seq),
+        flops_analytic=C.train_flops(
+            cfg, lora=lora_cfg is not None, tokens=run_tokens, context=seq
+        ),
     )
     return case, {"holder": holder, "frozen": frozen, "lora_cfg": lora_cfg, "step": step}
 
@@ -122,7 +156,12 @@ def run(
 ) -> dict:
     result = {
         "benchmark": "rm",
-        "batch": {"pairs": PAIRS, "seq_len": SEQ, "tokens_per_step": 2 * PAIRS * SEQ},
+        "batch": {
+            "pairs": PAIRS,
+            "seq_len": SEQ,
+            "prompt": PROMPT,
+            "tokens_per_step": 2 * PAIRS * SEQ,
+        },
         "sizes": [],
     }
     for size in sizes:
@@ -144,8 +183,9 @@ def render(result: dict) -> str:
     b = result["batch"]
     parts = [
         f"Batch: {b['pairs']} pairs × {b['seq_len']} tokens (chosen and rejected rows, "
-        f"{b['tokens_per_step']} tokens per step), fp32. LoRA r=16, α=32, 7 projections + "
-        "score head.",
+        f"{b['tokens_per_step']} tokens per step) sharing a {b.get('prompt', 0)}-token prompt, "
+        "packed with the prompt once (the `rm` default), fp32. LoRA r=16, α=32, "
+        "7 projections + score head.",
         "",
         render_sizes(result, what="step"),
     ]

@@ -176,8 +176,11 @@ def compare_rm(cfg, params, tok, *, steps: int, warmup: int, out_dir: str) -> di
     from benchmarks import rm
 
     rng = np.random.default_rng(0)
-    c = C.random_ids(rng, (rm.PAIRS, rm.SEQ), cfg.vocab_size)
-    r = C.random_ids(rng, (rm.PAIRS, rm.SEQ), cfg.vocab_size)
+    p = C.random_ids(rng, (rm.PAIRS, rm.PROMPT), cfg.vocab_size)
+    c, r = (
+        np.concatenate([p, C.random_ids(rng, (rm.PAIRS, rm.SEQ - rm.PROMPT), cfg.vocab_size)], 1)
+        for _ in range(2)
+    )
     case, parts = rm.build_case(
         "lora", cfg, params, rm.pair_batch(cfg, chosen=c, rejected=r), flops=False
     )
@@ -205,7 +208,8 @@ def compare_rm(cfg, params, tok, *, steps: int, warmup: int, out_dir: str) -> di
         timed,
         tokens=case.tokens,
         jax_trainable=case.trainable_bytes // 4,
-        what="RewardTrainer vs reward_model.make_train_step; 8 pairs × 64 tokens",
+        what="RewardTrainer vs reward_model.make_train_step; 8 pairs × 64 tokens "
+        "(32-token prompt shared by chosen and rejected: packed by jaxrlhf, as `rm` does)",
     )
 
 
@@ -254,7 +258,7 @@ def compare_dpo(cfg, params, tok, *, steps: int, warmup: int, out_dir: str) -> d
         tokens=case.tokens,
         jax_trainable=case.trainable_bytes // 4,
         what="DPOTrainer vs dpo.make_train_step; 8 pairs, prompt 32 + response 32 "
-        "(31 + EOS), reference in the step",
+        "(31 + EOS), reference in the step; packed by jaxrlhf, as `dpo` does",
     )
 
 

@@ -12,6 +12,11 @@ values of the prompt are computed once, so a pair costs `p + c + r` tokens inste
 `2p + c + r`. The score of each response is read at its last token; the log-probability
 of a response token comes from the hidden state of its predecessor (`prev_index`), which for
 the first token of either response is the last prompt token.
+
+Only response tokens need a log-probability, so the packed row also lists them in a
+narrower window (`response_prev`, `response_ids`, `response_chosen`, `response_rejected`,
+[B, R] with R the longest chosen + rejected length, bucketed): DPO runs the vocabulary
+projection on those R positions only, never on the prompt.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ def pack_pairs(batch: dict, *, pad_id: int, buckets: tuple[int, ...] = ()) -> di
     """Packed arrays from a right-padded pair batch (`chosen_input_ids`, `rejected_input_ids`,
     their attention masks and `prompt_lengths`). Returns numpy arrays [B, Lp]:
     `input_ids`, `attention_mask`, `positions`, `segment_ids`, `prev_index`,
-    `chosen_mask`/`rejected_mask` (response tokens), and `chosen_last`/`rejected_last` [B]."""
+    `chosen_mask`/`rejected_mask` (response tokens), `chosen_last`/`rejected_last` [B], and
+    the response window [B, R]: `response_prev` (the slot whose hidden state predicts the
+    token), `response_ids` (the token) and `response_chosen`/`response_rejected` masks."""
     c_ids, r_ids = np.asarray(batch["chosen_input_ids"]), np.asarray(batch["rejected_input_ids"])
     c_len = np.asarray(batch["chosen_attention_mask"]).sum(-1)
     r_len = np.asarray(batch["rejected_attention_mask"]).sum(-1)
@@ -38,6 +45,8 @@ def pack_pairs(batch: dict, *, pad_id: int, buckets: tuple[int, ...] = ()) -> di
     n = c_ids.shape[0]
     totals = c_len + (r_len - p_len)
     length = _bucket(int(max(totals.max(), 2)), tuple(sorted(buckets)))
+    response_totals = np.where((c_len > 0) & (r_len > 0), c_len + r_len - 2 * p_len, 0)
+    width = _bucket(int(max(response_totals.max(), 1)), tuple(sorted(buckets)))
     out = {
         "input_ids": np.full((n, length), pad_id, np.int32),
         "attention_mask": np.zeros((n, length), np.int32),
@@ -48,6 +57,10 @@ def pack_pairs(batch: dict, *, pad_id: int, buckets: tuple[int, ...] = ()) -> di
         "rejected_mask": np.zeros((n, length), np.int32),
         "chosen_last": np.zeros((n,), np.int32),
         "rejected_last": np.zeros((n,), np.int32),
+        "response_prev": np.zeros((n, width), np.int32),
+        "response_ids": np.full((n, width), pad_id, np.int32),
+        "response_chosen": np.zeros((n, width), np.int32),
+        "response_rejected": np.zeros((n, width), np.int32),
     }
     for i in range(n):
         p, c, r = int(p_len[i]), int(c_len[i]), int(r_len[i])
@@ -75,6 +88,11 @@ def pack_pairs(batch: dict, *, pad_id: int, buckets: tuple[int, ...] = ()) -> di
         out["rejected_mask"][i, c:t] = 1
         out["chosen_last"][i] = c - 1
         out["rejected_last"][i] = t - 1
+        slots = np.arange(p, t)  # the chosen response, then the rejected one
+        out["response_prev"][i, : len(slots)] = out["prev_index"][i, slots]
+        out["response_ids"][i, : len(slots)] = row[slots]
+        out["response_chosen"][i, : c - p] = 1
+        out["response_rejected"][i, c - p : len(slots)] = 1
     return out
 
 

@@ -151,6 +151,30 @@ def test_packed_and_unshared_logps_agree_with_plain_log_softmax(tiny):
     assert np.abs(np.asarray(ref_c)[:6] - np.asarray(packed[0])[:6]).min() > 1e-3
 
 
+def test_packed_response_window_lists_response_tokens_only():
+    """The vocabulary projection sees response tokens only: the packed row's response window
+    holds each response token and the slot that predicts it, nothing of the prompt."""
+    from jaxrlhf.packing import pack_pairs
+
+    prompt, chosen, rejected = [5, 6, 7], [8, 9], [10, 11, 12]
+    batch = {
+        "chosen_input_ids": np.array([prompt + chosen + [0]]),
+        "chosen_attention_mask": np.array([[1] * 5 + [0]]),
+        "rejected_input_ids": np.array([prompt + rejected]),
+        "rejected_attention_mask": np.array([[1] * 6]),
+        "prompt_lengths": np.array([3]),
+    }
+    packed = pack_pairs(batch, pad_id=0, buckets=(4, 8))
+    assert packed["input_ids"][0, :8].tolist() == prompt + chosen + rejected
+    assert packed["response_ids"].shape == (1, 8)  # 5 response tokens, bucket 8
+    assert packed["response_ids"][0, :5].tolist() == chosen + rejected
+    # 8 is predicted by the last prompt token (slot 2), 9 by 8 (slot 3); the rejected
+    # response restarts from the prompt: 10 by slot 2, 11 by slot 5 (10), 12 by slot 6.
+    assert packed["response_prev"][0, :5].tolist() == [2, 3, 2, 5, 6]
+    assert packed["response_chosen"][0].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
+    assert packed["response_rejected"][0].tolist() == [0, 0, 1, 1, 1, 0, 0, 0]
+
+
 # --------------------------------------------------------------------------- the step
 
 

@@ -35,9 +35,10 @@ PACKED_KEYS = (
     "packed_attention_mask",
     "packed_positions",
     "packed_segment_ids",
-    "packed_prev_index",
-    "packed_chosen_mask",
-    "packed_rejected_mask",
+    "packed_response_prev",
+    "packed_response_ids",
+    "packed_response_chosen",
+    "packed_response_rejected",
 )
 UNSHARED_KEYS = (
     "chosen_input_ids",
@@ -69,9 +70,10 @@ def sequence_logps(
     """(chosen_logps, rejected_logps) [B] in float32: the sum (mean with `average`) of
     log p(token | its prefix) over each response's tokens.
 
-    Packed batch: one forward over prompt + chosen + rejected; the token at packed position
-    t is predicted by the hidden state at `prev_index[t]` (the last prompt token for the
-    first token of either response). Unshared: chosen and rejected rows in one forward,
+    Packed batch: one forward over prompt + chosen + rejected; each response token is
+    predicted by the hidden state at its `response_prev` slot (the last prompt token for
+    the first token of either response); only response tokens reach the vocabulary
+    projection. Unshared: chosen and rejected rows in one forward,
     token t+1 predicted from hidden t. Neither builds a [B, T, V] array (`token_logprobs`
     works in chunks)."""
     extra = (
@@ -92,11 +94,12 @@ def sequence_logps(
             segment_ids=batch["packed_segment_ids"],
             **extra,
         )
-        prev = jnp.take_along_axis(hidden, batch["packed_prev_index"][..., None], axis=1)
-        lp, _ = token_logprobs(params, prev, ids, chunk_size=chunk_size)
+        # Response tokens only: the vocabulary projection never runs on prompt slots.
+        prev = jnp.take_along_axis(hidden, batch["packed_response_prev"][..., None], axis=1)
+        lp, _ = token_logprobs(params, prev, batch["packed_response_ids"], chunk_size=chunk_size)
         return (
-            _reduce(lp, batch["packed_chosen_mask"], average),
-            _reduce(lp, batch["packed_rejected_mask"], average),
+            _reduce(lp, batch["packed_response_chosen"], average),
+            _reduce(lp, batch["packed_response_rejected"], average),
         )
     n = batch["chosen_input_ids"].shape[0]
     ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
