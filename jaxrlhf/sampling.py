@@ -44,6 +44,7 @@ from jaxrlhf.models.transformer import (
     init_cache,
     lm_logits,
     positions_from_mask,
+    unstack_layers,
 )
 
 
@@ -163,6 +164,16 @@ def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> j
     return logits
 
 
+def sample_categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """One draw per row from softmax(logits) [B, V] by inverting the CDF with one uniform
+    per row. Same distribution as `jax.random.categorical` (Gumbel-max), which needs B·V
+    random numbers and, fused into its arg-max, took most of a small model's decode step on
+    CPU. Token j is drawn iff cdf[j-1] <= u < cdf[j], so a token of probability 0 never is."""
+    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
+    u = jax.random.uniform(key, (logits.shape[0], 1)) * cdf[:, -1:]
+    return jnp.minimum(jnp.sum(cdf <= u, axis=-1), logits.shape[-1] - 1)
+
+
 def choose_tokens(
     logits: jax.Array, key: jax.Array, sampling: SamplingConfig
 ) -> tuple[jax.Array, jax.Array]:
@@ -175,7 +186,7 @@ def choose_tokens(
         scaled = logits / sampling.temperature
         logp = jax.nn.log_softmax(scaled, axis=-1)
         filtered = filter_logits(scaled, top_k=sampling.top_k, top_p=sampling.top_p)
-        tokens = jax.random.categorical(key, filtered, axis=-1)
+        tokens = sample_categorical(key, filtered)
     tokens = tokens.astype(jnp.int32)
     return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
 
@@ -274,7 +285,14 @@ def generate(
     With `mesh`, the KV cache and the per-row loop state are constrained to their shardings
     (cache: `sharding.kv_cache_sharding`; rows: over ("data", "fsdp")) in the prefill and
     at every decode step, rather than left to the compiler.
+
+    Stacked layers are split into per-block arrays once, before the decode loop (a
+    transient copy; pass `unstack_layers` output, as the PPO/GRPO `Sampler` does with the
+    merged policy, to avoid it).
     """
+    params = {**params, "layers": unstack_layers(params["layers"])}
+    if lora is not None and "layers" in lora:
+        lora = {**lora, "layers": unstack_layers(lora["layers"])}
     b, p = prompt_ids.shape
     n = sampling.max_new_tokens
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)

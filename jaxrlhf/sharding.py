@@ -141,6 +141,8 @@ def logical_axes_for(names: list[str], ndim: int) -> tuple[str | None, ...]:
         axes = ("embed", "labels")
     else:
         axes = (None,) * ndim
+    if len(axes) == ndim + 1 and axes[0] == "layers":  # one block of `unstack_layers`
+        axes = axes[1:]
     return axes if len(axes) == ndim else (None,) * ndim
 
 

@@ -22,6 +22,7 @@ from jaxrlhf.algorithms.ppo import reward_model_scores
 from jaxrlhf.config import GenerationConfig, ModelSection, PromptDataConfig, RewardModelSection
 from jaxrlhf.lora import LoraConfig, merge, pad_rank
 from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.models.transformer import unstack_layers
 from jaxrlhf.rewards import RewardFuncConfig, compute_rewards
 from jaxrlhf.sampling import SamplingConfig, make_generate_fn
 from jaxrlhf.sharding import put_tree, shard_batch, tree_shardings
@@ -67,6 +68,13 @@ def load_prompts(
     return PromptSplits(train=prompts, eval=eval_prompts, buckets=buckets)
 
 
+def _per_block(params: Any) -> Any:
+    """Merged params with their blocks as separate arrays: what the sampler's decode loop
+    reads in place (`models.transformer.unstack_layers`), made by the merge itself so the
+    rollout holds one merged copy, not a stacked one and a split one."""
+    return {**params, "layers": unstack_layers(params["layers"])}
+
+
 def host_view(x: Any) -> np.ndarray:
     """A global array on every process's host (all-gathered when there are several)."""
     if jax.process_count() > 1:
@@ -103,7 +111,7 @@ class Sampler:
         )
         self.generate = make_generate_fn(model_cfg, self.sampling, mesh=mesh)
         lcfg = lora_cfg
-        self._merge_fn = lambda base, lora: merge(base, lora, lcfg, with_heads=False)
+        self._merge_fn = lambda base, lora: _per_block(merge(base, lora, lcfg, with_heads=False))
         self._merge = jax.jit(self._merge_fn) if mesh is None else None  # mesh: on first use
         self._join = jax.jit(
             lambda p_ids, p_mask, tokens, resp: (

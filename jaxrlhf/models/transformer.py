@@ -23,6 +23,11 @@ and `lora_B: [L, r, out]` and may carry full copies of heads (`modules_to_save`)
 applied *unmerged* here: `y = x·W + s·(dropout(x)·A)·B`, so the frozen `W` is only read.
 Passing `lora=None` is the base model: the reference policy of PPO/DPO, for free.
 
+The cached forward of the sampler (prefill and decode steps) instead runs the blocks as an
+unrolled loop, and accepts `layers` as a list of per-block trees (`unstack_layers`): inside
+the decode loop each weight is then read where it lies, not sliced out of the stack at every
+step (on CPU that slice is a copy of every weight per generated token).
+
 Heads are separate functions so a reward or value pass never computes vocabulary logits.
 """
 
@@ -249,8 +254,9 @@ def _block(
     dropout_rate,
     dropout_rng,
 ):
-    """One decoder block. With `kv` (this layer's cache), new keys/values are written at
-    `write_index` and attention runs over the whole cache."""
+    """One decoder block. With `kv` = (k cache, v cache, this block's index) — the stacked
+    [L, B, S, KVH, hd] caches — new keys/values are written in place at `write_index` and
+    attention runs over this block's whole cache; the updated caches come back."""
     b, t, _ = x.shape
     rngs = (
         jax.random.split(dropout_rng, len(PROJECTIONS))
@@ -271,14 +277,15 @@ def _block(
     q = rope(q, positions, inv_freq)
     k = rope(k, positions, inv_freq)
     if kv is not None:
-        k_cache, v_cache = kv
-        k_cache = jax.lax.dynamic_update_slice_in_dim(
-            k_cache, k.astype(k_cache.dtype), write_index, 1
+        k_cache, v_cache, i = kv
+        at = (i, 0, write_index, 0, 0)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
+        k_all, v_all, new_kv = (
+            k_cache[i].astype(q.dtype),
+            v_cache[i].astype(q.dtype),
+            (k_cache, v_cache),
         )
-        v_cache = jax.lax.dynamic_update_slice_in_dim(
-            v_cache, v.astype(v_cache.dtype), write_index, 1
-        )
-        k_all, v_all, new_kv = k_cache.astype(q.dtype), v_cache.astype(q.dtype), (k_cache, v_cache)
     else:
         k_all, v_all, new_kv = k, v, None
     attn = _attention(q, k_all, v_all, mask, cfg)
@@ -333,24 +340,48 @@ def backbone(
         s = cache.valid.shape[1]
         mask = build_attention_mask(valid, write_index + jnp.arange(t), jnp.arange(s))
 
+    layers = params["layers"]
     layer_lora = None if lora is None else lora.get("layers")
     layer_rngs = jax.random.split(dropout_rng, cfg.num_layers) if dropout_rng is not None else None
 
-    def step(x, xs):
-        layer, l_lora, kv, rng = xs
+    def block(x, layer, l_lora, kv, rng):
         return _block(
             cfg, x, layer, l_lora, lora_scale, positions, mask, kv, write_index, dropout_rate, rng
         )
 
-    if cfg.remat == "block":
-        step = jax.checkpoint(step, prevent_cse=False)
-    kv_xs = None if cache is None else (cache.k, cache.v)
-    x, new_kv = jax.lax.scan(step, x, (params["layers"], layer_lora, kv_xs, layer_rngs))
-    x = rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps)
     new_cache = None
-    if cache is not None:
-        new_cache = KVCache(k=new_kv[0], v=new_kv[1], valid=valid, index=write_index + t)
+    if cache is None and not isinstance(layers, list):
+        step = lambda x, xs: block(x, *xs[:2], None, xs[2])  # noqa: E731
+        if cfg.remat == "block":
+            step = jax.checkpoint(step, prevent_cse=False)
+        x, _ = jax.lax.scan(step, x, (layers, layer_lora, layer_rngs))
+    else:  # the cached (sampling) forward: an unrolled loop over the blocks
+        layers = layers if isinstance(layers, list) else unstack_layers(layers)
+        if layer_lora is not None and not isinstance(layer_lora, list):
+            layer_lora = unstack_layers(layer_lora)
+        kv = None if cache is None else (cache.k, cache.v)
+        for i, layer in enumerate(layers):
+            x, new_kv = block(
+                x,
+                layer,
+                None if layer_lora is None else layer_lora[i],
+                None if kv is None else (*kv, i),
+                None if layer_rngs is None else layer_rngs[i],
+            )
+            kv = new_kv
+        if cache is not None:
+            new_cache = KVCache(k=kv[0], v=kv[1], valid=valid, index=write_index + t)
+    x = rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps)
     return x, new_cache
+
+
+def unstack_layers(layers: Params) -> list[Params]:
+    """The stacked block tree ([L, ...] leaves) as a list of L per-block trees: separate
+    arrays, which the cached forward reads in place (see the module docstring)."""
+    if isinstance(layers, list):
+        return layers
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return [jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n)]
 
 
 # ----------------------------------------------------------------------------- heads
