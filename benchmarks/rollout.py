@@ -39,6 +39,7 @@ class Rollout:
         merge: bool = True,
     ):
         from jaxrlhf.lora import merge as merge_lora
+        from jaxrlhf.models.transformer import unstack_layers
         from jaxrlhf.sampling import SamplingConfig, make_generate_fn
 
         self.lora_cfg, self.frozen, self.merge = lora_cfg, frozen, merge
@@ -55,13 +56,18 @@ class Rollout:
         self.scale = jnp.asarray(lora_cfg.scale if lora_cfg else 1.0, jnp.float32)
         self.programs: dict[str, dict] = {}
         if lora_cfg is not None and merge:
+            # As `commands.rollout.Sampler`: the merge writes the blocks as separate arrays,
+            # which the decode loop reads in place.
+            def merge_fn(base, lora):
+                merged = merge_lora(base, lora, lora_cfg, with_heads=False)
+                return {**merged, "layers": unstack_layers(merged["layers"])}
+
             self._merge, self.programs["merge"] = C.compile_program(
-                lambda base, lora: merge_lora(base, lora, lora_cfg, with_heads=False),
-                frozen,
-                policy_example,
+                merge_fn, frozen, policy_example
             )
+            merged_shapes = jax.eval_shape(merge_fn, frozen, policy_example)
             self._gen, self.programs["generate"] = C.compile_program(
-                gen, frozen, self.ids, self.mask, key, None, self.scale
+                gen, merged_shapes, self.ids, self.mask, key, None, self.scale
             )
         elif lora_cfg is not None:
             layers = {"layers": policy_example["layers"]}
