@@ -8,7 +8,7 @@ export NPROC ?= 16
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: run quick test test-slow test-all lint bench clean
+.PHONY: run quick test test-slow test-all lint readme bench clean
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ test-all: $(VENV)/.test
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check jaxrlhf tests benchmarks scripts
 	$(VENV)/bin/ruff format --check jaxrlhf tests benchmarks scripts
+	$(PY) scripts/build_readme.py --check || (echo "README.md is out of date: make readme"; exit 1)
+
+readme: $(VENV)/.runtime       ## rebuild README.md's chapters from docs/*.md
+	$(PY) scripts/build_readme.py
 
 bench: $(VENV)/.test           ## the CPU benchmark suite; results -> BENCHMARKS.md
 	$(PY) benchmarks/run_all.py

@@ -96,6 +96,10 @@ class PreferenceDataConfig:
     skip_bad_rows: bool = False
     length_buckets: tuple[int, ...] | None = None
     """Padded lengths; default: powers of two from 16 up to max_length."""
+    add_eos: bool = True
+    """End each response with EOS (unless its text already does). A reward model reads its
+    score at the last token, so train it the way it will be scored: `false` when it will
+    score policy rollouts cut at max_new_tokens, which mostly end without one."""
 
     def __post_init__(self) -> None:
         if self.max_length < 2:
@@ -605,6 +609,10 @@ class GRPOConfig:
     """Divide advantages by the group's reward std (false: Dr. GRPO)."""
     log_entropy: bool = True
     """Compute the policy's mean token entropy in the update (one softmax over the vocabulary)."""
+    share_prompt: bool = True
+    """Run each prompt once for its group of completions in the log-prob passes (packed:
+    the G completions attend to one copy of the prompt). Same numbers, fewer tokens;
+    mini-batches and micro-batches then hold whole groups."""
     eval_prompts_batch: int = 32
 
     @property
@@ -638,6 +646,13 @@ class GRPOConfig:
             raise ValueError(
                 f"mini_batch_size ({self.effective_mini_batch_size}) must be a multiple of "
                 f"optim.grad_accum_steps ({self.optim.grad_accum_steps})"
+            )
+        micro = self.effective_mini_batch_size // self.optim.grad_accum_steps
+        if self.share_prompt and micro % self.num_generations:
+            raise ValueError(
+                f"share_prompt packs whole groups, so each micro-batch (mini_batch_size / "
+                f"optim.grad_accum_steps = {micro}) must be a multiple of num_generations "
+                f"({self.num_generations}); change them or set share_prompt: false"
             )
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")

@@ -21,6 +21,7 @@ projection on those R positions only, never on the prompt.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -99,3 +100,40 @@ def pack_pairs(batch: dict, *, pad_id: int, buckets: tuple[int, ...] = ()) -> di
 def padding_fraction_packed(packed: dict) -> float:
     mask = np.asarray(packed["attention_mask"])
     return float(1.0 - mask.sum() / mask.size)
+
+
+def pack_groups(input_ids, attention_mask, prompt_len: int, group: int) -> dict:
+    """GRPO's groups with the prompt once (traceable, static shapes).
+
+    input_ids, attention_mask: [B, P + N] rows `[left-padded prompt | completion]`, the
+    `group` completions of a prompt consecutive. Returns [B / group, P + group·N] arrays
+    `input_ids`, `attention_mask`, `positions`, `segment_ids` (completion j is segment
+    j + 1: it sees the prompt and itself, as in `pack_pairs`) and `prev_index` [B / group,
+    group·N]: the slot whose hidden state predicts each completion token (the last prompt
+    slot for token 0). Completion token k keeps its unpacked position n_prompt + k, so the
+    log-probs equal the unpacked ones."""
+    b, total = input_ids.shape
+    n, g = total - prompt_len, group
+    ids = input_ids.reshape(b // g, g, total)
+    mask = attention_mask.reshape(b // g, g, total)
+    prompt_mask = mask[:, 0, :prompt_len]
+    k = jnp.tile(jnp.arange(n), g)  # token index within its completion
+    j = jnp.repeat(jnp.arange(g), n)  # its completion
+    prompt_pos = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
+    response_pos = jnp.sum(prompt_mask, axis=-1, keepdims=True) + k[None]
+    prev = jnp.where(k == 0, prompt_len - 1, prompt_len + j * n + k - 1)
+    rows = b // g
+    return {
+        "input_ids": jnp.concatenate(
+            [ids[:, 0, :prompt_len], ids[:, :, prompt_len:].reshape(rows, g * n)], axis=1
+        ),
+        "attention_mask": jnp.concatenate(
+            [prompt_mask, mask[:, :, prompt_len:].reshape(rows, g * n)], axis=1
+        ),
+        "positions": jnp.concatenate([prompt_pos, response_pos], axis=1).astype(jnp.int32),
+        "segment_ids": jnp.broadcast_to(
+            jnp.concatenate([jnp.zeros((prompt_len,), jnp.int32), j + 1])[None],
+            (rows, prompt_len + g * n),
+        ),
+        "prev_index": jnp.broadcast_to(prev[None], (rows, g * n)).astype(jnp.int32),
+    }

@@ -118,6 +118,38 @@ def _prepare(setup, hyper, scores=None):
     return jax.jit(fn)(setup["policy"], setup["base"], setup["rollout_in"], jnp.asarray(scores))
 
 
+def test_shared_prompt_groups_give_the_unshared_logprobs(setup):
+    """Packing each prompt once for its G completions changes no log-prob or entropy of a
+    real response token (left-padded prompts, completions stopped early by EOS)."""
+    ids, mask = setup["rollout_in"]["input_ids"], setup["rollout_in"]["attention_mask"]
+    resp = np.asarray(setup["rollout_in"]["response_mask"]).astype(bool)
+    assert resp.sum() < resp.size  # some completions stopped early
+    p_len = setup["prompts"]["input_ids"].shape[1]
+    policy = jax.tree.map(lambda x: x + 0.05, setup["policy"])  # a non-zero adapter
+
+    def run(group):
+        return jax.jit(
+            lambda base, lora: G.response_logprobs(
+                base,
+                ids,
+                mask,
+                p_len,
+                model_cfg=setup["model_cfg"],
+                lora=lora,
+                lora_scale=LORA.scale,
+                with_entropy=True,
+                group=group,
+            )
+        )(setup["base"], policy)
+
+    (lp1, ent1), (lp_g, ent_g) = run(1), run(G_SIZE)
+    assert lp_g.shape == lp1.shape
+    np.testing.assert_allclose(np.asarray(lp_g)[resp], np.asarray(lp1)[resp], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(ent_g)[resp], np.asarray(ent1)[resp], rtol=1e-5, atol=1e-5
+    )
+
+
 def _numpy_group_advantages(scores, g, scale=True, eps=1e-4):
     groups = np.asarray(scores, np.float64).reshape(-1, g)
     adv = groups - groups.mean(axis=1, keepdims=True)
@@ -369,6 +401,7 @@ def test_config_validation():
         "exceeds generation.max_rank": ["generation.merge_adapter=false", "generation.max_rank=16"],
         "multiple of optim.grad_accum_steps": ["mini_batch_size=16", "optim.grad_accum_steps=3"],
         "no critic": ["lora.modules_to_save=[value]"],
+        "multiple of num_generations": ["mini_batch_size=4"],
     }
     for message, overrides in cases.items():
         extra = [] if message == "GRPO needs a reward" else base

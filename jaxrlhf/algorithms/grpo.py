@@ -37,6 +37,7 @@ from jaxrlhf.lora import LoraConfig
 from jaxrlhf.losses import GRPO_LOSS_ALIASES, grpo_loss, masked_mean
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.transformer import backbone, token_logprobs
+from jaxrlhf.packing import pack_groups
 from jaxrlhf.train.optim import accumulate_gradients
 
 
@@ -58,6 +59,9 @@ class GRPOHyper:
     optimizer step: μ > 1 or several mini-batches)."""
     log_entropy: bool = True
     logprob_chunk: int = 128
+    share_prompt: bool = False
+    """Run each prompt once for its group (`packing.pack_groups`); every batch the steps see
+    must then hold whole groups, consecutive."""
 
 
 def response_logprobs(
@@ -72,16 +76,34 @@ def response_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 128,
     with_entropy: bool = False,
+    group: int = 1,
 ) -> tuple[jax.Array, jax.Array | None]:
     """log p (and the entropy) of the response tokens, [B, N], from `[prompt | response]`
     sequences [B, P + N]: token P + j is predicted from the hidden state at P + j − 1.
+    With `group` > 1 the rows are consecutive groups of one prompt's completions and run
+    packed, the prompt once per group (same numbers, fewer tokens).
 
     `lora=None` is the base model: the reference policy when `params` is the frozen base."""
     n = input_ids.shape[1] - prompt_len
-    hidden, _ = backbone(
-        params, input_ids, attention_mask, cfg=model_cfg, lora=lora, lora_scale=lora_scale
-    )
-    h = hidden[:, prompt_len - 1 : prompt_len - 1 + n]
+    if group > 1:
+        packed = pack_groups(input_ids, attention_mask, prompt_len, group)
+        hidden, _ = backbone(
+            params,
+            packed["input_ids"],
+            packed["attention_mask"],
+            cfg=model_cfg,
+            lora=lora,
+            lora_scale=lora_scale,
+            positions=packed["positions"],
+            segment_ids=packed["segment_ids"],
+        )
+        h = jnp.take_along_axis(hidden, packed["prev_index"][..., None], axis=1)
+        h = h.reshape(input_ids.shape[0], n, h.shape[-1])
+    else:
+        hidden, _ = backbone(
+            params, input_ids, attention_mask, cfg=model_cfg, lora=lora, lora_scale=lora_scale
+        )
+        h = hidden[:, prompt_len - 1 : prompt_len - 1 + n]
     return token_logprobs(
         params,
         h,
@@ -118,6 +140,7 @@ def policy_logprobs(
         temperature=hyper.temperature,
         chunk_size=hyper.logprob_chunk,
         with_entropy=with_entropy,
+        group=hyper.num_generations if hyper.share_prompt else 1,
     )
 
 
@@ -139,6 +162,7 @@ def reference_logprobs(
         model_cfg=model_cfg,
         temperature=hyper.temperature,
         chunk_size=hyper.logprob_chunk,
+        group=hyper.num_generations if hyper.share_prompt else 1,
     )
     return lp
 

@@ -45,6 +45,7 @@ def hyper_from(cfg: GRPOConfig) -> G.GRPOHyper:
         max_completion_length=cfg.generation.max_new_tokens,
         use_old_logprobs=cfg.num_iterations > 1 or mini_batches > 1,
         log_entropy=cfg.log_entropy,
+        share_prompt=cfg.share_prompt,
     )
 
 
@@ -187,6 +188,9 @@ def run_grpo(
         update_metrics = []
         for epoch in range(cfg.num_iterations):
             perm = np.asarray(jax.random.permutation(jax.random.fold_in(k_perm, epoch), batch_size))
+            if cfg.share_prompt:  # shuffle whole groups: each micro-batch packs its prompts
+                g = cfg.num_generations
+                perm = (perm[perm % g == 0][:, None] + np.arange(g)).reshape(-1)
             for j in range(n_mb):
                 state, m = update_step(
                     state, frozen, batch, jnp.asarray(perm[j * mini : (j + 1) * mini])
