@@ -151,6 +151,29 @@ def breakdown(cfg, cases: dict[str, tuple[Case, dict]], batch: dict, *, repeats:
     return out
 
 
+def remat_tradeoff(cfg, params, batch: dict, *, repeats: int, pairs: int = 32) -> dict:
+    """The LoRA step with `model.remat` none vs block (activations of each decoder block
+    recomputed in the backward), on a 4× larger batch where activations dominate: the
+    compiled program's peak and the step time, interleaved."""
+    import dataclasses
+
+    big = pair_batch(cfg, pairs=pairs)
+    out, thunks = {}, {}
+    for remat in ("none", "block"):
+        case, _ = build_case(
+            "lora", dataclasses.replace(cfg, remat=remat), params, big, flops=False
+        )
+        thunks[remat] = case.run
+        out[remat] = {
+            "compiled_peak_bytes": case.programs["step"].get("footprint_bytes"),
+            "temp_bytes": case.programs["step"].get("temp_bytes"),
+        }
+    for remat, t in C.interleaved(thunks, repeats=repeats, warmup=1).items():
+        out[remat]["step_s"] = round(t["median_s"], 4)
+    out["pairs"] = pairs
+    return out
+
+
 def run(
     *, sizes: list[str], repeats: int, roofline: dict | None, breakdown_sizes: tuple[str, ...] = ()
 ) -> dict:
@@ -174,8 +197,11 @@ def run(
         entry.update(run_cases([b[0] for b in built.values()], repeats=repeats, roofline=roofline))
         if size in breakdown_sizes:
             entry["breakdown"] = breakdown(cfg, built, batch, repeats=max(2, repeats - 1))
+        built = None  # free the cases' device buffers before the next ones
+        if size in breakdown_sizes:
+            entry["remat"] = remat_tradeoff(cfg, params, batch, repeats=max(2, repeats - 1))
         result["sizes"].append(entry)
-        del built, params
+        del params
     return result
 
 
@@ -192,4 +218,42 @@ def render(result: dict) -> str:
     bd = render_breakdown(result)
     if bd:
         parts += ["", "Where the time goes (medians, interleaved; % of the whole step):", "", bd]
+    rows = []
+    for entry in result["sizes"]:
+        r = entry.get("remat")
+        if not r:
+            continue
+        none, block = r["none"], r["block"]
+        rows.append(
+            [
+                entry["size"],
+                str(r["pairs"]),
+                C.fmt_bytes(none["compiled_peak_bytes"]),
+                C.fmt_bytes(block["compiled_peak_bytes"]),
+                f"{none['compiled_peak_bytes'] / block['compiled_peak_bytes']:.2f}×",
+                f"{none['step_s']:.3f}",
+                f"{block['step_s']:.3f}",
+                f"{block['step_s'] / none['step_s']:.2f}×",
+            ]
+        )
+    if rows:
+        parts += [
+            "",
+            "`model.remat: block` (recompute each decoder block's activations in the backward), "
+            "LoRA step, pairs as above but more of them:",
+            "",
+            C.table(
+                [
+                    "model",
+                    "pairs",
+                    "compiled peak, remat none",
+                    "remat block",
+                    "memory saved (none/block)",
+                    "step s, none",
+                    "step s, block",
+                    "time cost (block/none)",
+                ],
+                rows,
+            ),
+        ]
     return "\n".join(parts)
