@@ -58,7 +58,8 @@ def load_base(model: ModelSection, *, seed: int = 0) -> tuple[ModelConfig, dict,
             raise ValueError(
                 f"model.tiny.vocab_size must be >= {VOCAB_SIZE} for the byte tokenizer"
             )
-        params = jax.device_get(init_params(jax.random.PRNGKey(seed), cfg))
+        with jax.default_device(jax.devices("cpu")[0]):  # host memory, as a loaded model
+            params = jax.device_get(init_params(jax.random.PRNGKey(seed), cfg))
         tokenizer = byte_tokenizer()
     else:
         from jaxrlhf.models.loading import load_model
@@ -81,7 +82,8 @@ def merge_adapter_into_base(params: dict, cfg: ModelConfig, adapter_dir: str) ->
 
     lora, lora_cfg = load_peft(adapter_dir, cfg)
     log(f"merged adapter {adapter_dir} (r={lora_cfg.r}) into the base")
-    return jax.device_get(merge(params, lora, lora_cfg, with_heads=True))
+    with jax.default_device(jax.devices("cpu")[0]):  # on the host: no full copy on a device
+        return jax.device_get(merge(params, lora, lora_cfg, with_heads=True))
 
 
 def split_trainable(

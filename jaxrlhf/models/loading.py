@@ -81,7 +81,7 @@ def load_hf_folder(
     )
     parse_cfg = cfg.replace(tie_word_embeddings=True) if no_lm_head else cfg
     params = params_from_state_dict(state_dict, parse_cfg, source=str(folder))
-    return cfg, _to_jax(params, dtype)
+    return cfg, _to_host(params, dtype)
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -173,8 +173,12 @@ def _strip_prefixes(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k if k.startswith(heads) else f"model.{k}": v for k, v in state_dict.items()}
 
 
-def _to_jax(params: dict, dtype) -> dict:
-    return jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), params)
+def _to_host(params: dict, dtype) -> dict:
+    """Host (numpy) arrays in `dtype`: nothing lands on an accelerator here, so the caller
+    places each weight straight into its sharding (`sharding.put_tree` sends every device
+    only its own shard) and a base larger than one device loads."""
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    return jax.tree.map(lambda x: np.asarray(x, dtype=np_dtype), params)
 
 
 def save_hf_folder(
@@ -279,7 +283,7 @@ def load_gguf(path: str | Path, *, dtype=jnp.float32) -> tuple[ModelConfig, dict
         state_dict[hf_name] = w.astype(np_dtype, copy=False)
     params = params_from_state_dict(state_dict, cfg, source=str(file))
     tokenizer = _gguf_tokenizer(meta, file)
-    return cfg, _to_jax(params, dtype), tokenizer
+    return cfg, _to_host(params, dtype), tokenizer
 
 
 def _dequantize(t: Any, file: Path) -> np.ndarray:

@@ -126,6 +126,25 @@ def test_sharded_checkpoint_with_index(hf_model, hf_dir, tmp_path):
     assert_trees_equal(load_hf_folder(tmp_path)[1], single)
 
 
+def test_loading_keeps_weights_on_the_host_then_places_shards(hf_dir):
+    """A loaded base is numpy (no array on any device yet), so placing it on a mesh sends each
+    device only its shard: a base larger than one device's memory can load."""
+    from jaxrlhf import config as C
+    from jaxrlhf.commands.common import load_base
+    from jaxrlhf.sharding import MeshConfig, make_mesh, put_tree
+
+    _, params = load_hf_folder(hf_dir)
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params))
+    _, base, _ = load_base(C.ModelSection(path=str(hf_dir)))
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(base))
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
+    placed = put_tree(base, mesh)
+    kernel = placed["layers"]["gate_proj"]["kernel"]  # [L, D, F]: D (embed) over fsdp
+    shard = kernel.addressable_shards[0].data.shape
+    assert shard[1] * mesh.shape["fsdp"] == kernel.shape[1] and mesh.shape["fsdp"] > 1
+    np.testing.assert_array_equal(np.asarray(kernel), params["layers"]["gate_proj"]["kernel"])
+
+
 def test_bfloat16_checkpoint_and_dtype(hf_model, tmp_path):
     bf16 = transformers.LlamaForCausalLM(hf_model.config).to(torch.bfloat16)
     bf16.load_state_dict(hf_model.state_dict())
