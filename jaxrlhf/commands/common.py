@@ -58,7 +58,8 @@ def load_base(model: ModelSection, *, seed: int = 0) -> tuple[ModelConfig, dict,
             raise ValueError(
                 f"model.tiny.vocab_size must be >= {VOCAB_SIZE} for the byte tokenizer"
             )
-        with jax.default_device(jax.devices("cpu")[0]):  # host memory, as a loaded model
+        # On the host, as a loaded model (this process's own CPU device: multi-host safe).
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
             params = jax.device_get(init_params(jax.random.PRNGKey(seed), cfg))
         tokenizer = byte_tokenizer()
     else:
@@ -82,7 +83,8 @@ def merge_adapter_into_base(params: dict, cfg: ModelConfig, adapter_dir: str) ->
 
     lora, lora_cfg = load_peft(adapter_dir, cfg)
     log(f"merged adapter {adapter_dir} (r={lora_cfg.r}) into the base")
-    with jax.default_device(jax.devices("cpu")[0]):  # on the host: no full copy on a device
+    # On the host (this process's CPU device): no full copy of the base on an accelerator.
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
         return jax.device_get(merge(params, lora, lora_cfg, with_heads=True))
 
 
