@@ -383,6 +383,10 @@ class RewardModelSection:
     base: str | None = None
     """The reward model's base when it is not the policy's (an HF folder, .gguf, default)."""
     weight: float = 1.0
+    append_eos: bool = False
+    """Score a response cut at max_new_tokens as if it ended with EOS (one EOS is appended
+    before the reward model reads its score), as `jaxrlhf rm` trains (`data.add_eos`, on by
+    default) and evaluates it. Off: read at the cut response's last sampled token."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

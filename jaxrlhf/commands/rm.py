@@ -68,6 +68,7 @@ def load_preferences(
         max_length=data_cfg.max_length,
         max_prompt_length=data_cfg.max_prompt_length,
         skip_bad_rows=data_cfg.skip_bad_rows,
+        add_eos=data_cfg.add_eos,
     )
     if report.n_skipped:
         log(
@@ -81,6 +82,7 @@ def load_preferences(
             max_length=data_cfg.max_length,
             max_prompt_length=data_cfg.max_prompt_length,
             skip_bad_rows=data_cfg.skip_bad_rows,
+            add_eos=data_cfg.add_eos,
         )
         train = prefs
     elif data_cfg.eval_fraction > 0 and len(prefs) > 1:

@@ -192,8 +192,16 @@ class Scorer:
                 )
             )
             self.rm_weight = section.weight
+            eos = tokenizer.eos_token_id if tokenizer is not None else None
+            self.rm_eos = eos if section.append_eos else None
 
-    def reward_model(self, input_ids, attention_mask) -> jax.Array:
+    def reward_model(self, input_ids, attention_mask, finished=None) -> jax.Array:
+        """Scores [B]; with `finished` [B] (and `append_eos`), an unfinished row gets one EOS
+        appended (a finished one already ends in its EOS) before the score is read."""
+        if finished is not None and self.rm_eos is not None:
+            input_ids, attention_mask = _append_eos(
+                input_ids, attention_mask, finished, jnp.asarray(self.rm_eos, input_ids.dtype)
+            )
         return self._rm_fn(self.rm["params"], self.rm["lora"], input_ids, attention_mask)
 
     def __call__(
@@ -210,7 +218,9 @@ class Scorer:
         metrics: dict[str, float] = {}
         if self.rm is not None:
             rm_scores = host_view(
-                self.reward_model(rollout["input_ids"], rollout["attention_mask"])
+                self.reward_model(
+                    rollout["input_ids"], rollout["attention_mask"], rollout["finished"]
+                )
             )
             total += self.rm_weight * rm_scores
             metrics["rewards/reward_model"] = float(rm_scores.mean())
@@ -227,6 +237,18 @@ class Scorer:
             total = (total - total.mean()) / (total.std() + 1e-8)
         metrics["rewards/total"] = float(total.mean())
         return total.astype(np.float32), metrics, completions
+
+
+@jax.jit
+def _append_eos(input_ids, attention_mask, finished, eos):
+    """One more column: EOS (real) for unfinished rows, padding (masked) for finished ones.
+    An unfinished row's response fills all its columns, so the EOS lands right after it."""
+    finished = finished.astype(bool)[:, None]
+    col = jnp.where(finished, jnp.zeros_like(eos), eos).astype(input_ids.dtype)
+    return (
+        jnp.concatenate([input_ids, col], axis=1),
+        jnp.concatenate([attention_mask, (~finished).astype(attention_mask.dtype)], axis=1),
+    )
 
 
 def load_reward_model(
