@@ -238,12 +238,18 @@ def run_rm(cfg: RMConfig, *, resume: bool = False, source: Any = None) -> dict:
     if initial_eval:
         logger.log(0, initial_eval, split="eval")
         log(f"eval before training: accuracy {initial_eval['accuracy']:.3f}")
+    last_eval: dict = {}
+
+    def evaluate_in_loop(state: TrainState) -> dict:
+        last_eval["metrics"] = evaluate(state)
+        return last_eval["metrics"]
+
     state = run_loop(
         state=state,
         start_step=start_step,
         total_steps=total_steps,
         train_step=step_fn,
-        eval_fn=evaluate if splits.eval is not None else None,
+        eval_fn=evaluate_in_loop if splits.eval is not None else None,
         meta=lambda s: {"data_position": host["position"]},
         run=cfg.run,
         checkpointer=checkpointer,
@@ -251,7 +257,8 @@ def run_rm(cfg: RMConfig, *, resume: bool = False, source: Any = None) -> dict:
         desc="rm",
         bar_keys=("loss", "accuracy"),
     )
-    final_eval = evaluate(state)
+    # The loop's last evaluation is of the final state; a run resumed at its end has none.
+    final_eval = last_eval.get("metrics") or evaluate(state)
     logger.close()
     checkpointer.close()
     out_dir = export_reward_model(cfg, state.trainable, base, model_cfg, tokenizer)
