@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -351,6 +352,28 @@ def run_ppo(
     }
 
 
+@functools.cache
+def _eval_kl_fn(model_cfg, lora_cfg: LoraConfig | None, temperature: float):
+    """The jitted per-response KL of `evaluate_policy`, built once per configuration (so each
+    evaluation of a run reuses the compiled program)."""
+    from jaxrlhf.models.transformer import sequence_logprobs
+
+    @jax.jit
+    def kl_fn(policy, frozen, ids, mask, resp, prompt_len_arr):
+        prompt_len = ids.shape[1] - resp.shape[1]
+        params, lora, scale = (
+            (frozen, policy, lora_cfg.scale) if lora_cfg is not None else (policy, None, 1.0)
+        )
+        lp, _ = sequence_logprobs(
+            params, ids, mask, cfg=model_cfg, lora=lora, lora_scale=scale, temperature=temperature
+        )
+        ref, _ = sequence_logprobs(frozen, ids, mask, cfg=model_cfg, temperature=temperature)
+        diff = (lp - ref)[:, prompt_len - 1 :]
+        return jnp.sum(diff * resp, axis=-1)
+
+    return kl_fn
+
+
 def evaluate_policy(
     policy,
     frozen,
@@ -370,21 +393,7 @@ def evaluate_policy(
 ) -> dict:
     """Sample once for every held-out prompt; mean score, KL to the reference (k1, summed
     over the response) and the hook's metrics."""
-    from jaxrlhf.models.transformer import sequence_logprobs
-
-    @jax.jit
-    def kl_fn(policy, frozen, ids, mask, resp, prompt_len_arr):
-        prompt_len = ids.shape[1] - resp.shape[1]
-        params, lora, scale = (
-            (frozen, policy, lora_cfg.scale) if lora_cfg is not None else (policy, None, 1.0)
-        )
-        lp, _ = sequence_logprobs(
-            params, ids, mask, cfg=model_cfg, lora=lora, lora_scale=scale, temperature=temperature
-        )
-        ref, _ = sequence_logprobs(frozen, ids, mask, cfg=model_cfg, temperature=temperature)
-        diff = (lp - ref)[:, prompt_len - 1 :]
-        return jnp.sum(diff * resp, axis=-1)
-
+    kl_fn = _eval_kl_fn(model_cfg, lora_cfg, temperature)
     all_scores, kls, texts, all_prompts = [], [], [], []
     key = jax.random.PRNGKey(seed + 10_000)
     n = len(prompts)
