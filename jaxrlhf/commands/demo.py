@@ -1,7 +1,7 @@
 """`jaxrlhf demo`: the whole PE-RLHF pipeline on the embedded SmolLM2-135M-Instruct, judged by
 an outside scorer (VADER sentiment), with no network.
 
-    prompts (fortune openings) ─> 2 base samples each ─VADER─> preference pairs (ties dropped)
+    prompts (fortune openings) ─> 8 base samples each ─VADER─> graded pairs (ties dropped)
     ─> `rm` (LoRA, SEQ_CLS) ─> `ppo` (LoRA policy + LoRA critic, reference = adapter off)
     ─> held-out evaluation: gold (VADER) and reward-model scores before/after, KL to the base
 
@@ -35,8 +35,12 @@ class DemoConfig:
     n_train_prompts: int = 384
     n_eval_prompts: int = 64
     pair_max_new_tokens: int = 20
-    pairs_per_prompt: int = 2
-    """Each pair is two fresh base samples of the prompt; more pairs per prompt, more data."""
+    samples_per_prompt: int = 8
+    """Base samples of each prompt, ranked by the gold judge (for the held-out prompts: the
+    reward model's held-out pairs)."""
+    pairs_per_prompt: int = 4
+    """Graded pairs of each training prompt: the best sample vs the worst, the 2nd best vs the
+    2nd worst, ... (at most samples_per_prompt // 2)."""
     pair_temperature: float = 1.0
     min_gold_gap: float = 0.25
     """Pairs whose two gold scores differ by less are ties and dropped."""
@@ -49,12 +53,12 @@ class DemoConfig:
         default_factory=lambda: C.RMConfig(
             lora=LoraConfig(r=8, alpha=16, task_type="SEQ_CLS", modules_to_save=("score",)),
             optim=C.OptimConfig(
-                learning_rate=5e-4, schedule="linear", warmup_ratio=0.1, weight_decay=0.01
+                learning_rate=2e-3, schedule="linear", warmup_ratio=0.1, weight_decay=0.01
             ),
-            data=C.PreferenceDataConfig(max_length=48, eval_fraction=0.15, length_buckets=(32, 48)),
+            data=C.PreferenceDataConfig(max_length=48, length_buckets=(32, 48)),
             batch_size=16,
             eval_batch_size=32,
-            num_epochs=2.0,
+            num_epochs=1.0,
         )
     )
     ppo: C.PPOConfig = dataclasses.field(
@@ -65,7 +69,7 @@ class DemoConfig:
             optim=C.OptimConfig(learning_rate=3e-4, schedule="constant"),
             data=C.PromptDataConfig(max_prompt_length=24, length_buckets=(16, 24)),
             generation=C.GenerationConfig(max_new_tokens=20, temperature=1.0),
-            reward_model=C.RewardModelSection(path="(set by the demo)"),
+            reward_model=C.RewardModelSection(path="(set by the demo)", append_eos=True),
             num_iterations=16,
             rollout_batch_size=32,
             mini_batch_size=16,
@@ -79,7 +83,8 @@ class DemoConfig:
 
 QUICK = [
     "model.path=tiny",
-    "pairs_per_prompt=1",
+    "samples_per_prompt=4",
+    "pairs_per_prompt=2",
     "run_dir=runs/demo_quick",
     "n_train_prompts=96",
     "n_eval_prompts=32",
@@ -109,13 +114,22 @@ def demo_prompts() -> list[str]:
 
 
 def make_pairs(
-    model_cfg, base, tokenizer, prompts: list[str], cfg: DemoConfig
+    model_cfg, base, tokenizer, prompts: list[str], cfg: DemoConfig, *, pairing: str = "graded"
 ) -> tuple[list, dict]:
-    """Two samples of the base model per prompt, ordered by VADER (ties dropped)."""
+    """`samples_per_prompt` base samples of each prompt, scored by the gold judge, and the
+    preference pairs they make (pairs closer than `min_gold_gap`, and blank responses, dropped).
+
+    `pairing="graded"`: the samples ranked by gold, the best vs the worst, the 2nd best vs the
+    2nd worst, ... (`pairs_per_prompt` pairs, from the widest gap inward), so the reward model
+    sees clear contrasts and near ones. `pairing="random"`: consecutive samples, as drawn
+    ((0, 1), (2, 3), ...: every sample once), which is how the held-out pairs are made."""
     from jaxrlhf import data as D
     from jaxrlhf.commands.rollout import Sampler, prompt_batch
     from jaxrlhf.sharding import make_mesh, put_tree
 
+    if pairing not in ("graded", "random"):
+        raise ValueError(f"pairing must be 'graded' or 'random', got {pairing!r}")
+    k = cfg.samples_per_prompt
     mesh = make_mesh(C.MeshConfig(data=1))
     params = put_tree(base, mesh)
     gen = C.GenerationConfig(
@@ -134,8 +148,9 @@ def make_pairs(
         tokenizer,
         max_prompt_length=cfg.ppo.data.max_prompt_length,
     )
-    rows, batch = [], 32
-    key = jax.random.PRNGKey(cfg.seed + 1)
+    rows, candidates, batch = [], 0, max(1, 256 // k)
+    # Different prompt sets (train, held-out) get different sample streams.
+    key = jax.random.PRNGKey(cfg.seed + 1 + (pairing == "random"))
     buckets = tuple(
         cfg.ppo.data.length_buckets or D.default_buckets(cfg.ppo.data.max_prompt_length)
     )
@@ -147,7 +162,7 @@ def make_pairs(
             pad_id=tokenizer.pad_token_id,
             buckets=buckets,
             mesh=mesh,
-            repeat=2 * cfg.pairs_per_prompt,
+            repeat=k,
         )
         out = sampler(params, None, device, jax.random.fold_in(key, start))
         tokens = np.asarray(out["tokens"])
@@ -157,23 +172,63 @@ def make_pairs(
             for t, m in zip(tokens, mask, strict=True)
         ]
         gold = gold_scores(cfg.gold, values, texts)
-        for i in range(0, len(texts), 2):
-            a, b = gold[i], gold[i + 1]
-            if abs(a - b) < cfg.min_gold_gap or not texts[i].strip() or not texts[i + 1].strip():
-                continue
-            hi, lo = (i, i + 1) if a > b else (i + 1, i)
-            rows.append(
-                {
-                    "prompt": values[i],
-                    "chosen": texts[hi],
-                    "rejected": texts[lo],
-                    "gold_chosen": max(a, b),
-                    "gold_rejected": min(a, b),
-                }
+        for g in range(0, len(texts), k):
+            group = slice(g, g + k)
+            picked, n_candidates = pair_group(
+                texts[group],
+                gold[group],
+                pairing=pairing,
+                pairs_per_prompt=cfg.pairs_per_prompt,
+                min_gap=cfg.min_gold_gap,
             )
-    n_candidates = len(prompts) * cfg.pairs_per_prompt
-    stats = {"prompts": len(prompts), "pairs": len(rows), "ties_dropped": n_candidates - len(rows)}
+            candidates += n_candidates
+            for hi, lo in picked:
+                hi, lo = g + hi, g + lo
+                rows.append(
+                    {
+                        "prompt": values[hi],
+                        "chosen": texts[hi],
+                        "rejected": texts[lo],
+                        "gold_chosen": float(gold[hi]),
+                        "gold_rejected": float(gold[lo]),
+                    }
+                )
+    stats = {
+        "prompts": len(prompts),
+        "samples": len(prompts) * k,
+        "pairs": len(rows),
+        "ties_dropped": candidates - len(rows),
+    }
     return rows, stats
+
+
+def pair_group(
+    texts: list[str], gold, *, pairing: str, pairs_per_prompt: int, min_gap: float
+) -> tuple[list[tuple[int, int]], int]:
+    """The preference pairs `(chosen, rejected)` (indices into `texts`) made from the samples
+    of one prompt, and how many candidate pairs there were before ties were dropped.
+
+    "graded": ranked by gold, the best vs the worst, the 2nd best vs the 2nd worst, ...
+    "random": samples paired as drawn, (0, 1), (2, 3), ... Blank responses never pair; a pair
+    whose gold scores differ by less than `min_gap` is a tie and dropped."""
+    k = len(texts)
+    if pairing == "graded":
+        ranked = sorted((i for i in range(k) if texts[i].strip()), key=lambda i: gold[i])
+        n = min(pairs_per_prompt, len(ranked) // 2)
+        candidates = [(ranked[-1 - j], ranked[j]) for j in range(n)]
+        n_candidates = min(pairs_per_prompt, k // 2)
+    elif pairing == "random":
+        candidates = [(i, i + 1) for i in range(0, k - 1, 2)]
+        candidates = [(a, b) for a, b in candidates if texts[a].strip() and texts[b].strip()]
+        n_candidates = k // 2
+    else:
+        raise ValueError(f"pairing must be 'graded' or 'random', got {pairing!r}")
+    pairs = [
+        (a, b) if gold[a] > gold[b] else (b, a)
+        for a, b in candidates
+        if abs(gold[a] - gold[b]) >= min_gap
+    ]
+    return pairs, n_candidates
 
 
 def gold_scores(gold: RewardFuncConfig, prompts: list, completions: list[str]) -> np.ndarray:
@@ -212,24 +267,34 @@ def run_demo(*, quick: bool = False, run_dir: str | None = None, overrides: list
     model_cfg, base, tokenizer = load_base(cfg.model, seed=cfg.seed)
 
     log(
-        f"[2/5] preference pairs: 2 base samples for each of {len(train_prompts)} prompts, "
-        f"ordered by the gold judge ({cfg.gold.label})"
+        f"[2/5] preference pairs: {cfg.samples_per_prompt} base samples for each of "
+        f"{len(train_prompts)} + {len(eval_prompts)} held-out prompts, ranked by the gold "
+        f"judge ({cfg.gold.label})"
     )
     t0 = time.perf_counter()
     pairs, pair_stats = make_pairs(model_cfg, base, tokenizer, train_prompts, cfg)
+    heldout, heldout_stats = make_pairs(
+        model_cfg, base, tokenizer, eval_prompts, cfg, pairing="random"
+    )
+    pair_stats["heldout_pairs"] = heldout_stats["pairs"]
     timings["pairs"] = time.perf_counter() - t0
-    with open(root / "pairs.jsonl", "w") as f:
-        for row in pairs:
-            f.write(json.dumps(row) + "\n")
-    log(f"      {pair_stats['pairs']} pairs ({pair_stats['ties_dropped']} ties dropped)")
-    if len(pairs) < 16:
-        raise ValueError(f"only {len(pairs)} preference pairs; need at least 16")
+    for name, rows in (("pairs.jsonl", pairs), ("pairs_heldout.jsonl", heldout)):
+        with open(root / name, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    log(
+        f"      {pair_stats['pairs']} graded pairs ({pair_stats['ties_dropped']} ties dropped), "
+        f"{len(heldout)} held-out pairs"
+    )
+    if len(pairs) < 16 or len(heldout) < 4:
+        raise ValueError(f"only {len(pairs)} + {len(heldout)} preference pairs; too few")
 
     log("[3/5] reward model: jaxrlhf rm (LoRA, SEQ_CLS)")
     t0 = time.perf_counter()
     rm_cfg = dataclasses.replace(
         cfg.rm,
         model=cfg.model,
+        data=dataclasses.replace(cfg.rm.data, eval=str(root / "pairs_heldout.jsonl")),
         run=dataclasses.replace(
             cfg.rm.run,
             run_dir=str(root / "rm"),
@@ -325,8 +390,10 @@ def write_report(
         f"| reward-model score (mean) | {before.get('score', 0):.3f} | {after.get('score', 0):.3f} |",
         f"| KL to the base (nats/response) | {before.get('kl', 0):.3f} | {after.get('kl', 0):.3f} |",
         "",
-        f"Reward model: {pair_stats['pairs']} pairs ({pair_stats['ties_dropped']} ties dropped); "
-        f"held-out accuracy {rm_out['eval_before'].get('accuracy', float('nan')):.3f} before, "
+        f"Reward model: {pair_stats['pairs']} graded pairs from {pair_stats['samples']} base "
+        f"samples ({pair_stats['ties_dropped']} ties dropped); accuracy on "
+        f"{pair_stats['heldout_pairs']} pairs of base samples of the held-out prompts "
+        f"{rm_out['eval_before'].get('accuracy', float('nan')):.3f} before, "
         f"**{rm_out['eval'].get('accuracy', float('nan')):.3f}** after training.",
         "",
         "## Gold score and KL over PPO iterations (held-out prompts)",
