@@ -184,7 +184,9 @@ class Scorer:
         )
         self.rm = None
         if section is not None:
-            self.rm = load_reward_model(section, model_cfg=model_cfg, frozen=frozen, mesh=mesh)
+            self.rm = load_reward_model(
+                section, model_cfg=model_cfg, frozen=frozen, mesh=mesh, tokenizer=tokenizer
+            )
             rm_cfg, rm_scale = self.rm["model_cfg"], self.rm["scale"]
             self._rm_fn = jax.jit(
                 lambda p, lora, ids, mask: reward_model_scores(
@@ -251,13 +253,38 @@ def _append_eos(input_ids, attention_mask, finished, eos):
     )
 
 
+def check_same_vocabulary(policy_tokenizer: Any, rm_tokenizer: Any, *, where: str) -> None:
+    """The reward model reads the policy's token ids as they are: a reward model on another
+    tokenizer would score different text without any error, so that is refused here."""
+    if policy_tokenizer is None or rm_tokenizer is None:
+        return
+    policy_vocab, rm_vocab = policy_tokenizer.get_vocab(), rm_tokenizer.get_vocab()
+    if policy_vocab != rm_vocab:
+        differ = sorted(
+            t
+            for t in policy_vocab.keys() | rm_vocab.keys()
+            if policy_vocab.get(t) != rm_vocab.get(t)
+        )
+        raise ValueError(
+            f"{where}: the reward model's tokenizer differs from the policy's "
+            f"({len(differ)} tokens differ, e.g. {differ[:3]}); it would score the policy's "
+            f"token ids as other text. Use a reward model trained on the policy's tokenizer."
+        )
+
+
 def load_reward_model(
-    section: RewardModelSection, *, model_cfg: ModelConfig, frozen: Any, mesh
+    section: RewardModelSection,
+    *,
+    model_cfg: ModelConfig,
+    frozen: Any,
+    mesh,
+    tokenizer: Any = None,
 ) -> dict:
     """The reward model's params (the policy's frozen base, shared, when `base` is unset),
-    its adapter tree and scale (None/1.0 for a full SEQ_CLS model)."""
+    its adapter tree and scale (None/1.0 for a full SEQ_CLS model). With `tokenizer` (the
+    policy's), a reward model on another base must share its vocabulary."""
     from jaxrlhf.commands.common import load_base
-    from jaxrlhf.models.loading import load_hf_folder
+    from jaxrlhf.models.loading import _folder_tokenizer, load_hf_folder
     from jaxrlhf.peft_format import load_peft
 
     path = Path(section.path)
@@ -266,7 +293,10 @@ def load_reward_model(
     if (path / "adapter_config.json").is_file():
         rm_cfg, params = model_cfg, frozen
         if section.base is not None:
-            rm_cfg, base, _ = load_base(ModelSection(path=section.base, dtype=model_cfg.dtype))
+            rm_cfg, base, rm_tokenizer = load_base(
+                ModelSection(path=section.base, dtype=model_cfg.dtype)
+            )
+            check_same_vocabulary(tokenizer, rm_tokenizer, where="reward_model.base")
             params = put_tree(base, mesh)
         lora, lora_cfg = load_peft(path, rm_cfg)
         if "score" not in lora:
@@ -282,6 +312,11 @@ def load_reward_model(
             "lora_cfg": lora_cfg,
         }
     rm_cfg, params = load_hf_folder(path)
+    has_tokenizer = (path / "tokenizer.json").is_file() or (
+        path / "tokenizer_config.json"
+    ).is_file()
+    if tokenizer is not None and has_tokenizer:
+        check_same_vocabulary(tokenizer, _folder_tokenizer(path), where="reward_model.path")
     if "score" not in params:
         raise ValueError(
             f"reward model {path} has no score head (expected a "
