@@ -276,8 +276,13 @@ def generate(
     lora: Params | None = None,
     lora_scale: Any = 1.0,
     mesh: Mesh | None = None,
+    prompt_repeats: int = 1,
 ) -> SampleOutput:
     """Sample `sampling.max_new_tokens` tokens after left-padded prompts [B, P].
+
+    `prompt_repeats=k`: the rows come in groups of k copies of one prompt (GRPO's groups,
+    several samples per prompt): each prompt is run through the model once and its KV cache
+    copied to its k rows, which then sample independently.
 
     Every row needs at least one real prompt token (see `check_left_padded`). The loop stops
     as soon as every row has produced an EOS; the outputs always have N = max_new_tokens
@@ -295,6 +300,9 @@ def generate(
         lora = {**lora, "layers": unstack_layers(lora["layers"])}
     b, p = prompt_ids.shape
     n = sampling.max_new_tokens
+    k = prompt_repeats
+    if k < 1 or b % k:
+        raise ValueError(f"prompt_repeats={k} must be >= 1 and divide the batch of {b} rows")
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
     eos_ids = jnp.asarray(sampling.eos_token_ids or (-1,), jnp.int32)
@@ -318,14 +326,24 @@ def generate(
 
     logits, cache = prefill(
         params,
-        prompt_ids,
-        prompt_mask,
+        prompt_ids[::k],
+        prompt_mask[::k],
         cfg=cfg,
         cache_length=p + n,
         lora=lora,
         lora_scale=lora_scale,
         mesh=mesh,
     )
+    if k > 1:
+        logits = jnp.repeat(logits, k, axis=0)
+        cache = constrain_cache(
+            cache._replace(
+                k=jnp.repeat(cache.k, k, axis=1),
+                v=jnp.repeat(cache.v, k, axis=1),
+                valid=jnp.repeat(cache.valid, k, axis=0),
+            ),
+            mesh,
+        )
     outputs = _constrain_rows(
         (
             jnp.full((b, n), pad, jnp.int32),
@@ -373,6 +391,29 @@ def check_left_padded(prompt_mask: Any) -> None:
         )
 
 
+def check_repeated_prompts(prompt_ids: Any, prompt_mask: Any, repeats: int) -> None:
+    """Raise unless the rows come in groups of `repeats` identical prompts (what
+    `prompt_repeats` promises). Traced arrays and arrays spread over several hosts pass."""
+    if repeats == 1:
+        return
+    for x in (prompt_ids, prompt_mask):
+        if isinstance(x, jax.core.Tracer) or (
+            isinstance(x, jax.Array) and not x.is_fully_addressable
+        ):
+            return
+    for name, x in (("prompt ids", prompt_ids), ("prompt mask", prompt_mask)):
+        x = np.asarray(x)
+        if x.shape[0] % repeats:
+            raise ValueError(f"prompt_repeats={repeats} does not divide the {x.shape[0]} rows")
+        groups = x.reshape(x.shape[0] // repeats, repeats, -1)
+        bad = np.flatnonzero((groups != groups[:, :1]).any(axis=(1, 2)))
+        if bad.size:
+            raise ValueError(
+                f"prompt_repeats={repeats}: the {name} of group(s) {bad[:5].tolist()} are not "
+                f"{repeats} copies of one prompt"
+            )
+
+
 def generate_shardings(
     mesh: Mesh, params: Params, prompt_ids: Any, lora: Params | None = None
 ) -> tuple[tuple, SampleOutput]:
@@ -406,36 +447,45 @@ def make_generate_fn(
     `fn.num_programs()` counts the compiled programs (one per shape bucket).
     """
 
-    def run(params, prompt_ids, prompt_mask, key, lora, lora_scale):
-        return generate(
-            params,
-            prompt_ids,
-            prompt_mask,
-            key,
-            cfg=cfg,
-            sampling=sampling,
-            lora=lora,
-            lora_scale=lora_scale,
-            mesh=mesh,
-        )
+    def run_for(prompt_repeats: int):
+        def run(params, prompt_ids, prompt_mask, key, lora, lora_scale):
+            return generate(
+                params,
+                prompt_ids,
+                prompt_mask,
+                key,
+                cfg=cfg,
+                sampling=sampling,
+                lora=lora,
+                lora_scale=lora_scale,
+                mesh=mesh,
+                prompt_repeats=prompt_repeats,
+            )
+
+        return run
 
     programs: dict[Any, Any] = {}
     if mesh is None:
-        programs[None] = jax.jit(run)
+        programs[None] = jax.jit(run_for(1))
 
     def shardings(args: tuple) -> tuple[tuple, SampleOutput]:
         params, prompt_ids, _, _, lora, _ = args
         return generate_shardings(mesh, params, prompt_ids, lora)
 
-    def jitted_for(*args):
+    def jitted_for(*args, prompt_repeats: int = 1):
         if mesh is None:
-            return programs[None]
+            key = None if prompt_repeats == 1 else prompt_repeats
+            if key not in programs:
+                programs[key] = jax.jit(run_for(prompt_repeats))
+            return programs[key]
         in_sh, out_sh = shardings(args)
         # Shardings depend on the params/LoRA shapes and on whether data x fsdp divides the
         # batch; one jit per distinct set, each compiling once per shape it sees.
-        key = (jax.tree.structure(in_sh), tuple(jax.tree.leaves(in_sh)), out_sh)
+        key = (jax.tree.structure(in_sh), tuple(jax.tree.leaves(in_sh)), out_sh, prompt_repeats)
         if key not in programs:
-            programs[key] = jax.jit(run, in_shardings=in_sh, out_shardings=out_sh)
+            programs[key] = jax.jit(
+                run_for(prompt_repeats), in_shardings=in_sh, out_shardings=out_sh
+            )
         return programs[key]
 
     def generate_fn(
@@ -445,12 +495,14 @@ def make_generate_fn(
         key: jax.Array,
         lora: Params | None = None,
         lora_scale: Any = 1.0,
+        prompt_repeats: int = 1,
     ) -> SampleOutput:
         check_left_padded(prompt_mask)
+        check_repeated_prompts(prompt_ids, prompt_mask, prompt_repeats)
         args = (params, prompt_ids, prompt_mask, key, lora, jnp.asarray(lora_scale, jnp.float32))
         if mesh is not None:
             args = jax.device_put(args, shardings(args)[0])
-        return jitted_for(*args)(*args)
+        return jitted_for(*args, prompt_repeats=prompt_repeats)(*args)
 
     def num_programs() -> int:
         return sum(j._cache_size() for j in programs.values())

@@ -387,3 +387,36 @@ def test_sample_categorical_draws_from_the_softmax():
         bound = 4 * np.sqrt(probs[row] * (1 - probs[row]) / n) + 1e-12
         np.testing.assert_array_less(np.abs(freq - probs[row]), bound)
         assert np.all(freq[probs[row] == 0] == 0)
+
+
+def test_repeated_prompts_are_prefilled_once_with_the_same_samples(model, prompts):
+    """`prompt_repeats=k` runs each prompt once and copies its KV cache to its k rows: the
+    same tokens and log-probs as prefilling every copy (same key), and the log-probs still
+    equal a full forward over prompt + response."""
+    _, cfg, params = model
+    ids, mask = prompts
+    k = 3
+    rep_ids, rep_mask = np.repeat(ids, k, axis=0), np.repeat(mask, k, axis=0)
+    sampling = SamplingConfig(max_new_tokens=N, eos_token_ids=(), pad_token_id=PAD)
+    fn = make_generate_fn(cfg, sampling)
+    key = jax.random.key(5)
+    shared = fn(params, rep_ids, rep_mask, key, prompt_repeats=k)
+    each = fn(params, rep_ids, rep_mask, key)
+    np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(each.tokens))
+    np.testing.assert_allclose(np.asarray(shared.logprobs), np.asarray(each.logprobs), atol=1e-5)
+    # the k rows of a prompt are independent samples, not copies
+    tokens = np.asarray(shared.tokens).reshape(len(PROMPT_LENGTHS), k, N)
+    assert all(len({tuple(row) for row in group}) > 1 for group in tokens)
+    _, lp = full_forward(params, cfg, rep_ids, rep_mask, shared)
+    np.testing.assert_allclose(np.asarray(shared.logprobs), np.asarray(lp), atol=1e-5)
+    assert fn.num_programs() == 2  # one program per prompt_repeats
+
+
+def test_repeated_prompts_must_be_copies(model, prompts):
+    _, cfg, params = model
+    ids, mask = prompts
+    fn = make_generate_fn(cfg, SamplingConfig(max_new_tokens=2, eos_token_ids=(), pad_token_id=0))
+    with pytest.raises(ValueError, match=r"group\(s\) \[0, 1\] are not 2 copies"):
+        fn(params, ids, mask, jax.random.key(0), prompt_repeats=2)
+    with pytest.raises(ValueError, match="does not divide the 4 rows"):
+        fn(params, ids, mask, jax.random.key(0), prompt_repeats=3)

@@ -164,7 +164,7 @@ def make_pairs(
             mesh=mesh,
             repeat=k,
         )
-        out = sampler(params, None, device, jax.random.fold_in(key, start))
+        out = sampler(params, None, device, jax.random.fold_in(key, start), prompt_repeats=k)
         tokens = np.asarray(out["tokens"])
         mask = np.asarray(out["response_mask"]).astype(bool)
         texts = [

@@ -176,7 +176,9 @@ def run_grpo(
         rng, k_sample, k_perm = jax.random.split(state.rng, 3)
         state = state.replace(rng=rng)
         t0 = time.perf_counter()
-        rollout = sampler(state.trainable, frozen, prompts, k_sample)
+        rollout = sampler(
+            state.trainable, frozen, prompts, k_sample, prompt_repeats=cfg.num_generations
+        )
         scores, score_metrics, _ = scorer(rollout, values, columns)
         jax.block_until_ready(rollout["input_ids"])
         t1 = time.perf_counter()

@@ -128,23 +128,29 @@ class Sampler:
             self._merge = jax.jit(self._merge_fn, out_shardings=tree_shardings(shapes, self.mesh))
         return self._merge(frozen, policy)
 
-    def __call__(self, policy: Any, frozen: Any, prompts: dict, key: jax.Array) -> dict:
-        """`policy`: the policy adapter tree (LoRA) or the full params (full fine-tuning)."""
+    def __call__(
+        self, policy: Any, frozen: Any, prompts: dict, key: jax.Array, *, prompt_repeats: int = 1
+    ) -> dict:
+        """`policy`: the policy adapter tree (LoRA) or the full params (full fine-tuning).
+        `prompt_repeats=k`: the rows are groups of k copies of a prompt (`prompt_batch(...,
+        repeat=k)`); each prompt is prefilled once for its group."""
+        ids, mask = prompts["input_ids"], prompts["attention_mask"]
         if self.lora_cfg is None:
-            out = self.generate(policy, prompts["input_ids"], prompts["attention_mask"], key)
+            out = self.generate(policy, ids, mask, key, prompt_repeats=prompt_repeats)
         elif self.gen.merge_adapter:
             merged = self.merged(frozen, policy)
-            out = self.generate(merged, prompts["input_ids"], prompts["attention_mask"], key)
+            out = self.generate(merged, ids, mask, key, prompt_repeats=prompt_repeats)
             del merged
         else:
             lora = policy if self.gen.max_rank is None else pad_rank(policy, self.gen.max_rank)
             out = self.generate(
                 frozen,
-                prompts["input_ids"],
-                prompts["attention_mask"],
+                ids,
+                mask,
                 key,
                 lora={"layers": lora["layers"]},
                 lora_scale=self.lora_cfg.scale,
+                prompt_repeats=prompt_repeats,
             )
         ids, mask = self._join(
             prompts["input_ids"], prompts["attention_mask"], out.tokens, out.response_mask
