@@ -1,8 +1,8 @@
 """GRPO iteration, LoRA vs full fine-tuning.
 
 One iteration, as `jaxrlhf grpo` runs it with TRL's defaults (β = 0, μ = 1, one mini-batch,
-loss "dapo"): sample G completions for each prompt (LoRA: the adapter merged into the base
-first) → score them on the host → `prepare` (group advantages; with β = 0 and μ = 1 no extra
+loss "dapo") and its own (`share_prompt`): sample G completions for each prompt, the prompt
+prefilled once per group (LoRA: the adapter merged into the base first) → score them on the host → `prepare` (group advantages; with β = 0 and μ = 1 no extra
 forward) → `update` (policy forward + backward, clipping, AdamW).
 """
 
@@ -53,13 +53,22 @@ def build_case(
     state = init_train_state(trainable, opt, jax.random.fold_in(key, 1))
     ids = np.repeat(prompt_ids, generations, axis=0)
     b, p = ids.shape
-    rollout = Rollout(cfg, frozen, trainable, ids, lora_cfg=lora_cfg, new_tokens=new_tokens)
+    rollout = Rollout(
+        cfg,
+        frozen,
+        trainable,
+        ids,
+        lora_cfg=lora_cfg,
+        new_tokens=new_tokens,
+        prompt_repeats=generations,
+    )
     hyper = G.GRPOHyper(
         num_generations=generations,
         beta=0.0,
         loss_type="dapo",
         temperature=1.0,
         max_completion_length=new_tokens,
+        share_prompt=True,
     )
     prepare = G.make_prepare_fn(model_cfg=cfg, lora_cfg=lora_cfg, hyper=hyper, prompt_len=p)
     update = G.make_update_fn(
@@ -91,12 +100,12 @@ def build_case(
         t4 = time.perf_counter()
         return {"rollout": t1 - t0, "reward": t2 - t1, "prepare": t3 - t2, "update": t4 - t3}
 
-    n_tok = b * (p + new_tokens)
+    n_tok = b * (p + new_tokens)  # the tokens of the iteration's rows (throughput counts these)
     flops_upd = C.xla_flops(update, state, frozen, batch, indices) if flops else None
     analytic_upd = C.train_flops(
         cfg,
         lora=lora_cfg is not None,
-        tokens=n_tok,
+        tokens=(b // generations) * p + b * new_tokens,  # packed: each prompt once
         context=p + new_tokens,
         lm_tokens=b * new_tokens,
     )

@@ -12,11 +12,15 @@ import numpy as np
 from benchmarks import common as C
 
 
-def decode_flops(cfg, *, batch: int, prompt: int, new_tokens: int) -> float:
-    """Analytic FLOPs of `generate`: the prefill over the prompts (logits of the last token
-    only) and `new_tokens − 1` single-token steps attending over the whole cache."""
+def decode_flops(
+    cfg, *, batch: int, prompt: int, new_tokens: int, prompt_repeats: int = 1
+) -> float:
+    """Analytic FLOPs of `generate`: the prefill over the prompts (each distinct prompt once;
+    logits of the last token only) and `new_tokens − 1` single-token steps attending over the
+    whole cache."""
     cache = prompt + new_tokens
-    prefill = C.forward_flops(cfg, tokens=batch * prompt, context=prompt, lm_tokens=batch)
+    prompts = batch // prompt_repeats
+    prefill = C.forward_flops(cfg, tokens=prompts * prompt, context=prompt, lm_tokens=prompts)
     step = C.forward_flops(cfg, tokens=batch, context=cache, lm_tokens=batch)
     return prefill + (new_tokens - 1) * step
 
@@ -24,7 +28,9 @@ def decode_flops(cfg, *, batch: int, prompt: int, new_tokens: int) -> float:
 class Rollout:
     """`rollout(policy, key) -> {input_ids, attention_mask, response_mask, sampler_logprobs,
     finished, tokens}` for fixed prompts; `policy` is the adapter (LoRA, merged first) or the
-    full params. Rows never stop early (no EOS ids), so every call samples `new_tokens`."""
+    full params. Rows never stop early (no EOS ids), so every call samples `new_tokens`.
+    `prompt_repeats=k`: the rows are groups of k copies of a prompt, prefilled once (as
+    `jaxrlhf grpo` samples a group)."""
 
     def __init__(
         self,
@@ -37,6 +43,7 @@ class Rollout:
         new_tokens: int,
         temperature: float = 1.0,
         merge: bool = True,
+        prompt_repeats: int = 1,
     ):
         from jaxrlhf.lora import merge as merge_lora
         from jaxrlhf.models.transformer import unstack_layers
@@ -51,7 +58,7 @@ class Rollout:
             eos_token_ids=(),
             pad_token_id=cfg.pad_token_id or 0,
         )
-        gen = make_generate_fn(cfg, sampling).jitted
+        gen = make_generate_fn(cfg, sampling).jitted_for(prompt_repeats=prompt_repeats)
         key = jax.random.PRNGKey(0)
         self.scale = jnp.asarray(lora_cfg.scale if lora_cfg else 1.0, jnp.float32)
         self.programs: dict[str, dict] = {}
@@ -79,7 +86,11 @@ class Rollout:
                 gen, policy_example, self.ids, self.mask, key, None, self.scale
             )
         self.flops = decode_flops(
-            cfg, batch=self.ids.shape[0], prompt=self.ids.shape[1], new_tokens=new_tokens
+            cfg,
+            batch=self.ids.shape[0],
+            prompt=self.ids.shape[1],
+            new_tokens=new_tokens,
+            prompt_repeats=prompt_repeats,
         )
 
     def __call__(self, policy, key) -> dict:
