@@ -126,6 +126,7 @@ def make_pairs(
     from jaxrlhf import data as D
     from jaxrlhf.commands.rollout import Sampler, prompt_batch
     from jaxrlhf.sharding import make_mesh, put_tree
+    from jaxrlhf.train.metrics import progress_bar
 
     if pairing not in ("graded", "random"):
         raise ValueError(f"pairing must be 'graded' or 'random', got {pairing!r}")
@@ -154,6 +155,7 @@ def make_pairs(
     buckets = tuple(
         cfg.ppo.data.length_buckets or D.default_buckets(cfg.ppo.data.max_prompt_length)
     )
+    bar = progress_bar(len(data) * k, desc=f"samples ({pairing} pairs)")
     for start in range(0, len(data), batch):
         idx = np.arange(start, min(start + batch, len(data)))
         device, values, _ = prompt_batch(
@@ -172,6 +174,7 @@ def make_pairs(
             for t, m in zip(tokens, mask, strict=True)
         ]
         gold = gold_scores(cfg.gold, values, texts)
+        bar.update(len(texts))
         for g in range(0, len(texts), k):
             group = slice(g, g + k)
             picked, n_candidates = pair_group(
@@ -193,6 +196,7 @@ def make_pairs(
                         "gold_rejected": float(gold[lo]),
                     }
                 )
+    bar.close()
     stats = {
         "prompts": len(prompts),
         "samples": len(prompts) * k,
