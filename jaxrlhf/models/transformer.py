@@ -465,22 +465,55 @@ def token_logprobs(
     y = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n_chunks, chunk)
 
     @jax.checkpoint
-    def one_chunk(h_c, y_c):
-        logits = jnp.einsum("bcd,dv->bcv", h_c, kernel, preferred_element_type=jnp.float32)
-        logits = logits / temperature
+    def chunk_with_entropy(h_c, y_c):
+        logits = _logits_chunk(h_c, kernel, temperature)
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0]
-        ent = None
-        if with_entropy:
-            probs = jax.nn.softmax(logits, axis=-1)
-            ent = lse - jnp.sum(probs * logits, axis=-1)
-        return picked - lse, ent
+        probs = jax.nn.softmax(logits, axis=-1)
+        return picked - lse, lse - jnp.sum(probs * logits, axis=-1)
+
+    def chunk(h_c, y_c):  # the common case, with a hand-written backward
+        return _chunk_logprobs(h_c, kernel, y_c, jnp.asarray(temperature, jnp.float32)), None
+
+    one_chunk = chunk_with_entropy if with_entropy else chunk
 
     lp, ent = jax.lax.map(lambda xs: one_chunk(*xs), (h.swapaxes(0, 1), y.swapaxes(0, 1)))
     lp = lp.swapaxes(0, 1).reshape(b, -1)[:, :t]
     if with_entropy:
         ent = ent.swapaxes(0, 1).reshape(b, -1)[:, :t]
     return lp, ent
+
+
+def _logits_chunk(h_c, kernel, temperature):
+    return jnp.einsum("bcd,dv->bcv", h_c, kernel, preferred_element_type=jnp.float32) / temperature
+
+
+@jax.custom_vjp
+def _chunk_logprobs(h_c, kernel, y_c, temperature):
+    """log p(y | h) for one chunk [b, c]. The backward keeps the forward's log-normaliser and
+    recomputes the logits once: d logits = (onehot(y) − exp(logits − lse))·g / T, with no
+    second max/sum pass over the vocabulary (what rematerialising the forward costs)."""
+    return _chunk_logprobs_fwd(h_c, kernel, y_c, temperature)[0]
+
+
+def _chunk_logprobs_fwd(h_c, kernel, y_c, temperature):
+    logits = _logits_chunk(h_c, kernel, temperature)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0]
+    return picked - lse, (h_c, kernel, y_c, temperature, lse)
+
+
+def _chunk_logprobs_bwd(res, g):
+    h_c, kernel, y_c, temperature, lse = res
+    logits = _logits_chunk(h_c, kernel, temperature)
+    onehot = jnp.arange(logits.shape[-1]) == y_c[..., None]
+    d_logits = (onehot - jnp.exp(logits - lse[..., None])) * (g / temperature)[..., None]
+    d_h = jnp.einsum("bcv,dv->bcd", d_logits, kernel.astype(jnp.float32)).astype(h_c.dtype)
+    d_kernel = jnp.einsum("bcd,bcv->dv", h_c.astype(jnp.float32), d_logits).astype(kernel.dtype)
+    return d_h, d_kernel, None, None  # no gradient for the targets or the temperature
+
+
+_chunk_logprobs.defvjp(_chunk_logprobs_fwd, _chunk_logprobs_bwd)
 
 
 # ----------------------------------------------------------------------------- conveniences
