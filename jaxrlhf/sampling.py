@@ -517,8 +517,13 @@ def make_generate_fn(
 
 def decode_text(tokenizer: Any, out: SampleOutput) -> list[str]:
     """The response strings: each row cut at its response mask, special tokens skipped."""
-    tokens = np.asarray(out.tokens)
-    mask = np.asarray(out.response_mask).astype(bool)
+    return decode_responses(tokenizer, out.tokens, out.response_mask)
+
+
+def decode_responses(tokenizer: Any, tokens: Any, response_mask: Any) -> list[str]:
+    """`decode_text` for response tokens [B, N] and their mask given apart."""
+    tokens = np.asarray(tokens)
+    mask = np.asarray(response_mask).astype(bool)
     return [
         tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
         for row, m in zip(tokens, mask, strict=True)

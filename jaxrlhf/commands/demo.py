@@ -125,6 +125,7 @@ def make_pairs(
     ((0, 1), (2, 3), ...: every sample once), which is how the held-out pairs are made."""
     from jaxrlhf import data as D
     from jaxrlhf.commands.rollout import Sampler, prompt_batch
+    from jaxrlhf.sampling import decode_responses
     from jaxrlhf.sharding import make_mesh, put_tree
     from jaxrlhf.train.metrics import progress_bar
 
@@ -167,12 +168,7 @@ def make_pairs(
             repeat=k,
         )
         out = sampler(params, None, device, jax.random.fold_in(key, start), prompt_repeats=k)
-        tokens = np.asarray(out["tokens"])
-        mask = np.asarray(out["response_mask"]).astype(bool)
-        texts = [
-            tokenizer.decode(t[m].tolist(), skip_special_tokens=True)
-            for t, m in zip(tokens, mask, strict=True)
-        ]
+        texts = decode_responses(tokenizer, out["tokens"], out["response_mask"])
         gold = gold_scores(cfg.gold, values, texts)
         bar.update(len(texts))
         for g in range(0, len(texts), k):

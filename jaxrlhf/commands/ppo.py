@@ -311,26 +311,22 @@ def run_ppo(
     if initial:
         logger.log(0, initial, split="eval")
     last_eval: dict = {}
-
-    def evaluate_in_loop(state: PPOState) -> dict:
-        last_eval["metrics"] = evaluate(state)
-        return last_eval["metrics"]
-
     state = run_loop(
         state=state,
         start_step=start,
         total_steps=cfg.num_iterations,
         train_step=iteration,
-        eval_fn=evaluate_in_loop if splits.eval is not None else None,
+        eval_fn=evaluate if splits.eval is not None else None,
         meta=lambda s: {"data_position": host["position"]},
         run=cfg.run,
         checkpointer=checkpointer,
         logger=logger,
         desc="ppo",
         bar_keys=("objective/scores", "objective/kl"),
+        on_eval=lambda step, metrics: last_eval.update(metrics),
     )
     # The loop's last evaluation is of the final state; a run resumed at its end has none.
-    final = last_eval.get("metrics") or (evaluate(state) if splits.eval is not None else {})
+    final = last_eval or (evaluate(state) if splits.eval is not None else {})
     logger.close()
     checkpointer.close()
     out_dir = export_policy(

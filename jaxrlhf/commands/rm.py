@@ -239,26 +239,22 @@ def run_rm(cfg: RMConfig, *, resume: bool = False, source: Any = None) -> dict:
         logger.log(0, initial_eval, split="eval")
         log(f"eval before training: accuracy {initial_eval['accuracy']:.3f}")
     last_eval: dict = {}
-
-    def evaluate_in_loop(state: TrainState) -> dict:
-        last_eval["metrics"] = evaluate(state)
-        return last_eval["metrics"]
-
     state = run_loop(
         state=state,
         start_step=start_step,
         total_steps=total_steps,
         train_step=step_fn,
-        eval_fn=evaluate_in_loop if splits.eval is not None else None,
+        eval_fn=evaluate if splits.eval is not None else None,
         meta=lambda s: {"data_position": host["position"]},
         run=cfg.run,
         checkpointer=checkpointer,
         logger=logger,
         desc="rm",
         bar_keys=("loss", "accuracy"),
+        on_eval=lambda step, metrics: last_eval.update(metrics),
     )
     # The loop's last evaluation is of the final state; a run resumed at its end has none.
-    final_eval = last_eval.get("metrics") or evaluate(state)
+    final_eval = last_eval or evaluate(state)
     logger.close()
     checkpointer.close()
     out_dir = export_reward_model(cfg, state.trainable, base, model_cfg, tokenizer)

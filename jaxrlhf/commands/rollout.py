@@ -24,7 +24,7 @@ from jaxrlhf.lora import LoraConfig, merge, pad_rank
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.transformer import unstack_layers
 from jaxrlhf.rewards import RewardFuncConfig, compute_rewards
-from jaxrlhf.sampling import SamplingConfig, make_generate_fn
+from jaxrlhf.sampling import SamplingConfig, decode_responses, make_generate_fn
 from jaxrlhf.sharding import put_tree, shard_batch, tree_shardings
 
 
@@ -216,12 +216,9 @@ class Scorer:
         self, rollout: dict, prompts: list, columns: dict[str, list]
     ) -> tuple[np.ndarray, dict[str, float], list[str]]:
         """(scores [B], metrics, completion texts)."""
-        tokens = host_view(rollout["tokens"])
-        resp = host_view(rollout["response_mask"]).astype(bool)
-        completions = [
-            self.tokenizer.decode(t[m].tolist(), skip_special_tokens=True)
-            for t, m in zip(tokens, resp, strict=True)
-        ]
+        completions = decode_responses(
+            self.tokenizer, host_view(rollout["tokens"]), host_view(rollout["response_mask"])
+        )
         total = np.zeros(len(completions), np.float32)
         metrics: dict[str, float] = {}
         if self.rm is not None:

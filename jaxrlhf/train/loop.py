@@ -56,8 +56,11 @@ def run_loop(
     desc: str,
     bar_keys: tuple[str, ...] = ("loss",),
     on_log: Callable[[int, dict], None] | None = None,
+    on_eval: Callable[[int, dict], None] | None = None,
 ) -> Any:
-    """Run steps start_step+1 .. total_steps. Returns the final state."""
+    """Run steps start_step+1 .. total_steps. Returns the final state. `on_log`/`on_eval`
+    receive each logged training/evaluation record (the last evaluation is of the final
+    state: callers reuse it instead of evaluating again)."""
     bar = progress_bar(total_steps, initial=start_step, desc=desc, enabled=run.progress)
     step = start_step
     with _StopFlag() as flag:
@@ -72,7 +75,10 @@ def run_loop(
                     on_log(step, host)
                 bar.set_postfix({k: f"{host[k]:.4g}" for k in bar_keys if k in host})
             if eval_fn is not None and (step % run.eval_every == 0 or step == total_steps):
-                logger.log(step, eval_fn(state), split="eval")
+                evaluated = eval_fn(state)
+                logger.log(step, evaluated, split="eval")
+                if on_eval is not None:
+                    on_eval(step, evaluated)
             if checkpointer is not None and (
                 step % run.save_every == 0 or flag.stop or step == total_steps
             ):
