@@ -5,7 +5,7 @@
     python benchmarks/run_all.py --quick         # a 1–2 minute smoke version (a 2M model);
                                                  # results/quick/*.json, BENCHMARKS.md untouched
 
-Benchmarks: roofline, decode, rm, dpo, grpo, ppo, trl (jaxrlhf vs TRL + PEFT). The roofline
+Benchmarks: roofline, decode, rm, padding, dpo, grpo, ppo, trl (jaxrlhf vs TRL + PEFT). The roofline
 runs every time (the others report shares of it). A run with --only rewrites only those
 sections of BENCHMARKS.md; the others keep their earlier results (each states its date).
 """
@@ -45,11 +45,12 @@ def _setup_env() -> None:
 
 
 ROOFLINE_KEYS = ("matmul_fp32_gflops", "bandwidth_gb_per_s")
-ORDER = ("roofline", "decode", "rm", "dpo", "grpo", "ppo", "trl")
+ORDER = ("roofline", "decode", "rm", "padding", "dpo", "grpo", "ppo", "trl")
 TITLES = {
     "roofline": "Roofline: matmul rate and memory bandwidth",
     "decode": "Decode (KV-cache sampler)",
     "rm": "Reward-model step: LoRA vs full fine-tuning",
+    "padding": "Padding: buckets, length grouping, prompt once",
     "dpo": "DPO step: LoRA vs full fine-tuning",
     "grpo": "GRPO iteration: LoRA vs full fine-tuning",
     "ppo": "PPO iteration: LoRA vs full fine-tuning",
@@ -69,6 +70,7 @@ FULL = {
     "breakdown": ("135M",),
     "trl_size": "135M",
     "trl_steps": 3,
+    "padding": {"size": "10M", "pairs": 128, "repeats": 1},
 }
 QUICK = {
     "sizes": {k: ["2M"] for k in ("decode", "rm", "dpo", "grpo", "ppo")},
@@ -77,6 +79,7 @@ QUICK = {
     "breakdown": ("2M",),
     "trl_size": "2M",
     "trl_steps": 1,
+    "padding": {"size": "2M", "pairs": 32, "repeats": 1},
 }
 
 INTRO = """# Benchmarks
@@ -97,6 +100,9 @@ raw numbers in `benchmarks/results/*.json`):
   arguments + outputs + temporaries − donated; the largest program of the step), and the
   trainable state (trainable params + AdamW moments) and everything resident (plus the
   frozen base, reference and reward-model copies).
+- **Padding** — one reward-model epoch over variable-length pairs batched five ways (pad to
+  max_length, TRL's pad-to-longest, buckets, + length grouping, + prompt once): padding
+  fraction, token slots per real token, compiled shapes, epoch time.
 - **Decode** — tokens/s of the KV-cache sampler and bytes moved per decoded token (weights +
   KV cache) against the measured memory bandwidth; merged vs unmerged LoRA.
 - **jaxrlhf vs TRL + PEFT** — the same model, weights, batch and LoRA settings (r=16, α=32,
@@ -121,7 +127,7 @@ side by side, interleaved) are the figures to rely on.
 
 
 def run_benchmark(name: str, profile: dict, roofline: dict | None, args) -> dict:
-    from benchmarks import decode, dpo, grpo, ppo, rm, vs_trl
+    from benchmarks import decode, dpo, grpo, padding, ppo, rm, vs_trl
 
     sizes = lambda n: args.sizes or profile["sizes"][n]  # noqa: E731
     reps = args.repeats or profile["repeats"]
@@ -135,6 +141,11 @@ def run_benchmark(name: str, profile: dict, roofline: dict | None, args) -> dict
     if name == "rm":
         return rm.run(
             sizes=sizes("rm"), repeats=reps, roofline=roofline, breakdown_sizes=profile["breakdown"]
+        )
+    if name == "padding":
+        pad = profile["padding"]
+        return padding.run(
+            size=(args.sizes or [pad["size"]])[0], pairs=pad["pairs"], repeats=pad["repeats"]
         )
     if name == "dpo":
         return dpo.run(sizes=sizes("dpo"), repeats=reps, roofline=roofline)
@@ -151,12 +162,13 @@ def run_benchmark(name: str, profile: dict, roofline: dict | None, args) -> dict
 
 def render_section(name: str, result: dict) -> str:
     from benchmarks import common as C
-    from benchmarks import decode, dpo, grpo, ppo, rm, roofline, vs_trl
+    from benchmarks import decode, dpo, grpo, padding, ppo, rm, roofline, vs_trl
 
     body = {
         "roofline": roofline.render,
         "decode": decode.render,
         "rm": rm.render,
+        "padding": padding.render,
         "dpo": dpo.render,
         "grpo": grpo.render,
         "ppo": ppo.render,
@@ -223,6 +235,22 @@ def headline(results: dict[str, dict]) -> str:
                 + ", ".join(parts)
                 + " (>1: jaxrlhf faster)."
             )
+    pad = results.get("padding")
+    if pad and pad.get("rows"):
+        first, last = pad["rows"][0], pad["rows"][-1]
+        trl_like = next((r for r in pad["rows"] if "TRL" in r["strategy"]), None)
+        lines.append(
+            f"- Padding (reward-model epoch, {pad['size']}): padding fraction "
+            f"{100 * first['padding_fraction']:.0f}% padded to max_length"
+            + (
+                f", {100 * trl_like['padding_fraction']:.0f}% padded to the longest"
+                if trl_like
+                else ""
+            )
+            + f", {100 * last['padding_fraction']:.0f}% with jaxrlhf's default batching "
+            f"({last['slots_over_unshared']:.2f} token slots per real token); epoch "
+            f"{last['speedup_over_max']:.2f}× faster than padding to max_length."
+        )
     dec = results.get("decode")
     if dec and dec.get("rows"):
         r = max(

@@ -95,7 +95,8 @@ class PreferenceDataConfig:
     max_prompt_length: int | None = None
     skip_bad_rows: bool = False
     length_buckets: tuple[int, ...] | None = None
-    """Padded lengths; default: powers of two from 16 up to max_length."""
+    """Padded lengths; default: powers of two from 16 and the 1.5x step between each two, up
+    to max_length (`data.default_buckets`)."""
     add_eos: bool = True
     """End each response with EOS (unless its text already does). A reward model reads its
     score at the last token, so train it the way it will be scored: `false` when it will

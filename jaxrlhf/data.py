@@ -31,8 +31,9 @@ Tokens
     empty")`, or with skip_bad_rows=True is skipped and listed in the `TokenizeReport`.
 
 Batches
-    Sequences are padded to a length bucket (`default_buckets`: powers of two from 16 and
-    max_length itself) so a run compiles a handful of programs. A short batch is filled
+    Sequences are padded to a length bucket (`default_buckets`: powers of two from 16, the
+    1.5x step between each two, and max_length itself) so a run compiles a handful of
+    programs and a sequence is padded by less than a third of its bucket. A short batch is filled
     up to `batch_size` with dummy rows whose `pair_mask`/`row_mask` is 0. A dummy row repeats
     the first row's tokens, so no row is fully masked (a fully masked attention row is NaN
     with -inf masking, and NaN * 0 is still NaN); its response masks and margin are 0.
@@ -206,6 +207,21 @@ class PreferenceData:
             ],
             dtype=np.int64,
         )
+
+    @property
+    def packed_lengths(self) -> np.ndarray:
+        """int64 [N]: prompt + chosen + rejected, a pair's length packed with the prompt once."""
+        return np.array(
+            [
+                len(p) + len(c) + len(r)
+                for p, c, r in zip(self.prompt_ids, self.chosen_ids, self.rejected_ids, strict=True)
+            ],
+            dtype=np.int64,
+        )
+
+    def batching_lengths(self, share_prompt: bool) -> np.ndarray:
+        """The lengths that decide a pair's padding: grouping batches by them pads least."""
+        return self.packed_lengths if share_prompt else self.lengths
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -618,13 +634,23 @@ def tokenize_prompts(
 # ----------------------------------------------------------------------------- batching
 
 
-def default_buckets(max_length: int, *, min_length: int = 16) -> tuple[int, ...]:
-    """Powers of two from `min_length` below `max_length`, then `max_length` itself."""
+def default_buckets(
+    max_length: int, *, min_length: int = 16, midpoints: bool = True
+) -> tuple[int, ...]:
+    """Powers of two from `min_length` and, with `midpoints`, the 1.5x step between each two
+    (16, 24, 32, 48, 64, 96, ...) below `max_length`, then `max_length` itself.
+
+    With powers of two alone a sequence just past a power wastes half its bucket; the middle
+    step halves that worst case for twice the (still logarithmic) number of compiled shapes.
+    Prompt batches for sampling use `midpoints=False`: prefill is a small part of a rollout
+    and every prompt shape compiles a sampler."""
     if max_length < 1 or min_length < 1:
         raise ValueError(f"max_length and min_length must be >= 1, got {max_length}, {min_length}")
     out, b = [], min_length
     while b < max_length:
         out.append(b)
+        if midpoints and b < b * 3 // 2 < max_length:
+            out.append(b * 3 // 2)
         b *= 2
     return (*out, max_length)
 

@@ -86,6 +86,9 @@ def test_plain_pairs(tok):
     assert data.prompt_ids[0].dtype == np.int32
     assert data.row_index.tolist() == [0, 1]
     assert data.lengths.tolist() == [5 + 3, 4 + 3]
+    assert data.packed_lengths.tolist() == [5 + 3 + 2, 4 + 2 + 3]
+    assert data.batching_lengths(True).tolist() == data.packed_lengths.tolist()
+    assert data.batching_lengths(False).tolist() == data.lengths.tolist()
     assert report == D.TokenizeReport(n_rows=2, n_kept=2, n_skipped=0, skipped=(), n_truncated=0)
 
 
@@ -432,17 +435,19 @@ def test_load_rows_other_sources_and_errors(tmp_path):
 
 
 def test_buckets():
-    assert D.default_buckets(100) == (16, 32, 64, 100)
-    assert D.default_buckets(64) == (16, 32, 64)
+    assert D.default_buckets(100) == (16, 24, 32, 48, 64, 96, 100)
+    assert D.default_buckets(64) == (16, 24, 32, 48, 64)
     assert D.default_buckets(8) == (8,)
+    assert D.default_buckets(2, min_length=1) == (1, 2)
+    assert D.default_buckets(100, midpoints=False) == (16, 32, 64, 100)
     b = D.default_buckets(100)
     assert [D.bucket_length(n, b) for n in (0, 1, 16, 17, 64, 65, 100)] == [
         16,
         16,
         16,
-        32,
+        24,
         64,
-        100,
+        96,
         100,
     ]
     with pytest.raises(ValueError, match="sequence length 101 exceeds the largest bucket 100"):

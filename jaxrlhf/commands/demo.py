@@ -154,7 +154,8 @@ def make_pairs(
     # Different prompt sets (train, held-out) get different sample streams.
     key = jax.random.PRNGKey(cfg.seed + 1 + (pairing == "random"))
     buckets = tuple(
-        cfg.ppo.data.length_buckets or D.default_buckets(cfg.ppo.data.max_prompt_length)
+        cfg.ppo.data.length_buckets
+        or D.default_buckets(cfg.ppo.data.max_prompt_length, midpoints=False)
     )
     bar = progress_bar(len(data) * k, desc=f"samples ({pairing} pairs)")
     for start in range(0, len(data), batch):

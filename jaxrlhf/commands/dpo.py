@@ -235,7 +235,7 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False, source: Any = None) -> dict
             batch_size=cfg.batch_size,
             seed=cfg.run.seed,
             position=host["position"],
-            lengths=splits.train.lengths,
+            lengths=splits.train.batching_lengths(cfg.share_prompt),
         )
         batch = local_rows(
             dpo_batch(splits.train, idx, batch_size=len(idx), ref=train_ref, **batching)

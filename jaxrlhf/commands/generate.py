@@ -36,7 +36,10 @@ def generate_texts(
     rows = [{"prompt": [{"role": "user", "content": p}] if chat else p} for p in prompts]
     data, _ = D.tokenize_prompts(rows, tokenizer, max_prompt_length=1024)
     batch = D.pad_prompt_batch(
-        data, np.arange(len(data)), pad_id=tokenizer.pad_token_id, buckets=D.default_buckets(1024)
+        data,
+        np.arange(len(data)),
+        pad_id=tokenizer.pad_token_id,
+        buckets=D.default_buckets(1024, midpoints=False),
     )
     sampling = SamplingConfig.for_model(
         cfg,

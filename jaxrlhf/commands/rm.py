@@ -203,7 +203,7 @@ def run_rm(cfg: RMConfig, *, resume: bool = False, source: Any = None) -> dict:
             batch_size=cfg.batch_size,
             seed=cfg.run.seed,
             position=host["position"],
-            lengths=splits.train.lengths,
+            lengths=splits.train.batching_lengths(cfg.share_prompt),
         )
         batch = pair_batch(
             splits.train,

@@ -64,7 +64,7 @@ def load_prompts(
     elif cfg.eval_size:
         tr, ev = D.train_eval_split(len(prompts), eval_size=cfg.eval_size, seed=seed)
         prompts, eval_prompts = prompts.select(tr), prompts.select(ev)
-    buckets = tuple(cfg.length_buckets or D.default_buckets(cfg.max_prompt_length))
+    buckets = tuple(cfg.length_buckets or D.default_buckets(cfg.max_prompt_length, midpoints=False))
     return PromptSplits(train=prompts, eval=eval_prompts, buckets=buckets)
 
 
