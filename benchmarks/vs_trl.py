@@ -152,13 +152,28 @@ def _train_alternating(trainer_fn, jax_run, *, steps: int, warmup: int) -> dict:
     }
 
 
-def _entry(name: str, timed: dict, *, tokens: int, jax_trainable: int, what: str) -> dict:
+def _entry(
+    name: str,
+    timed: dict,
+    *,
+    tokens: int,
+    jax_trainable: int,
+    what: str,
+    trl_flops: float,
+    jax_flops: float,
+) -> dict:
+    """`trl_flops`/`jax_flops`: analytic FLOPs (`common.forward_flops`) of the work each side
+    does per step; TRL's counted as the unshared computation (every row with its prompt)."""
     t_trl, t_jax = timed["trl"]["median_s"], timed["jaxrlhf"]["median_s"]
     return {
         "name": name,
         "what": what,
         "tokens": tokens,
         **timed,
+        "trl_flops": trl_flops,
+        "jaxrlhf_flops": jax_flops,
+        "trl_gflops_per_s": trl_flops / t_trl / 1e9,
+        "jaxrlhf_gflops_per_s": jax_flops / t_jax / 1e9,
         "jax_trainable_params": jax_trainable,
         "trl_tokens_per_s": tokens / t_trl,
         "jaxrlhf_tokens_per_s": tokens / t_jax,
@@ -167,6 +182,26 @@ def _entry(name: str, timed: dict, *, tokens: int, jax_trainable: int, what: str
 
 
 # ----------------------------------------------------------------------------- the comparisons
+
+
+def _dpo_unshared_flops(cfg, *, pairs: int, prompt: int, response: int) -> float:
+    """Reference forward + policy forward/backward over chosen and rejected rows, each with its
+    prompt, vocabulary logits on the response tokens only (a lower bound for TRL)."""
+    rows, seq = 2 * pairs, prompt + response
+    kw = dict(tokens=rows * seq, context=seq, lm_tokens=rows * response)
+    return C.forward_flops(cfg, **kw) + C.train_flops(cfg, lora=True, **kw)
+
+
+def _grpo_unshared_flops(cfg) -> float:
+    """Generation with every row's prompt prefilled, then the update over every row with its
+    prompt (logits on completion tokens)."""
+    from benchmarks import grpo
+    from benchmarks.rollout import decode_flops
+
+    b, p, n = grpo.PROMPTS * grpo.GENERATIONS, grpo.PROMPT_LEN, grpo.NEW_TOKENS
+    generate = decode_flops(cfg, batch=b, prompt=p, new_tokens=n)
+    update = C.train_flops(cfg, lora=True, tokens=b * (p + n), context=p + n, lm_tokens=b * n)
+    return generate + update
 
 
 def compare_rm(cfg, params, tok, *, steps: int, warmup: int, out_dir: str) -> dict:
@@ -208,6 +243,8 @@ def compare_rm(cfg, params, tok, *, steps: int, warmup: int, out_dir: str) -> di
         timed,
         tokens=case.tokens,
         jax_trainable=case.trainable_bytes // 4,
+        trl_flops=C.train_flops(cfg, lora=True, tokens=2 * rm.PAIRS * rm.SEQ, context=rm.SEQ),
+        jax_flops=case.flops_analytic,
         what="RewardTrainer vs reward_model.make_train_step; 8 pairs × 64 tokens "
         "(32-token prompt shared by chosen and rejected: packed by jaxrlhf, as `rm` does)",
     )
@@ -257,6 +294,8 @@ def compare_dpo(cfg, params, tok, *, steps: int, warmup: int, out_dir: str) -> d
         timed,
         tokens=case.tokens,
         jax_trainable=case.trainable_bytes // 4,
+        trl_flops=_dpo_unshared_flops(cfg, pairs=n, prompt=lp, response=lr + 1),
+        jax_flops=case.flops_analytic,
         what="DPOTrainer vs dpo.make_train_step; 8 pairs, prompt 32 + response 32 "
         "(31 + EOS), reference in the step; packed by jaxrlhf, as `dpo` does",
     )
@@ -311,6 +350,8 @@ def compare_grpo(cfg, params, tok, *, steps: int, warmup: int, out_dir: str) -> 
         timed,
         tokens=case.tokens,
         jax_trainable=case.trainable_bytes // 4,
+        trl_flops=_grpo_unshared_flops(cfg),
+        jax_flops=case.flops_analytic,
         what="GRPOTrainer (transformers generate) vs a jaxrlhf GRPO iteration; 4 "
         "prompts × 4 completions, prompt 32 + 32 new tokens, β = 0",
     )
@@ -382,13 +423,24 @@ def _has_module(pkg, name: str) -> bool:
     return any(m.name == name for m in pkgutil.iter_modules(pkg.__path__))
 
 
+def _gflop(row: dict, side: str) -> str:
+    return C.fmt(row[f"{side}_flops"] / 1e9, 0) if f"{side}_flops" in row else "–"
+
+
+def _share(row: dict, side: str, roof: float | None) -> str:
+    if not roof or f"{side}_gflops_per_s" not in row:
+        return "–"
+    return f"{100 * row[f'{side}_gflops_per_s'] / roof:.0f}%"
+
+
 def render(result: dict) -> str:
     if result.get("skipped"):
         return f"Skipped: {result['skipped']}"
+    roof = (result.get("roofline_used") or {}).get("matmul_fp32_gflops")
     rows = []
     for r in result["rows"]:
         if "error" in r:
-            rows.append([r["name"], "error: " + r["error"], "", "", "", "", ""])
+            rows.append([r["name"], "error: " + r["error"], "", "", "", "", "", "", ""])
             continue
         rows.append(
             [
@@ -398,11 +450,13 @@ def render(result: dict) -> str:
                 C.fmt(r["trl_tokens_per_s"], 0),
                 C.fmt(r["jaxrlhf_tokens_per_s"], 0),
                 f"**{r['speedup_jaxrlhf_over_trl']:.2f}×**",
+                f"{_gflop(r, 'trl')} / {_gflop(r, 'jaxrlhf')}",
+                f"{_share(r, 'trl', roof)} / {_share(r, 'jaxrlhf', roof)}",
                 f"{r['trl_trainable_params']:,} / "
                 + (f"{r['jax_trainable_params']:,}" if r.get("jax_trainable_params") else "–"),
             ]
         )
-    rows.append(["PPO iteration", "n/a", "see the PPO table", "", "", "", ""])
+    rows.append(["PPO iteration", "n/a", "see the PPO table", "", "", "", "", "", ""])
     m = result["model"]
     return "\n".join(
         [
@@ -420,11 +474,20 @@ def render(result: dict) -> str:
                     "TRL tokens/s",
                     "jaxrlhf tokens/s",
                     "jaxrlhf / TRL throughput",
+                    "GFLOP / step TRL / jaxrlhf",
+                    "% fp32 matmul roofline TRL / jaxrlhf",
                     "trainable params TRL / jaxrlhf",
                 ],
                 rows,
             ),
             "",
             "\n".join(f"- {r['name']}: {r['what']}." for r in result["rows"] if "what" in r),
+            "",
+            "FLOPs are analytic (`benchmarks/common.py: forward_flops`), the same formula on both "
+            "sides: for TRL the unshared computation (every chosen, rejected or sampled row with "
+            "its own prompt; vocabulary logits on response tokens only, a lower bound), for "
+            "jaxrlhf the work it schedules (prompt once, response-only logits). The roofline "
+            "share is achieved GFLOP/s over the fp32 matmul rate measured in the same run: how "
+            "close each side runs to the machine, apart from how much work it chose to do.",
         ]
     )
