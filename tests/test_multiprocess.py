@@ -28,13 +28,16 @@ WORKER = ROOT / "tests" / "mp_worker.py"
 TIMEOUT_S = 300
 STEPS = 4
 RTOL, ATOL = 1e-4, 1e-5
-# eps = 1e-6: Adam's first steps are lr·g/(|g| + eps), which magnifies the reassociation noise
-# of gradient entries at the eps scale (see ADAM_EPS in test_sharding.py).
+# eps = 1e-5: Adam's first steps are lr·g/(|g| + eps), which magnifies the reassociation noise
+# of gradient entries at the eps scale (see ADAM_EPS in test_sharding.py). Measured on the fsdp
+# case: the largest one- vs two-process difference in down_proj's lora_A is 2.1e-6 at
+# eps = 1e-6 and 1.6e-7 at eps = 1e-5 (noise ∝ 1/eps: conditioning, not a sharding error);
+# at 1e-6 one o_proj entry of 1,024 sat at 1.08e-5, on the tolerance's edge.
 # One length bucket: one train and one eval program per process.
 COMMON = (
     "batch_size=8",
     f"max_steps={STEPS}",
-    "optim.eps=1e-6",
+    "optim.eps=1e-5",
     "data.max_length=48",
     "data.length_buckets=[48]",
     "run.progress=false",
