@@ -1,6 +1,6 @@
 """Run the CPU benchmark suite: raw results to benchmarks/results/*.json, tables to BENCHMARKS.md.
 
-    python benchmarks/run_all.py                 # everything (`make bench`, ~15 min on 2 idle cores)
+    python benchmarks/run_all.py                 # everything (`make bench`, ~30-45 min on 2 cores)
     python benchmarks/run_all.py --only rm       # one benchmark (repeatable / comma-separated)
     python benchmarks/run_all.py --quick         # a 1–2 minute smoke version (a 2M model);
                                                  # results/quick/*.json, BENCHMARKS.md untouched
@@ -117,7 +117,7 @@ programs' own accounting is used instead.
 To see which XLA ops a step spends its time in:
 `.venv/bin/python benchmarks/profile_step.py --step rm --size 135M --mode lora`.
 
-**Re-run:** `make bench` (everything, about 15 minutes on two idle cores), or
+**Re-run:** `make bench` (everything, 30–45 minutes on two cores: the sections below took 44 minutes together), or
 `.venv/bin/python benchmarks/run_all.py --only rm` (one benchmark; repeat `--only` for
 more), `--quick` for a 1–2 minute smoke run that leaves this file alone. The machine
 these numbers come from is shared with other jobs: the 1-minute load average at the start of
