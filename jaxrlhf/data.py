@@ -33,7 +33,8 @@ Tokens
 Batches
     Sequences are padded to a length bucket (`default_buckets`: powers of two from 16, the
     1.5x step between each two, and max_length itself) so a run compiles a handful of
-    programs and a sequence is padded by less than a third of its bucket. A short batch is filled
+    programs and a sequence longer than the smallest bucket is padded by less than a third
+    of its bucket. A short batch is filled
     up to `batch_size` with dummy rows whose `pair_mask`/`row_mask` is 0. A dummy row repeats
     the first row's tokens, so no row is fully masked (a fully masked attention row is NaN
     with -inf masking, and NaN * 0 is still NaN); its response masks and margin are 0.

@@ -162,6 +162,8 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False, source: Any = None) -> dict
     model_cfg, base, tokenizer = load_base(cfg.model, seed=cfg.run.seed)
     splits = load_preferences(cfg.data, tokenizer, seed=cfg.run.seed, source=source)
     n_train = len(splits.train)
+    # Computed once: the per-step batch order reads it for every pair of the train set.
+    train_lengths = splits.train.batching_lengths(cfg.share_prompt)
     log(f"data: {n_train} train pairs, {len(splits.eval) if splits.eval else 0} eval pairs")
     total_steps = total_steps_for(n_train, cfg.batch_size, cfg.num_epochs, cfg.max_steps)
 
@@ -235,7 +237,7 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False, source: Any = None) -> dict
             batch_size=cfg.batch_size,
             seed=cfg.run.seed,
             position=host["position"],
-            lengths=splits.train.batching_lengths(cfg.share_prompt),
+            lengths=train_lengths,
         )
         batch = local_rows(
             dpo_batch(splits.train, idx, batch_size=len(idx), ref=train_ref, **batching)
