@@ -54,8 +54,9 @@ def dpo_batch(
     batch["chosen_attention_mask"] = np.ones_like(batch["chosen_input_ids"])
     batch["rejected_attention_mask"] = np.ones_like(batch["rejected_input_ids"])
     if share_prompt:
-        from jaxrlhf.algorithms.dpo import PACKED_KEYS
         from jaxrlhf.packing import pack_pairs
+
+        from jaxrlhf.algorithms.dpo import PACKED_KEYS
 
         packed = pack_pairs({**batch, "prompt_lengths": np.full((n,), lp)}, pad_id=0)
         batch = {f"packed_{k}": v for k, v in packed.items() if f"packed_{k}" in PACKED_KEYS}
@@ -81,9 +82,10 @@ def token_counts(batch: dict) -> tuple[int, int, int, int]:
 def build_case(
     mode: str, cfg, params_host: dict, batch: dict, *, flops: bool = True, seed: int = 0
 ) -> Case:
+    from jaxrlhf.commands.common import split_trainable
+
     from jaxrlhf.algorithms import dpo as A
     from jaxrlhf.algorithms.common import init_train_state
-    from jaxrlhf.commands.common import split_trainable
 
     lora_cfg = C.lora_config() if mode == "lora" else None
     key = jax.random.PRNGKey(seed)

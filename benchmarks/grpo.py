@@ -40,9 +40,10 @@ def build_case(
     seed: int = 0,
 ) -> Case:
     """`prompt_ids`: [prompts, P]; each prompt is repeated `generations` times."""
+    from jaxrlhf.commands.common import split_trainable
+
     from jaxrlhf.algorithms import grpo as G
     from jaxrlhf.algorithms.common import init_train_state
-    from jaxrlhf.commands.common import split_trainable
 
     lora_cfg = C.lora_config() if mode == "lora" else None
     key = jax.random.PRNGKey(seed)

@@ -61,8 +61,9 @@ def synthetic_pairs(vocab: int, *, n: int = PAIRS, seed: int = 0):
 
 def epoch_batches(prefs, *, pad: str, grouped: bool, share_prompt: bool) -> list[dict]:
     """One epoch of host batches, as `jaxrlhf rm` builds them with these settings."""
-    from jaxrlhf import data as D
     from jaxrlhf.commands.rm import pair_batch
+
+    from jaxrlhf import data as D
 
     buckets = {
         "max": (MAX_LENGTH,),
@@ -117,9 +118,10 @@ def count(batches: list[dict], prefs) -> dict:
 
 
 def run(*, size: str, repeats: int, pairs: int = PAIRS) -> dict:
+    from jaxrlhf.commands.common import split_trainable
+
     from jaxrlhf.algorithms import reward_model as R
     from jaxrlhf.algorithms.common import init_train_state
-    from jaxrlhf.commands.common import split_trainable
 
     cfg = C.model_config(size)
     prefs = synthetic_pairs(cfg.vocab_size, n=pairs)

@@ -33,9 +33,10 @@ def build_case(
     flops: bool = True,
     seed: int = 0,
 ) -> Case:
+    from jaxrlhf.commands.common import split_trainable
+
     from jaxrlhf.algorithms import ppo as P
     from jaxrlhf.algorithms.common import init_train_state
-    from jaxrlhf.commands.common import split_trainable
     from jaxrlhf.lora import init_lora
 
     lora = mode == "lora"

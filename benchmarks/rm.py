@@ -79,9 +79,10 @@ def build_case(
     mode: str, cfg, params_host: dict, batch: dict, *, flops: bool = True, seed: int = 0
 ) -> tuple[Case, dict]:
     """The compiled RM step of `mode` and the pieces (for the forward/backward breakdown)."""
+    from jaxrlhf.commands.common import split_trainable
+
     from jaxrlhf.algorithms import reward_model as R
     from jaxrlhf.algorithms.common import init_train_state
-    from jaxrlhf.commands.common import split_trainable
 
     lora_cfg = C.lora_config("SEQ_CLS", ("score",)) if mode == "lora" else None
     key = jax.random.PRNGKey(seed)

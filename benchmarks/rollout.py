@@ -45,9 +45,10 @@ class Rollout:
         merge: bool = True,
         prompt_repeats: int = 1,
     ):
+        from jaxrlhf.sampling import SamplingConfig, make_generate_fn
+
         from jaxrlhf.lora import merge as merge_lora
         from jaxrlhf.models.transformer import unstack_layers
-        from jaxrlhf.sampling import SamplingConfig, make_generate_fn
 
         self.lora_cfg, self.frozen, self.merge = lora_cfg, frozen, merge
         self.ids = jnp.asarray(prompt_ids, jnp.int32)

@@ -1,14 +1,21 @@
 """jaxrlhf: parameter-efficient RLHF (reward models, PPO, GRPO, DPO with LoRA) in JAX."""
 
 from jaxrlhf import advantages, data, losses, rewards
+from jaxrlhf.algorithms.dpo import DPOConfig
+from jaxrlhf.algorithms.grpo import GRPOConfig
+from jaxrlhf.algorithms.ppo import PPOConfig
+from jaxrlhf.algorithms.reward_model import RMConfig
+from jaxrlhf.config import load_config
 from jaxrlhf.lora import (
     LoraConfig,
     init_lora,
     merge,
     pad_rank,
+    split_trainable,
     trainable_summary,
     unmerge,
 )
+from jaxrlhf.models.base import load_base
 from jaxrlhf.models.config import ModelConfig, config_from_hf, tiny_config
 from jaxrlhf.models.loading import load_gguf, load_hf_folder, load_model, save_hf_folder
 from jaxrlhf.models.transformer import (
@@ -26,7 +33,18 @@ from jaxrlhf.models.transformer import (
     value_head,
 )
 from jaxrlhf.peft_format import export_merged, export_peft, load_peft
-from jaxrlhf.sampling import SampleOutput, SamplingConfig, generate, make_generate_fn
+from jaxrlhf.rollout import (
+    Rollout,
+    RolloutEngine,
+    SampleOutput,
+    Sampler,
+    SamplingConfig,
+    generate,
+    make_generate_fn,
+)
 from jaxrlhf.sharding import MeshConfig, make_mesh
+from jaxrlhf.train.online import train_online
+from jaxrlhf.train.preference import train_preference
+from jaxrlhf.train.runs import run_dpo, run_grpo, run_ppo, run_rm
 
 __version__ = "0.1.0"

@@ -19,23 +19,14 @@ def _setup_env() -> None:
     os.environ.setdefault("NPROC", "16")
 
 
-def _training_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help_text)
-    p.add_argument("--config", help="YAML config file (see configs/)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    return p
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxrlhf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    from jaxrlhf.commands.train import add_parsers
+
     sub = parser.add_subparsers(dest="command", required=True)
-    _training_parser(sub, "rm", "train a reward model (Bradley–Terry)")
-    _training_parser(sub, "ppo", "PPO with a LoRA policy and critic")
-    _training_parser(sub, "grpo", "GRPO (group-relative, no critic)")
-    _training_parser(sub, "dpo", "direct preference optimisation")
+    add_parsers(sub)
 
     g = sub.add_parser("generate", help="print completions for prompts")
     g.add_argument("prompts", nargs="*", help="prompts (default: one example prompt)")
@@ -81,24 +72,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from jaxrlhf import config as C
+    from jaxrlhf.train.runs import ALGORITHMS
 
-    if args.command == "rm":
-        from jaxrlhf.commands.rm import run_rm
+    if args.command in ALGORITHMS:
+        from jaxrlhf.commands.train import run_training
 
-        run_rm(C.load_config(C.RMConfig, args.config, args.overrides), resume=args.resume)
-    elif args.command == "ppo":
-        from jaxrlhf.commands.ppo import run_ppo
-
-        run_ppo(C.load_config(C.PPOConfig, args.config, args.overrides), resume=args.resume)
-    elif args.command == "grpo":
-        from jaxrlhf.commands.grpo import run_grpo
-
-        run_grpo(C.load_config(C.GRPOConfig, args.config, args.overrides), resume=args.resume)
-    elif args.command == "dpo":
-        from jaxrlhf.commands.dpo import run_dpo
-
-        run_dpo(C.load_config(C.DPOConfig, args.config, args.overrides), resume=args.resume)
+        run_training(args)
     elif args.command == "generate":
         from jaxrlhf.commands.generate import run_generate
 

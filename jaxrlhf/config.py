@@ -1,7 +1,11 @@
-"""Typed, frozen configs for every command, loaded from YAML with `dotted.key=value` overrides.
+"""Typed, frozen configs: the shared sections and the loader (YAML + `dotted.key=value`).
 
-Each command has one top-level dataclass (`RMConfig`, `PPOConfig`, `GRPOConfig`, `DPOConfig`)
-made of small sections (`model`, `lora`, `optim`, `mesh`, `data`, `run`). Unknown keys are
+Each command has one top-level dataclass made of small sections (`model`, `lora`, `optim`,
+`mesh`, `data`, `run`, ...) and its algorithm's own options. The shared sections live here,
+with the two bases every algorithm config extends: `PreferenceTraining` (training on a
+preference dataset: `rm`, `dpo`) and `OnlineTraining` (online RL: `ppo`, `grpo`). Each
+algorithm's config lives with the algorithm (`jaxrlhf.algorithms.*`) and is, at once, its
+command's config and the static hyperparameters of its compiled steps. Unknown keys are
 rejected with the list of valid ones; each section validates itself in `__post_init__`.
 """
 
@@ -11,10 +15,11 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
+from jaxrlhf.data.buckets import check_buckets
 from jaxrlhf.lora import LoraConfig
 from jaxrlhf.rewards import RewardFuncConfig
 from jaxrlhf.sharding import MeshConfig
@@ -37,9 +42,9 @@ class ModelSection:
     model is then base + this adapter, and new adapters start at zero on top of it."""
 
     def __post_init__(self) -> None:
-        _check_literal(self, "dtype", ("float32", "bfloat16"))
-        _check_literal(self, "param_dtype", ("float32", "bfloat16"))
-        _check_literal(self, "remat", ("none", "block"))
+        check_literal(self, "dtype", ("float32", "bfloat16"))
+        check_literal(self, "param_dtype", ("float32", "bfloat16"))
+        check_literal(self, "remat", ("none", "block"))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,7 +61,7 @@ class OptimConfig:
     grad_accum_steps: int = 1
 
     def __post_init__(self) -> None:
-        _check_literal(self, "schedule", ("cosine", "linear", "constant"))
+        check_literal(self, "schedule", ("cosine", "linear", "constant"))
         if self.learning_rate <= 0:
             raise ValueError(f"optim.learning_rate must be > 0, got {self.learning_rate}")
         if self.grad_accum_steps < 1:
@@ -107,20 +112,18 @@ class PreferenceDataConfig:
             raise ValueError(f"data.max_length must be >= 2, got {self.max_length}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        _check_buckets(self.length_buckets, self.max_length)
+        _check_length_buckets(self.length_buckets, self.max_length)
 
 
-def _check_buckets(buckets: tuple[int, ...] | None, max_length: int) -> None:
+def _check_length_buckets(buckets: tuple[int, ...] | None, max_length: int) -> None:
     if buckets is None:
         return
-    if (
-        not buckets
-        or any(b < 1 for b in buckets)
-        or any(a >= b for a, b in zip(buckets, buckets[1:], strict=False))
-    ):
+    try:
+        check_buckets(buckets)
+    except ValueError:
         raise ValueError(
             f"data.length_buckets must be strictly increasing positive lengths, got {list(buckets)}"
-        )
+        ) from None
     if buckets[-1] < max_length:
         raise ValueError(
             f"data.length_buckets: the largest bucket ({buckets[-1]}) must be >= "
@@ -128,53 +131,10 @@ def _check_buckets(buckets: tuple[int, ...] | None, max_length: int) -> None:
         )
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RMConfig:
-    """`jaxrlhf rm`: a Bradley–Terry reward model, LoRA (SEQ_CLS) or full fine-tuning."""
-
-    model: ModelSection = dataclasses.field(default_factory=ModelSection)
-    lora: LoraConfig | None = dataclasses.field(
-        default_factory=lambda: LoraConfig(task_type="SEQ_CLS", modules_to_save=("score",))
-    )
-    """`null` for full fine-tuning."""
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-    data: PreferenceDataConfig = dataclasses.field(default_factory=PreferenceDataConfig)
-    run: RunConfig = dataclasses.field(default_factory=RunConfig)
-    batch_size: int = 8
-    eval_batch_size: int = 16
-    num_epochs: float = 1.0
-    max_steps: int | None = None
-    center_rewards_coefficient: float | None = None
-    share_prompt: bool = True
-    """Run the shared prompt of a chosen/rejected pair once (packed, block-masked)."""
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ValueError(
-                f"batch_size and eval_batch_size must be >= 1, got "
-                f"{self.batch_size}, {self.eval_batch_size}"
-            )
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be null or >= 1, got {self.max_steps}")
-        if self.num_epochs <= 0:
-            raise ValueError(f"num_epochs must be > 0, got {self.num_epochs}")
-        if self.batch_size % self.optim.grad_accum_steps:
-            raise ValueError(
-                f"batch_size ({self.batch_size}) must be a multiple of "
-                f"optim.grad_accum_steps ({self.optim.grad_accum_steps})"
-            )
-        if self.lora is not None and self.lora.task_type != "SEQ_CLS":
-            raise ValueError(
-                "lora.task_type must be SEQ_CLS for a reward model (it is read "
-                "through the score head, as *ForSequenceClassification)"
-            )
-
-
 # ----------------------------------------------------------------------------- loading
 
 
-def _check_literal(obj: Any, name: str, allowed: tuple[str, ...]) -> None:
+def check_literal(obj: Any, name: str, allowed: tuple[str, ...]) -> None:
     value = getattr(obj, name)
     if value not in allowed:
         section = type(obj).__name__
@@ -330,7 +290,7 @@ def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-# ----------------------------------------------------------------------------- RL sections
+# ----------------------------------------------------------------------------- online RL sections
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -350,7 +310,7 @@ class PromptDataConfig:
             raise ValueError(f"data.max_prompt_length must be >= 1, got {self.max_prompt_length}")
         if self.eval_size < 0:
             raise ValueError(f"data.eval_size must be >= 0, got {self.eval_size}")
-        _check_buckets(self.length_buckets, self.max_prompt_length)
+        _check_length_buckets(self.length_buckets, self.max_prompt_length)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -390,20 +350,56 @@ class RewardModelSection:
     default) and evaluates it. Off: read at the cut response's last sampled token."""
 
 
+# ----------------------------------------------------------------------------- training bases
+
+
+def _check_min(cfg: Any, names: tuple[str, ...], minimum: int = 1) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class PPOConfig:
-    """`jaxrlhf ppo`. Names and defaults follow TRL's PPOConfig where it has the option."""
+class PreferenceTraining:
+    """What every algorithm trained on a preference dataset shares (`jaxrlhf rm`, `dpo`):
+    the sections, the batch schedule and prefix sharing."""
 
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     lora: LoraConfig | None = dataclasses.field(default_factory=LoraConfig)
-    """The policy adapter; `null` for full fine-tuning (with a real reference copy)."""
-    value_lora: LoraConfig | None = dataclasses.field(
-        default_factory=lambda: LoraConfig(modules_to_save=("value",))
-    )
-    """The critic's adapter (value_model: separate); `null` for a fully trained critic."""
-    value_model: Literal["separate", "shared"] = "separate"
-    value_init_from_reward_model: bool = False
-    """Start the critic from the reward model's adapter and score head (InstructGPT)."""
+    """`null` for full fine-tuning."""
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    data: PreferenceDataConfig = dataclasses.field(default_factory=PreferenceDataConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    num_epochs: float = 1.0
+    max_steps: int | None = None
+    share_prompt: bool = True
+    """Run the shared prompt of a chosen/rejected pair once (packed, block-masked)."""
+
+    def __post_init__(self) -> None:
+        _check_min(self, ("batch_size", "eval_batch_size", "max_steps"))
+        if self.num_epochs <= 0:
+            raise ValueError(f"num_epochs must be > 0, got {self.num_epochs}")
+        if self.batch_size % self.optim.grad_accum_steps:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of "
+                f"optim.grad_accum_steps ({self.optim.grad_accum_steps})"
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OnlineTraining:
+    """What every online RL algorithm shares (`jaxrlhf ppo`, `grpo`): the sections, the
+    rollout sampling, the reward (a reward model and/or reward functions) and evaluation."""
+
+    command: ClassVar[str] = "online RL"
+
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    lora: LoraConfig | None = dataclasses.field(default_factory=LoraConfig)
+    """The policy adapter; `null` for full fine-tuning (with a real frozen reference copy)."""
     optim: OptimConfig = dataclasses.field(
         default_factory=lambda: OptimConfig(learning_rate=1e-5, schedule="constant")
     )
@@ -413,271 +409,20 @@ class PPOConfig:
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
     reward_model: RewardModelSection | None = None
     reward_funcs: tuple[RewardFuncConfig, ...] = ()
-    missing_eos_penalty: float | None = None
-    score_clip: float | None = None
-    score_scaling: Literal["none", "batch"] = "none"
-    """`batch`: standardise the scores of each rollout batch."""
-    num_iterations: int = 100
-    rollout_batch_size: int = 64
-    mini_batch_size: int = 16
-    num_ppo_epochs: int = 4
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    entropy_coef: float = 0.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_coef: float = 0.05
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    adaptive_kl: bool = False
-    kl_target: float = 6.0
-    kl_horizon: float = 10000.0
-    whiten_advantages: bool = True
-    whiten_rewards: bool = False
-    target_kl: float | None = None
-    """Stop the iteration's remaining PPO epochs once the mean approximate KL exceeds this."""
-    eval_prompts_batch: int = 32
-
-    def __post_init__(self) -> None:
-        _check_literal(self, "value_model", ("separate", "shared"))
-        _check_literal(self, "kl_estimator", ("k1", "k2", "k3"))
-        _check_literal(self, "score_scaling", ("none", "batch"))
-        if self.reward_model is None and not self.reward_funcs:
-            raise ValueError("PPO needs a reward: set reward_model.path and/or reward_funcs")
-        if self.rollout_batch_size % self.mini_batch_size:
-            raise ValueError(
-                f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple "
-                f"of mini_batch_size ({self.mini_batch_size})"
-            )
-        if self.mini_batch_size % self.optim.grad_accum_steps:
-            raise ValueError(
-                f"mini_batch_size ({self.mini_batch_size}) must be a multiple of "
-                f"optim.grad_accum_steps ({self.optim.grad_accum_steps})"
-            )
-        if self.lora is not None and self.lora.task_type != "CAUSAL_LM":
-            raise ValueError("lora.task_type must be CAUSAL_LM for the policy")
-        if (
-            self.value_model == "shared"
-            and self.lora is not None
-            and "value" not in self.lora.modules_to_save
-        ):
-            raise ValueError(
-                "value_model: shared puts the value head on the policy adapter; "
-                "add 'value' to lora.modules_to_save"
-            )
-        if (
-            self.value_model == "separate"
-            and self.value_lora is not None
-            and "value" not in self.value_lora.modules_to_save
-        ):
-            raise ValueError("value_lora.modules_to_save must include 'value'")
-        if self.num_iterations < 1 or self.num_ppo_epochs < 1:
-            raise ValueError("num_iterations and num_ppo_epochs must be >= 1")
-        for name in ("lora", "value_lora"):
-            adapter = getattr(self, name)
-            if adapter is not None and adapter.dropout > 0:
-                raise ValueError(
-                    f"{name}.dropout must be 0 for PPO: dropout would make the "
-                    f"trainer's log-probs differ from the rollout's"
-                )
-
-
-# ----------------------------------------------------------------------------- DPO
-
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DPOConfig:
-    """`jaxrlhf dpo`: direct preference optimisation of a causal LM, as TRL's DPOTrainer.
-
-    LoRA (the default): the policy is the frozen base plus the adapter and the reference is
-    the same base with the adapter off, so no second copy of the model exists. `lora: null`
-    is full fine-tuning against a frozen reference copy (TRL uses lr 1e-6 there; set
-    `optim.learning_rate` accordingly)."""
-
-    model: ModelSection = dataclasses.field(default_factory=ModelSection)
-    lora: LoraConfig | None = dataclasses.field(
-        default_factory=lambda: LoraConfig(task_type="CAUSAL_LM", r=16, alpha=32)
-    )
-    """`null` for full fine-tuning (with a frozen reference copy)."""
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-    data: PreferenceDataConfig = dataclasses.field(default_factory=PreferenceDataConfig)
-    run: RunConfig = dataclasses.field(default_factory=RunConfig)
-    batch_size: int = 8
-    eval_batch_size: int = 16
-    num_epochs: float = 1.0
-    max_steps: int | None = None
-    beta: float = 0.1
-    """Temperature of the implicit reward β·log(π/π_ref); smaller stays further from the
-    reference's constraint."""
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
-    """`sigmoid` (DPO), `ipo` (on length-averaged log-probs, as TRL) or `hinge` (SLiC)."""
-    label_smoothing: float = 0.0
-    """cDPO: the assumed share of flipped labels, in [0, 0.5) (`sigmoid` only)."""
-    precompute_ref_logps: bool = False
-    """Compute the reference log-probs once over the data before training (TRL's
-    `precompute_ref_log_probs`); each step then runs the policy only. In full fine-tuning
-    the reference copy is freed afterwards."""
-    share_prompt: bool = True
-    """Run the shared prompt of a chosen/rejected pair once (packed, block-masked)."""
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size % self.optim.grad_accum_steps:
-            raise ValueError(
-                f"batch_size={self.batch_size} must be a multiple of "
-                f"optim.grad_accum_steps={self.optim.grad_accum_steps}"
-            )
-        if self.num_epochs <= 0:
-            raise ValueError(f"num_epochs must be > 0, got {self.num_epochs}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-        _check_literal(self, "loss_type", DPO_LOSS_TYPES)
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.label_smoothing and self.loss_type != "sigmoid":
-            raise ValueError(
-                f"label_smoothing applies to loss_type 'sigmoid' only; got "
-                f"loss_type={self.loss_type!r}; set label_smoothing=0"
-            )
-        if self.lora is not None:
-            if self.lora.task_type != "CAUSAL_LM":
-                raise ValueError(
-                    "lora.task_type must be CAUSAL_LM for DPO (the policy is read "
-                    "through the lm head)"
-                )
-            if self.lora.modules_to_save:
-                raise ValueError(
-                    f"lora.modules_to_save={list(self.lora.modules_to_save)}: DPO "
-                    f"uses no score/value head; set it to []"
-                )
-
-
-# ----------------------------------------------------------------------------- GRPO
-
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "sequence-mean", "token-mean")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class GRPOConfig:
-    """`jaxrlhf grpo`: Group Relative Policy Optimization (Shao et al., 2024), as TRL's
-    GRPOTrainer: no critic; each prompt is sampled `num_generations` times and a completion's
-    advantage is its reward relative to its group's. Names and defaults follow TRL's
-    GRPOConfig where it has the option.
-
-    One iteration: `prompts_per_iteration` prompts × `num_generations` completions → rewards
-    → group advantages → `num_iterations` (μ) passes of `mini_batch_size` optimizer steps."""
-
-    model: ModelSection = dataclasses.field(default_factory=ModelSection)
-    lora: LoraConfig | None = dataclasses.field(default_factory=lambda: LoraConfig(r=32, alpha=64))
-    """The policy adapter (RL favours higher ranks than SFT); `null` for full fine-tuning
-    (with a real frozen reference copy)."""
-    optim: OptimConfig = dataclasses.field(
-        default_factory=lambda: OptimConfig(learning_rate=1e-5, schedule="constant")
-    )
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-    data: PromptDataConfig = dataclasses.field(default_factory=PromptDataConfig)
-    run: RunConfig = dataclasses.field(default_factory=RunConfig)
-    generation: GenerationConfig = dataclasses.field(
-        default_factory=lambda: GenerationConfig(max_new_tokens=256, temperature=1.0)
-    )
-    """Rollout sampling; `max_new_tokens` is TRL's max_completion_length."""
-    reward_model: RewardModelSection | None = None
-    reward_funcs: tuple[RewardFuncConfig, ...] = ()
     """Python reward functions, each with its `weight` (TRL's reward_weights)."""
     missing_eos_penalty: float | None = None
     """Subtracted from the reward of a completion that hit max_new_tokens without EOS."""
-    num_generations: int = 8
-    """G: completions per prompt (the group)."""
-    prompts_per_iteration: int = 8
-    """Distinct prompts per generation batch (batch = prompts_per_iteration × G)."""
-    max_steps: int = 100
-    """Iterations (generation batches) to run."""
-    num_iterations: int = 1
-    """μ: passes over each generation batch; the ratio is taken against the log-probs at
-    rollout time (1: strictly on-policy, as TRL's default)."""
-    mini_batch_size: int | None = None
-    """Completions per optimizer step (null: the whole generation batch, one step per pass)."""
-    beta: float = 0.0
-    """KL coefficient (k3 estimator) against the reference; 0 skips the reference pass."""
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    """Upper clip bound (DAPO's clip-higher, e.g. 0.28); null: `epsilon`."""
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "sequence-mean", "token-mean"] = "dapo"
-    scale_rewards: bool = True
-    """Divide advantages by the group's reward std (false: Dr. GRPO)."""
-    log_entropy: bool = True
-    """Compute the policy's mean token entropy in the update (one softmax over the vocabulary)."""
-    share_prompt: bool = True
-    """Run each prompt once for its group of completions in the log-prob passes (packed:
-    the G completions attend to one copy of the prompt). Same numbers, fewer tokens;
-    mini-batches and micro-batches then hold whole groups."""
     eval_prompts_batch: int = 32
 
-    @property
-    def generation_batch_size(self) -> int:
-        return self.prompts_per_iteration * self.num_generations
-
-    @property
-    def effective_mini_batch_size(self) -> int:
-        return self.mini_batch_size or self.generation_batch_size
-
     def __post_init__(self) -> None:
-        _check_literal(self, "loss_type", GRPO_LOSS_TYPES)
         if self.reward_model is None and not self.reward_funcs:
-            raise ValueError("GRPO needs a reward: set reward_model.path and/or reward_funcs")
-        if self.num_generations < 2:
             raise ValueError(
-                f"num_generations must be >= 2 (advantages are relative to the "
-                f"group of a prompt's completions), got {self.num_generations}"
+                f"{self.command.upper()} needs a reward: set reward_model.path and/or reward_funcs"
             )
-        for name in ("prompts_per_iteration", "max_steps", "num_iterations", "eval_prompts_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        batch = self.generation_batch_size
-        if self.mini_batch_size is not None:
-            if self.mini_batch_size < 1 or batch % self.mini_batch_size:
-                raise ValueError(
-                    f"mini_batch_size ({self.mini_batch_size}) must divide the generation batch "
-                    f"prompts_per_iteration × num_generations = {batch}"
-                )
-        if self.effective_mini_batch_size % self.optim.grad_accum_steps:
-            raise ValueError(
-                f"mini_batch_size ({self.effective_mini_batch_size}) must be a multiple of "
-                f"optim.grad_accum_steps ({self.optim.grad_accum_steps})"
-            )
-        micro = self.effective_mini_batch_size // self.optim.grad_accum_steps
-        if self.share_prompt and micro % self.num_generations:
-            raise ValueError(
-                f"share_prompt packs whole groups, so each micro-batch (mini_batch_size / "
-                f"optim.grad_accum_steps = {micro}) must be a multiple of num_generations "
-                f"({self.num_generations}); change them or set share_prompt: false"
-            )
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
-        if self.epsilon <= 0:
-            raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
-        if self.epsilon_high is not None and self.epsilon_high <= 0:
-            raise ValueError(f"epsilon_high must be > 0 or null, got {self.epsilon_high}")
+        _check_min(self, ("eval_prompts_batch",))
         if self.lora is not None:
             if self.lora.task_type != "CAUSAL_LM":
                 raise ValueError("lora.task_type must be CAUSAL_LM for the policy")
-            if self.lora.modules_to_save:
-                raise ValueError(
-                    f"lora.modules_to_save={list(self.lora.modules_to_save)}: GRPO "
-                    f"has no critic or score head; set it to []"
-                )
-            if self.lora.dropout:
-                raise ValueError(
-                    "lora.dropout must be 0 for GRPO: the importance ratio compares "
-                    "deterministic passes of the policy"
-                )
             gen = self.generation
             if not gen.merge_adapter and gen.max_rank is not None and self.lora.r > gen.max_rank:
                 raise ValueError(

@@ -47,8 +47,6 @@ class LoraConfig:
     use_rslora: bool = False
     init: Literal["kaiming", "gaussian"] = "kaiming"
     task_type: Literal["CAUSAL_LM", "SEQ_CLS"] = "CAUSAL_LM"
-    max_rank: int | None = None
-    """Largest rank the rollout engine is compiled for; a larger `r` is refused."""
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
@@ -82,11 +80,6 @@ class LoraConfig:
             raise ValueError(
                 "LoraConfig: a SEQ_CLS adapter must list 'score' in modules_to_save, otherwise "
                 "the randomly initialised score head would never be trained"
-            )
-        if self.max_rank is not None and self.r > self.max_rank:
-            raise ValueError(
-                f"LoraConfig.r={self.r} exceeds the rollout engine's max_rank={self.max_rank}; "
-                f"raise max_rank (the sampler is compiled for it) or lower r"
             )
         if not self.target_modules:
             raise ValueError("LoraConfig.target_modules is empty")
@@ -281,3 +274,28 @@ def trainable_summary(
         optimizer_bytes=tree_bytes(opt_state) if opt_state is not None else 0,
         frozen_bytes=tree_bytes(frozen) if frozen is not None else 0,
     )
+
+
+def split_trainable(
+    key: jax.Array,
+    base: Params,
+    model_cfg: ModelConfig,
+    lora_cfg: LoraConfig | None,
+    heads: tuple[str, ...] = (),
+) -> tuple[Any, Any]:
+    """(trainable, frozen). LoRA: a fresh adapter over the frozen base (heads as
+    modules_to_save). Full fine-tuning: a float32 copy of everything, heads added, and no
+    frozen tree."""
+    if lora_cfg is not None:
+        missing = [h for h in heads if h not in lora_cfg.modules_to_save]
+        if missing:
+            raise ValueError(
+                f"lora.modules_to_save must include {missing}: those heads start "
+                f"random and must be trained"
+            )
+        return init_lora(key, base, lora_cfg, model_cfg), base
+    trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), base)
+    for i, head in enumerate(heads):
+        if head not in trainable:
+            trainable[head] = init_head(jax.random.fold_in(key, i), model_cfg, head)
+    return trainable, None

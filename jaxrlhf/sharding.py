@@ -312,3 +312,23 @@ class ShardedStep:
     @property
     def num_programs(self) -> int:
         return len(self._compiled)
+
+
+def host_view(x: Any) -> np.ndarray:
+    """A global array on every process's host (all-gathered when there are several)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def gather_to_host(tree: Any) -> Any:
+    """A (possibly sharded) tree as host numpy. Call on every process: with several
+    processes, params split across hosts are all-gathered first, since no single process
+    can fetch arrays that span non-addressable devices."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)

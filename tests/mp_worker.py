@@ -28,9 +28,10 @@ jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftes
 
 import numpy as np  # noqa: E402
 
-from jaxrlhf.commands import rm as rm_command  # noqa: E402
-from jaxrlhf.config import RMConfig, load_config  # noqa: E402
+from jaxrlhf.algorithms.reward_model import RMConfig  # noqa
+from jaxrlhf.config import load_config  # noqa: E402
 from jaxrlhf.train import metrics as metrics_module  # noqa: E402
+from jaxrlhf.train import runs as rm_command  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "rm_tiny.yaml"
 

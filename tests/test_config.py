@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from jaxrlhf.algorithms.reward_model import RMConfig
 from jaxrlhf.config import (
     OptimConfig,
     PreferenceDataConfig,
-    RMConfig,
     load_config,
     parse_overrides,
     save_config,

@@ -19,22 +19,24 @@ from jaxrlhf import data as D
 from jaxrlhf import sharding
 from jaxrlhf.algorithms import dpo as A
 from jaxrlhf.algorithms.common import init_train_state
-from jaxrlhf.commands import dpo as cmd
-from jaxrlhf.commands.common import load_base, split_trainable
+from jaxrlhf.lora import split_trainable
+from jaxrlhf.models.base import load_base
 from jaxrlhf.models.transformer import forward
+from jaxrlhf.train import setup as run_setup
 from jaxrlhf.train.loop import TrainingInterrupted
 from jaxrlhf.train.metrics import read_metrics
 from jaxrlhf.train.optim import make_optimizer
+from jaxrlhf.train.runs import run_dpo
 
 TINY = Path(__file__).parent.parent / "configs" / "dpo_tiny.yaml"
 BUCKET = 64  # one length bucket: one compiled program per step function
 
 
-def tiny_cfg(run_dir=None, *overrides: str) -> C.DPOConfig:
+def tiny_cfg(run_dir=None, *overrides: str) -> A.DPOConfig:
     base = ["mesh.data=1", f"data.length_buckets=[{BUCKET}]", "run.progress=false"]
     if run_dir is not None:
         base.append(f"run.run_dir={run_dir}")
-    return C.load_config(C.DPOConfig, TINY, [*base, *overrides])
+    return C.load_config(A.DPOConfig, TINY, [*base, *overrides])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,7 +66,9 @@ def one_device(monkeypatch):
     """Commands build their mesh from the config; tests run the tiny model on one of the
     8 simulated devices (mesh.data=1), which compiles much faster on a 2-core host."""
     monkeypatch.setattr(
-        cmd, "make_mesh", lambda mesh_cfg: sharding.make_mesh(mesh_cfg, devices=jax.devices()[:1])
+        run_setup,
+        "make_mesh",
+        lambda mesh_cfg: sharding.make_mesh(mesh_cfg, devices=jax.devices()[:1]),
     )
 
 
@@ -90,14 +94,14 @@ def random_adapter(cfg, model_cfg, base, seed=1):
 
 def batch_of(prefs, idx, *, share_prompt, batch_size=None, ref=None):
     idx = np.asarray(idx)
-    return cmd.dpo_batch(
+    return D.pair_batch(
         prefs,
         idx,
         pad_id=0,
         buckets=(BUCKET,),
         batch_size=batch_size or len(idx),
         share_prompt=share_prompt,
-        ref=ref,
+        per_pair=None if ref is None else dict(zip(A.REF_KEYS, ref, strict=True)),
     )
 
 
@@ -154,7 +158,7 @@ def test_packed_and_unshared_logps_agree_with_plain_log_softmax(tiny):
 def test_packed_response_window_lists_response_tokens_only():
     """The vocabulary projection sees response tokens only: the packed row's response window
     holds each response token and the slot that predicts it, nothing of the prompt."""
-    from jaxrlhf.packing import pack_pairs
+    from jaxrlhf.data.packing import pack_pairs
 
     prompt, chosen, rejected = [5, 6, 7], [8, 9], [10, 11, 12]
     batch = {
@@ -182,11 +186,7 @@ def test_packed_response_window_lists_response_tokens_only():
 def lora_step(tiny):
     cfg, model_cfg, base, _ = tiny
     optimizer = make_optimizer(cfg.optim, 10)
-    step = jax.jit(
-        A.make_train_step(
-            model_cfg=model_cfg, lora_cfg=cfg.lora, optimizer=optimizer, beta=cfg.beta
-        )
-    )
+    step = jax.jit(A.make_train_step(cfg, model_cfg=model_cfg, optimizer=optimizer))
     return step, optimizer
 
 
@@ -202,7 +202,7 @@ def test_step_zero_loss_is_log2_and_rewards_are_zero(tiny, lora_step):
     batch = batch_of(prefs, np.arange(8), share_prompt=True)
     # B = 0: the policy IS the reference. A forward pass gives bit-identical log-probs with
     # the adapter on and off, so every implicit reward is exactly 0 ...
-    pi_c, pi_r, ref_c, ref_r = jax.jit(A.make_eval_step(model_cfg=model_cfg, lora_cfg=cfg.lora))(
+    pi_c, pi_r, ref_c, ref_r = jax.jit(A.make_eval_step(cfg, model_cfg=model_cfg))(
         lora, base, batch
     )
     np.testing.assert_array_equal(np.asarray(pi_c), np.asarray(ref_c))
@@ -223,10 +223,10 @@ def test_precomputed_reference_gives_the_same_step(tiny, lora_step):
     cfg, model_cfg, base, prefs = tiny
     step, optimizer = lora_step
     state = init_train_state(random_adapter(cfg, model_cfg, base), optimizer, jax.random.PRNGKey(1))
-    ref_fn = jax.jit(A.make_ref_logps_step(model_cfg=model_cfg))
+    ref_fn = jax.jit(A.make_ref_logps_step(cfg, model_cfg=model_cfg))
     ref = [
         np.asarray(x)
-        for x in ref_fn(base, batch_of(prefs, np.arange(len(prefs)), share_prompt=True))
+        for x in ref_fn(base, batch_of(prefs, np.arange(len(prefs)), share_prompt=True)).values()
     ]
     idx = np.array([3, 7, 11, 2, 19, 23, 0, 15])
     on_the_fly = step(state, base, micro(batch_of(prefs, idx, share_prompt=True)))
@@ -280,10 +280,10 @@ def test_config_validation():
 
 
 def test_shipped_configs_load():
-    smol = C.load_config(C.DPOConfig, TINY.parent / "dpo_smollm2.yaml")
+    smol = C.load_config(A.DPOConfig, TINY.parent / "dpo_smollm2.yaml")
     assert smol.model.path == "default" and smol.lora.r == 16 and smol.lora.task_type == "CAUSAL_LM"
     assert (smol.beta, smol.loss_type, smol.share_prompt) == (0.1, "sigmoid", True)
-    assert C.DPOConfig().lora.scale == 2.0  # r=16, alpha=32
+    assert A.DPOConfig().lora.scale == 2.0  # r=16, alpha=32
 
 
 # --------------------------------------------------------------------------- the command
@@ -292,7 +292,7 @@ def test_shipped_configs_load():
 def test_learns_case_preference_from_scratch(tmp_path, one_device):
     """A random model, LoRA DPO only: held-out implicit-reward accuracy goes 0 -> >= 0.9."""
     cfg = tiny_cfg(tmp_path, "num_epochs=2", "run.eval_every=1000", "run.save_every=1000")
-    out = cmd.run_dpo(cfg, source=case_preference_rows(240, seed=0))
+    out = run_dpo(cfg, source=case_preference_rows(240, seed=0))
     before, after = out["eval_before"], out["eval"]
     assert before["rewards/accuracies"] == 0.0 and before["rewards/margins"] == 0.0
     np.testing.assert_allclose(before["loss"], math.log(2), rtol=1e-5)
@@ -328,7 +328,7 @@ def test_full_finetuning_with_reference_copy(tmp_path, one_device):
         "data.eval_fraction=0.0",
         "optim.learning_rate=1e-3",
     )
-    out = cmd.run_dpo(cfg, source=case_preference_rows(16, seed=1))
+    out = run_dpo(cfg, source=case_preference_rows(16, seed=1))
     first, second = [r for r in read_metrics(tmp_path) if r["split"] == "train"]
     # Step 1: the policy is the reference. Step 2 compares the once-updated policy with the
     # untouched reference copy, so the implicit rewards are no longer zero.
@@ -358,7 +358,7 @@ def test_exact_resume_after_sigterm(tmp_path, one_device, monkeypatch):
         "lora.dropout=0.1",
         "run.save_every=1000",
     )
-    full = cmd.run_dpo(tiny_cfg(tmp_path / "full", *overrides), source=rows)
+    full = run_dpo(tiny_cfg(tmp_path / "full", *overrides), source=rows)
 
     real_batch_indices = D.batch_indices
 
@@ -370,9 +370,9 @@ def test_exact_resume_after_sigterm(tmp_path, one_device, monkeypatch):
     cfg = tiny_cfg(tmp_path / "cut", *overrides)
     monkeypatch.setattr(D, "batch_indices", interrupting)
     with pytest.raises(TrainingInterrupted, match="step 3"):
-        cmd.run_dpo(cfg, source=rows)
+        run_dpo(cfg, source=rows)
     monkeypatch.setattr(D, "batch_indices", real_batch_indices)
-    resumed = cmd.run_dpo(cfg, resume=True, source=rows)
+    resumed = run_dpo(cfg, resume=True, source=rows)
 
     for a, b in zip(_adapter_leaves(full), _adapter_leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -386,7 +386,7 @@ def test_learns_on_8_devices_with_precomputed_reference(tmp_path, loss_type):
     """The whole command on the 8-device data mesh, unshared rows, reference precomputed:
     held-out accuracy reaches >= 0.95 for every loss."""
     cfg = C.load_config(
-        C.DPOConfig,
+        A.DPOConfig,
         TINY,
         [
             f"run.run_dir={tmp_path}",
@@ -397,6 +397,6 @@ def test_learns_on_8_devices_with_precomputed_reference(tmp_path, loss_type):
             f"loss_type={loss_type}",
         ],
     )
-    out = cmd.run_dpo(cfg, source=case_preference_rows(400, seed=0))
+    out = run_dpo(cfg, source=case_preference_rows(400, seed=0))
     assert out["eval"]["rewards/accuracies"] >= 0.95, out["eval"]
     assert out["eval"]["loss"] < out["eval_before"]["loss"]

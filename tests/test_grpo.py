@@ -17,15 +17,17 @@ import pytest
 from jaxrlhf import config as C
 from jaxrlhf.algorithms import grpo as G
 from jaxrlhf.algorithms.common import init_train_state
-from jaxrlhf.commands import grpo as grpo_cmd
-from jaxrlhf.commands.common import load_base
-from jaxrlhf.commands.rollout import Sampler, Scorer, load_prompts, prompt_batch
+from jaxrlhf.data import load_prompts
 from jaxrlhf.lora import LoraConfig, init_lora
 from jaxrlhf.losses import kl_estimate, masked_mean
+from jaxrlhf.models.base import load_base
 from jaxrlhf.rewards import RewardFuncConfig
+from jaxrlhf.rollout import Sampler, prompt_batch
 from jaxrlhf.sharding import MeshConfig, make_mesh, put_tree
 from jaxrlhf.train.loop import TrainingInterrupted
 from jaxrlhf.train.optim import make_optimizer
+from jaxrlhf.train.runs import run_grpo
+from jaxrlhf.train.scoring import Scorer
 
 CONFIG = "configs/grpo_tiny.yaml"
 TINY = {
@@ -90,7 +92,7 @@ def setup():
     )
     scores, _, _ = scorer(rollout, values, columns)
     rollout_in = {
-        k: rollout[k] for k in ("input_ids", "attention_mask", "response_mask", "finished")
+        k: getattr(rollout, k) for k in ("input_ids", "attention_mask", "response_mask", "finished")
     }
     return {
         "model_cfg": model_cfg,
@@ -103,15 +105,25 @@ def setup():
     }
 
 
-def _hyper(**kw):
-    return G.GRPOHyper(num_generations=G_SIZE, max_completion_length=MAX_NEW, **kw)
+def _hyper(*, use_old_logprobs=False, micro_batches=1, share_prompt=False, **kw):
+    """The GRPO config of these step tests (μ = 2 when the old log-probs are needed)."""
+    return G.GRPOConfig(
+        lora=LORA,
+        reward_funcs=(LOWER,),
+        num_generations=G_SIZE,
+        prompts_per_iteration=N_PROMPTS,
+        generation=C.GenerationConfig(max_new_tokens=MAX_NEW, temperature=1.0),
+        num_iterations=2 if use_old_logprobs else 1,
+        optim=C.OptimConfig(grad_accum_steps=micro_batches),
+        share_prompt=share_prompt,
+        **kw,
+    )
 
 
 def _prepare(setup, hyper, scores=None):
     fn = G.make_prepare_fn(
+        hyper,
         model_cfg=setup["model_cfg"],
-        lora_cfg=LORA,
-        hyper=hyper,
         prompt_len=setup["prompts"]["input_ids"].shape[1],
     )
     scores = setup["scores"] if scores is None else scores
@@ -203,9 +215,7 @@ def test_beta_zero_runs_no_reference_pass(setup, monkeypatch):
 
     def traced(hyper):
         calls.clear()
-        fn = G.make_prepare_fn(
-            model_cfg=setup["model_cfg"], lora_cfg=LORA, hyper=hyper, prompt_len=p_len
-        )
+        fn = G.make_prepare_fn(hyper, model_cfg=setup["model_cfg"], prompt_len=p_len)
         batch = jax.eval_shape(fn, *args)[0]
         return list(calls), set(batch)
 
@@ -227,12 +237,10 @@ def test_beta_zero_runs_no_reference_pass(setup, monkeypatch):
     batch, _ = _prepare(setup, _hyper())
     calls.clear()
     update = G.make_update_fn(
+        _hyper(micro_batches=2),
         model_cfg=setup["model_cfg"],
-        lora_cfg=LORA,
-        hyper=_hyper(),
         optimizer=opt,
         prompt_len=p_len,
-        micro_batches=2,
     )
     jax.eval_shape(update, state, setup["base"], batch, jnp.arange(N_PROMPTS * G_SIZE))
     assert calls == [True]
@@ -244,7 +252,7 @@ def test_kl_is_zero_at_start_and_first_inner_update_has_ratio_one(setup):
     sees ratio 1; the second, after a step, does not."""
     hyper = _hyper(beta=0.04, use_old_logprobs=True)
     batch, _ = _prepare(setup, hyper)
-    resp = np.asarray(setup["rollout"]["response_mask"]).astype(bool)
+    resp = np.asarray(setup["rollout"].response_mask).astype(bool)
     old, ref = np.asarray(batch["old_logprobs"]), np.asarray(batch["ref_logprobs"])
     assert np.array_equal(old[resp], ref[resp])
     assert (
@@ -256,19 +264,17 @@ def test_kl_is_zero_at_start_and_first_inner_update_has_ratio_one(setup):
         == 0.0
     )
     np.testing.assert_allclose(
-        old[resp], np.asarray(setup["rollout"]["sampler_logprobs"])[resp], atol=1e-5
+        old[resp], np.asarray(setup["rollout"].sampler_logprobs)[resp], atol=1e-5
     )
 
     opt = make_optimizer(C.OptimConfig(learning_rate=1e-2), 10)
     state = init_train_state(setup["policy"], opt, jax.random.PRNGKey(0))
     update = jax.jit(
         G.make_update_fn(
+            hyper,
             model_cfg=setup["model_cfg"],
-            lora_cfg=LORA,
-            hyper=hyper,
             optimizer=opt,
             prompt_len=setup["prompts"]["input_ids"].shape[1],
-            micro_batches=1,
         )
     )
     idx = jnp.arange(N_PROMPTS * G_SIZE)
@@ -290,7 +296,7 @@ def test_kl_is_zero_at_start_and_first_inner_update_has_ratio_one(setup):
 
 def _cfg(run_dir, *overrides):
     return C.load_config(
-        C.GRPOConfig,
+        G.GRPOConfig,
         CONFIG,
         [f"run.run_dir={run_dir}", "mesh.data=1", "run.progress=false", *overrides],
     )
@@ -303,7 +309,7 @@ def _records(run_dir):
 
 def test_grpo_raises_a_rule_based_reward_without_a_reference(tmp_path, monkeypatch):
     calls = _count_backbone_calls(monkeypatch)
-    out = grpo_cmd.run_grpo(_cfg(tmp_path, "max_steps=30"), source=_rows(256))
+    out = run_grpo(_cfg(tmp_path, "max_steps=30"), source=_rows(256))
     train = _records(tmp_path)
     assert [r["step"] for r in train] == list(range(1, 31))
     first = np.mean([r["reward"] for r in train[:3]])
@@ -337,7 +343,7 @@ def test_full_finetuning_runs_one_iteration_against_a_frozen_copy(tmp_path):
         "num_generations=4",
         "optim.learning_rate=1e-3",
     )
-    out = grpo_cmd.run_grpo(cfg, source=_rows())
+    out = run_grpo(cfg, source=_rows())
     (rec,) = _records(tmp_path)
     assert rec["kl"] < 1e-10  # the trained copy starts equal to the reference copy
     assert np.isfinite(rec["loss"]) and rec["grad_norm"] > 0
@@ -362,9 +368,9 @@ def test_resume_after_sigterm_is_exact(tmp_path, monkeypatch):
         "mini_batch_size=4",
     ]
     rows = _rows()
-    full = grpo_cmd.run_grpo(_cfg(tmp_path / "a", *common), source=rows)
+    full = run_grpo(_cfg(tmp_path / "a", *common), source=rows)
 
-    real, calls = grpo_cmd.Scorer.__call__, {"n": 0}
+    real, calls = Scorer.__call__, {"n": 0}
 
     def interrupting(self, *args, **kwargs):
         calls["n"] += 1
@@ -372,12 +378,12 @@ def test_resume_after_sigterm_is_exact(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(grpo_cmd.Scorer, "__call__", interrupting)
+    monkeypatch.setattr(Scorer, "__call__", interrupting)
     with pytest.raises(TrainingInterrupted):
-        grpo_cmd.run_grpo(_cfg(tmp_path / "b", *common), source=rows)
-    monkeypatch.setattr(grpo_cmd.Scorer, "__call__", real)
+        run_grpo(_cfg(tmp_path / "b", *common), source=rows)
+    monkeypatch.setattr(Scorer, "__call__", real)
     assert [r["step"] for r in _records(tmp_path / "b")] == [1, 2]
-    resumed = grpo_cmd.run_grpo(_cfg(tmp_path / "b", *common), source=rows, resume=True)
+    resumed = run_grpo(_cfg(tmp_path / "b", *common), source=rows, resume=True)
 
     a, b = jax.device_get((full["state"], resumed["state"]))
     assert int(a.step) == int(b.step) == 4 * 2 * 2
@@ -406,8 +412,8 @@ def test_config_validation():
     for message, overrides in cases.items():
         extra = [] if message == "GRPO needs a reward" else base
         with pytest.raises(ValueError, match=message):
-            C.load_config(C.GRPOConfig, None, extra + overrides)
-    cfg = C.load_config(C.GRPOConfig, None, base)
+            C.load_config(G.GRPOConfig, None, extra + overrides)
+    cfg = C.load_config(G.GRPOConfig, None, base)
     assert (
         cfg.num_generations,
         cfg.beta,
@@ -416,4 +422,4 @@ def test_config_validation():
         cfg.lora.r,
         cfg.generation.max_new_tokens,
     ) == (8, 0.0, 0.2, "dapo", 32, 256)
-    assert C.load_config(C.GRPOConfig, CONFIG).generation.max_new_tokens == 8
+    assert C.load_config(G.GRPOConfig, CONFIG).generation.max_new_tokens == 8

@@ -118,8 +118,9 @@ def data_file(tmp_path_factory) -> Path:
 def one_process(tmp_path_factory, data_file) -> dict:
     """The reference: one process, 4 of the 8 simulated devices (data=4), the same global
     batch of 8. (Meshes agree with each other: see test_sharding.py.)"""
-    from jaxrlhf.commands.rm import run_rm
-    from jaxrlhf.config import RMConfig, load_config
+    from jaxrlhf.algorithms.reward_model import RMConfig
+    from jaxrlhf.config import load_config
+    from jaxrlhf.train.runs import run_rm
 
     run_dir = tmp_path_factory.mktemp("one_process")
     summary = run_rm(

@@ -16,14 +16,16 @@ import numpy as np
 import pytest
 
 from jaxrlhf import config as C
+from jaxrlhf import data as D
 from jaxrlhf.algorithms import ppo as P
-from jaxrlhf.commands import ppo as ppo_cmd
-from jaxrlhf.commands.rollout import Sampler
 from jaxrlhf.lora import LoraConfig, init_lora, merge, tree_bytes
 from jaxrlhf.models.config import tiny_config
 from jaxrlhf.models.transformer import init_params
+from jaxrlhf.rewards import RewardFuncConfig
+from jaxrlhf.rollout import Sampler
 from jaxrlhf.train.loop import TrainingInterrupted
 from jaxrlhf.train.optim import make_optimizer
+from jaxrlhf.train.runs import run_ppo
 
 CFG = tiny_config(
     vocab_size=64,
@@ -36,7 +38,12 @@ CFG = tiny_config(
 )
 LORA = LoraConfig(r=4, alpha=8)
 VALUE_LORA = LoraConfig(r=4, alpha=8, modules_to_save=("value",))
-HYPER = P.PPOHyper(temperature=1.0)
+HYPER = P.PPOConfig(
+    lora=LORA,
+    value_lora=VALUE_LORA,
+    generation=C.GenerationConfig(temperature=1.0),
+    reward_funcs=(RewardFuncConfig(fn="char_share", kwargs={"chars": "abc"}),),
+)
 ADAPTERS = P.Adapters(policy=LORA, value=VALUE_LORA)
 
 
@@ -75,11 +82,9 @@ def _setup(nonzero: bool):
     )
     rollout = sampler(policy, base, _prompts(), jax.random.PRNGKey(4))
     trainable = {"policy": policy, "value": value}
-    exp_fn = jax.jit(
-        P.make_experience_fn(model_cfg=CFG, adapters=ADAPTERS, hyper=HYPER, prompt_len=6)
-    )
+    exp_fn = jax.jit(P.make_experience_fn(HYPER, model_cfg=CFG, adapters=ADAPTERS, prompt_len=6))
     rollout_in = {
-        k: rollout[k]
+        k: getattr(rollout, k)
         for k in ("input_ids", "attention_mask", "response_mask", "sampler_logprobs", "finished")
     }
     exp, metrics = exp_fn(trainable, base, rollout_in, jnp.ones((4,)), 0.05)
@@ -88,7 +93,7 @@ def _setup(nonzero: bool):
 
 def test_fresh_adapter_kl_is_exactly_zero_and_trainer_matches_sampler():
     _, _, rollout, exp, metrics = _setup(nonzero=False)
-    resp = np.asarray(rollout["response_mask"]).astype(bool)
+    resp = np.asarray(rollout.response_mask).astype(bool)
     assert resp.sum() > 0
     assert float(metrics["objective/kl"]) == 0.0
     assert np.array_equal(
@@ -96,7 +101,7 @@ def test_fresh_adapter_kl_is_exactly_zero_and_trainer_matches_sampler():
     )
     np.testing.assert_allclose(
         np.asarray(exp["old_logprobs"])[resp],
-        np.asarray(rollout["sampler_logprobs"])[resp],
+        np.asarray(rollout.sampler_logprobs)[resp],
         atol=1e-5,
     )
 
@@ -105,10 +110,10 @@ def test_nonzero_adapter_sampler_logprobs_equal_trainer_logprobs():
     """The merged-weights sampler and the unmerged training forward agree, so the rollout
     engine does not silently ignore the adapter; and the policy is not the reference."""
     _, _, rollout, exp, metrics = _setup(nonzero=True)
-    resp = np.asarray(rollout["response_mask"]).astype(bool)
+    resp = np.asarray(rollout.response_mask).astype(bool)
     np.testing.assert_allclose(
         np.asarray(exp["old_logprobs"])[resp],
-        np.asarray(rollout["sampler_logprobs"])[resp],
+        np.asarray(rollout.sampler_logprobs)[resp],
         atol=2e-5,
     )
     assert float(metrics["objective/kl"]) != 0.0
@@ -119,7 +124,7 @@ def test_value_head_gets_gradients_and_reference_stays_frozen():
     base, trainable, _, exp, _ = _setup(nonzero=True)
     grads = jax.grad(
         lambda t: P.ppo_loss(
-            t, exp, base, model_cfg=CFG, adapters=ADAPTERS, hyper=HYPER, prompt_len=6
+            t, exp, base, model_cfg=CFG, adapters=ADAPTERS, cfg=HYPER, prompt_len=6
         )[0]
     )(trainable)
     assert float(jnp.abs(grads["value"]["value"]["kernel"]).sum()) > 0
@@ -160,9 +165,7 @@ def _update_memory(full: bool) -> int:
         "returns": jnp.zeros((b, 8)),
         "ref_logprobs": jnp.zeros((b, 8)),
     }
-    update = P.make_update_fn(
-        model_cfg=CFG, adapters=adapters, hyper=HYPER, optimizer=opt, prompt_len=8, micro_batches=1
-    )
+    update = P.make_update_fn(HYPER, model_cfg=CFG, adapters=adapters, optimizer=opt, prompt_len=8)
     compiled = jax.jit(update, donate_argnums=(0,)).lower(state, base, exp, jnp.arange(4)).compile()
     mem = compiled.memory_analysis()
     return mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
@@ -208,7 +211,7 @@ def _rows(n=256, seed=0):
 
 def _cfg(tmp_path, *overrides):
     return C.load_config(
-        C.PPOConfig, "configs/ppo_tiny.yaml", [f"run.run_dir={tmp_path}", "mesh.data=1", *overrides]
+        P.PPOConfig, "configs/ppo_tiny.yaml", [f"run.run_dir={tmp_path}", "mesh.data=1", *overrides]
     )
 
 
@@ -226,7 +229,7 @@ def test_ppo_raises_a_rule_based_reward_with_bounded_kl(tmp_path):
         "num_ppo_epochs=4",
         "kl_coef=0.02",
     )
-    ppo_cmd.run_ppo(cfg, source=datasets.Dataset.from_list(_rows()))
+    run_ppo(cfg, source=datasets.Dataset.from_list(_rows()))
     train = [r for r in _records(tmp_path) if r["split"] == "train"]
     first = np.mean([r["objective/scores"] for r in train[:3]])
     last = np.mean([r["objective/scores"] for r in train[-3:]])
@@ -244,9 +247,9 @@ def test_resume_after_sigterm_is_exact(tmp_path, monkeypatch):
         "mini_batch_size=8",
         "num_ppo_epochs=1",
     ]
-    full = ppo_cmd.run_ppo(_cfg(tmp_path / "a", *common), source=rows)
+    full = run_ppo(_cfg(tmp_path / "a", *common), source=rows)
 
-    real = ppo_cmd.D.batch_indices
+    real = D.batch_indices
     calls = {"n": 0}
 
     def interrupting(*args, **kwargs):
@@ -255,11 +258,11 @@ def test_resume_after_sigterm_is_exact(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ppo_cmd.D, "batch_indices", interrupting)
+    monkeypatch.setattr(D, "batch_indices", interrupting)
     with pytest.raises(TrainingInterrupted):
-        ppo_cmd.run_ppo(_cfg(tmp_path / "b", *common), source=rows)
-    monkeypatch.setattr(ppo_cmd.D, "batch_indices", real)
-    resumed = ppo_cmd.run_ppo(_cfg(tmp_path / "b", *common), source=rows, resume=True)
+        run_ppo(_cfg(tmp_path / "b", *common), source=rows)
+    monkeypatch.setattr(D, "batch_indices", real)
+    resumed = run_ppo(_cfg(tmp_path / "b", *common), source=rows, resume=True)
     a, b = full["state"].train, resumed["state"].train
     assert int(b.step) == int(a.step)
     jax.tree.map(
@@ -274,7 +277,7 @@ def test_resume_after_sigterm_is_exact(tmp_path, monkeypatch):
 
 def test_start_from_a_trained_adapter_has_zero_kl_to_its_reference(tmp_path):
     """An SFT adapter merged at load is the reference: KL is 0 at the first iteration."""
-    from jaxrlhf.commands.common import load_base
+    from jaxrlhf.models.base import load_base
     from jaxrlhf.peft_format import export_peft
 
     cfg = _cfg(
@@ -295,7 +298,7 @@ def test_start_from_a_trained_adapter_has_zero_kl_to_its_reference(tmp_path):
     cfg = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, adapter=str(tmp_path / "sft"))
     )
-    out = ppo_cmd.run_ppo(cfg, source=datasets.Dataset.from_list(_rows(64)))
+    out = run_ppo(cfg, source=datasets.Dataset.from_list(_rows(64)))
     first = [r for r in _records(tmp_path / "run") if r["split"] == "train"][0]
     assert first["objective/kl"] == 0.0
     # and the reference really is the SFT model, not the raw base
@@ -318,7 +321,7 @@ def test_full_finetuning_runs_with_a_real_reference_copy(tmp_path):
         "num_ppo_epochs=1",
         "optim.learning_rate=1e-4",
     )
-    out = ppo_cmd.run_ppo(cfg, source=datasets.Dataset.from_list(_rows(64)))
+    out = run_ppo(cfg, source=datasets.Dataset.from_list(_rows(64)))
     policy = out["state"].train.trainable["policy"]
     assert not np.array_equal(
         np.asarray(policy["layers"]["q_proj"]["kernel"]),

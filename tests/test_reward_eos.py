@@ -10,12 +10,12 @@ import numpy as np
 
 from jaxrlhf import config as C
 from jaxrlhf.algorithms.ppo import reward_model_scores
-from jaxrlhf.commands.common import load_base
-from jaxrlhf.commands.rm import load_preferences
-from jaxrlhf.commands.rollout import Scorer
+from jaxrlhf.data import load_preferences
 from jaxrlhf.lora import LoraConfig, init_lora
+from jaxrlhf.models.base import load_base
 from jaxrlhf.peft_format import export_peft
 from jaxrlhf.sharding import make_mesh, put_tree
+from jaxrlhf.train.scoring import Scorer
 
 RM_LORA = LoraConfig(r=4, alpha=8, task_type="SEQ_CLS", modules_to_save=("score",))
 

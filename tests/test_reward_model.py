@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 from helpers.tasks import case_preference_rows
 
-import jaxrlhf.commands.rm as rm_command
 from jaxrlhf import cli
 from jaxrlhf import data as D
 from jaxrlhf.algorithms import reward_model as R
-from jaxrlhf.commands.common import load_base
-from jaxrlhf.config import RMConfig, load_config
+from jaxrlhf.algorithms.reward_model import RMConfig
+from jaxrlhf.config import load_config
 from jaxrlhf.lora import init_lora
+from jaxrlhf.models.base import load_base
 from jaxrlhf.models.transformer import (
     backbone,
     forward,
@@ -37,6 +37,7 @@ from jaxrlhf.models.transformer import (
 )
 from jaxrlhf.train.loop import TrainingInterrupted
 from jaxrlhf.train.metrics import read_metrics
+from jaxrlhf.train.runs import run_rm
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "rm_tiny.yaml"
 # One device, one bucket (packed pairs of these rows are <= 47 tokens, so packing never
@@ -90,7 +91,7 @@ def rm_config(run_dir, *overrides: str) -> RMConfig:
 
 
 def run(cfg: RMConfig, rows, **kw) -> dict:
-    return rm_command.run_rm(cfg, source=datasets.Dataset.from_list(rows), **kw)
+    return run_rm(cfg, source=datasets.Dataset.from_list(rows), **kw)
 
 
 def compiled(fn, *args):
@@ -237,7 +238,7 @@ def test_packed_pairs_equal_unshared_rewards_losses_and_grads():
     lora = random_adapter(jax.random.PRNGKey(3), base, cfg.lora, model_cfg)
     # 6 real pairs in a batch of 8: the two dummy rows must stay out of the loss.
     batches = {
-        share: rm_command.pair_batch(
+        share: D.pair_batch(
             prefs, np.arange(6), pad_id=0, buckets=(48,), batch_size=8, share_prompt=share
         )
         for share in (True, False)
@@ -278,7 +279,7 @@ def test_packed_lengths_come_from_a_fixed_set():
     prefs, _ = D.tokenize_preferences(rows, tokenizer, max_length=64)
     buckets = D.default_buckets(64)
     lengths = {
-        rm_command.pair_batch(
+        D.pair_batch(
             prefs, np.array([i]), pad_id=0, buckets=buckets, batch_size=1, share_prompt=True
         )["packed_input_ids"].shape[1]
         for i in range(len(rows))
@@ -386,7 +387,7 @@ def _at_position(monkeypatch, position: int, action) -> None:
             action()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(rm_command.D, "batch_indices", batch_indices)
+    monkeypatch.setattr(D, "batch_indices", batch_indices)
 
 
 def _checkpoint_steps(run_dir) -> list[int]:

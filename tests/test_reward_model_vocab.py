@@ -7,8 +7,8 @@ import jax
 import pytest
 
 from jaxrlhf import config as C
-from jaxrlhf.commands.common import load_base
-from jaxrlhf.commands.rollout import check_same_vocabulary, load_reward_model
+from jaxrlhf.algorithms.reward_model import check_same_vocabulary, load_reward_model
+from jaxrlhf.models.base import load_base
 from jaxrlhf.models.byte_tokenizer import byte_tokenizer
 from jaxrlhf.models.loading import save_hf_folder
 from jaxrlhf.models.transformer import init_head

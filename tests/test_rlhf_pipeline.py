@@ -40,13 +40,14 @@ import pytest
 
 from jaxrlhf import config as C
 from jaxrlhf import data as D
-from jaxrlhf.commands.common import load_base
+from jaxrlhf.algorithms.ppo import PPOConfig
+from jaxrlhf.algorithms.reward_model import RMConfig
 from jaxrlhf.commands.demo import gold_scores, make_gold_hook
-from jaxrlhf.commands.ppo import run_ppo
-from jaxrlhf.commands.rm import run_rm
-from jaxrlhf.commands.rollout import Sampler, prompt_batch
+from jaxrlhf.models.base import load_base
 from jaxrlhf.rewards import RewardFuncConfig
+from jaxrlhf.rollout import Sampler, prompt_batch
 from jaxrlhf.sharding import make_mesh, put_tree
+from jaxrlhf.train.runs import run_ppo, run_rm
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLD = RewardFuncConfig(fn="char_share", name="lowercase", kwargs={"chars": string.ascii_lowercase})
@@ -141,7 +142,7 @@ def run_pipeline(tmp_path: Path, s: Settings) -> dict:
     common = ["mesh.data=1", f"run.seed={s.seed}", "run.progress=false"]
     common += ["run.eval_every=100000", "run.save_every=100000"]
     rm_cfg = C.load_config(
-        C.RMConfig,
+        RMConfig,
         ROOT / "configs" / "rm_tiny.yaml",  # the same tiny base as ppo_tiny.yaml
         [
             *common,
@@ -163,7 +164,7 @@ def run_pipeline(tmp_path: Path, s: Settings) -> dict:
     rm = run_rm(rm_cfg)  # reads pairs.jsonl, holds out 20% of the pairs
 
     ppo_cfg = C.load_config(
-        C.PPOConfig,
+        PPOConfig,
         ROOT / "configs" / "ppo_tiny.yaml",
         [
             *common,

@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from jaxrlhf import sampling as sampling_mod
 from jaxrlhf.models.config import config_from_hf
 from jaxrlhf.models.hf_names import params_from_state_dict
 from jaxrlhf.models.transformer import PROJECTIONS, backbone, lm_logits, token_logprobs
-from jaxrlhf.sampling import (
+from jaxrlhf.rollout import sampling as sampling_mod
+from jaxrlhf.rollout.sampling import (
     SampleOutput,
     SamplingConfig,
     choose_tokens,

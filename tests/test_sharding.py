@@ -23,21 +23,20 @@ import pytest
 from helpers.tasks import case_preference_rows
 
 from jaxrlhf import data as D
-from jaxrlhf import sampling as sampling_mod
 from jaxrlhf.algorithms import dpo as DPO
 from jaxrlhf.algorithms import ppo as P
 from jaxrlhf.algorithms import reward_model as R
 from jaxrlhf.algorithms.common import TrainState, init_train_state
-from jaxrlhf.commands.common import micro_batches
-from jaxrlhf.commands.dpo import dpo_batch
-from jaxrlhf.commands.rm import pair_batch
-from jaxrlhf.commands.rollout import Sampler
 from jaxrlhf.config import GenerationConfig, OptimConfig
+from jaxrlhf.data import pair_batch
 from jaxrlhf.lora import LoraConfig, init_lora
 from jaxrlhf.models.byte_tokenizer import byte_tokenizer
 from jaxrlhf.models.config import tiny_config
 from jaxrlhf.models.transformer import init_cache, init_params
-from jaxrlhf.sampling import SamplingConfig, make_generate_fn
+from jaxrlhf.rewards import RewardFuncConfig
+from jaxrlhf.rollout import Sampler
+from jaxrlhf.rollout import sampling as sampling_mod
+from jaxrlhf.rollout.sampling import SamplingConfig, make_generate_fn
 from jaxrlhf.sharding import (
     MeshConfig,
     ShardedStep,
@@ -52,6 +51,7 @@ from jaxrlhf.sharding import (
 )
 from jaxrlhf.train.checkpoint import Checkpointer
 from jaxrlhf.train.optim import make_optimizer
+from jaxrlhf.train.setup import micro_batches
 
 MODEL = tiny_config(
     vocab_size=264,
@@ -211,7 +211,7 @@ def rm_case():
     batch = pair_batch(
         preferences(), np.arange(8), pad_id=0, buckets=(BUCKET,), batch_size=8, share_prompt=True
     )
-    step = R.make_train_step(model_cfg=MODEL, lora_cfg=RM_LORA, optimizer=optimizer)
+    step = R.make_train_step(R.RMConfig(lora=RM_LORA), model_cfg=MODEL, optimizer=optimizer)
     return step, state, base(), micro_batches(batch, 1), "micro_batch"
 
 
@@ -221,7 +221,12 @@ def ppo_case():
     random sequences (so old log-probs are the policy's own: ratios start at 1)."""
     prompt_len, n_new, n = 8, 8, 16
     adapters = P.Adapters(policy=POLICY_LORA, value=VALUE_LORA)
-    hyper = P.PPOHyper()
+    hyper = P.PPOConfig(
+        lora=POLICY_LORA,
+        value_lora=VALUE_LORA,
+        generation=GenerationConfig(temperature=1.0),
+        reward_funcs=(RewardFuncConfig(fn="char_share", kwargs={"chars": "abc"}),),
+    )
     trainable = {"policy": adapter(1, POLICY_LORA), "value": adapter(2, VALUE_LORA)}
     rng = np.random.default_rng(0)
     ids = rng.integers(3, MODEL.vocab_size, (n, prompt_len + n_new)).astype(np.int32)
@@ -234,18 +239,13 @@ def ppo_case():
     scores = rng.normal(size=n).astype(np.float32)
     args = (trainable, base(), rollout, scores, np.float32(0.05))
     experience = jax.jit(
-        P.make_experience_fn(model_cfg=MODEL, adapters=adapters, hyper=hyper, prompt_len=prompt_len)
+        P.make_experience_fn(hyper, model_cfg=MODEL, adapters=adapters, prompt_len=prompt_len)
     )
     exp, _ = experience.lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
     optimizer = make_optimizer(OPTIM, 10)
     state = train_state(trainable, optimizer, 5)
     update = P.make_update_fn(
-        model_cfg=MODEL,
-        adapters=adapters,
-        hyper=hyper,
-        optimizer=optimizer,
-        prompt_len=prompt_len,
-        micro_batches=1,
+        hyper, model_cfg=MODEL, adapters=adapters, optimizer=optimizer, prompt_len=prompt_len
     )
     indices = rng.permutation(n)[:8].astype(np.int32)
     # commands/ppo.py splits the minibatch indices over the batch axes like the experience.
@@ -256,10 +256,12 @@ def ppo_case():
 def dpo_case():
     optimizer = make_optimizer(OPTIM, 10)
     state = train_state(adapter(1, POLICY_LORA), optimizer, 3)
-    batch = dpo_batch(
+    batch = pair_batch(
         preferences(), np.arange(8), pad_id=0, buckets=(BUCKET,), batch_size=8, share_prompt=True
     )
-    step = DPO.make_train_step(model_cfg=MODEL, lora_cfg=POLICY_LORA, optimizer=optimizer)
+    step = DPO.make_train_step(
+        DPO.DPOConfig(lora=POLICY_LORA), model_cfg=MODEL, optimizer=optimizer
+    )
     return step, state, base(), micro_batches(batch, 1), "micro_batch"
 
 
@@ -396,8 +398,9 @@ def test_checkpoint_restores_onto_other_mesh_shapes(tmp_path):
 
 
 def test_run_rm_on_2x2x2_mesh_matches_one_device(tmp_path, capsys):
-    from jaxrlhf.commands.rm import run_rm
-    from jaxrlhf.config import RMConfig, load_config
+    from jaxrlhf.algorithms.reward_model import RMConfig
+    from jaxrlhf.config import load_config
+    from jaxrlhf.train.runs import run_rm
 
     tiny = (
         "{vocab_size: 264, hidden_size: 64, intermediate_size: 128, num_layers: 2, "
@@ -617,7 +620,7 @@ def test_sharded_generate_constraints_buckets_and_odd_batches(monkeypatch):
 
 
 def test_sampler_on_mesh_matches_single_device():
-    """`commands.rollout.Sampler` given the run's mesh (as ppo/grpo give it): the merged
+    """`rollout.Sampler` given the run's mesh (as ppo/grpo give it): the merged
     policy comes out in the base's shardings, and merged and unmerged rollouts on 2x2x2
     equal the one-device rollout (same key: the same sampled tokens)."""
     mesh = mesh_of((2, 2, 2))

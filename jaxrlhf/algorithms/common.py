@@ -1,7 +1,10 @@
-"""Small pieces every algorithm shares: the train state and the trainable/frozen views."""
+"""Small pieces every algorithm shares: the train state, the trainable/frozen views, gradient
+accumulation and the two step shapes (a preference step over micro-batches, an online
+update over a minibatch of prepared rows)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -55,3 +58,72 @@ def dropout_args(lora_cfg: LoraConfig | None, rng: jax.Array) -> dict:
     if lora_cfg is None or lora_cfg.dropout == 0.0:
         return {}
     return {"dropout_rate": lora_cfg.dropout, "dropout_rng": rng}
+
+
+def accumulate_gradients(
+    loss_fn: Callable, trainable: Any, micro_batches: Any, *extra: Any
+) -> tuple[Any, dict]:
+    """Mean gradient and metrics of `loss_fn(trainable, micro_batch, *extra) -> (loss, metrics)`
+    over the leading axis of `micro_batches` (a scan, so memory is one micro-batch's).
+
+    Gradient accumulation is not an optimizer wrapper here: a step scans over its
+    micro-batches and applies one update, so no accumulator state is stored and every
+    optimizer step is one compiled call."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    n = jax.tree.leaves(micro_batches)[0].shape[0]
+    if n == 1:
+        (_, metrics), grads = grad_fn(
+            trainable, jax.tree.map(lambda x: x[0], micro_batches), *extra
+        )
+        return grads, metrics
+
+    def body(acc, mb):
+        (_, metrics), grads = grad_fn(trainable, mb, *extra)
+        return jax.tree.map(jnp.add, acc, grads), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    grads, metrics = jax.lax.scan(body, zeros, micro_batches)
+    return (
+        jax.tree.map(lambda g: g / n, grads),
+        jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics),
+    )
+
+
+def make_batch_step(loss_fn: Callable, optimizer: optax.GradientTransformation):
+    """`step(state, frozen, micro_batches) -> (state, metrics)`: one optimizer step on the mean
+    gradient of `loss_fn(trainable, micro_batch, frozen, rng) -> (loss, metrics)` over the
+    micro-batches ([n, B, ...]); the state's rng is split for the step (LoRA dropout)."""
+
+    def step(state: TrainState, frozen: Any, micro_batches: dict) -> tuple[TrainState, dict]:
+        rng, step_rng = jax.random.split(state.rng)
+        grads, metrics = accumulate_gradients(
+            loss_fn, state.trainable, micro_batches, frozen, step_rng
+        )
+        new_state, grad_norm = apply_update(state.replace(rng=rng), grads, optimizer)
+        return new_state, {**metrics, "grad_norm": grad_norm}
+
+    return step
+
+
+def make_minibatch_update(
+    loss_fn: Callable,
+    optimizer: optax.GradientTransformation,
+    *,
+    micro_batches: int,
+    scale_micro_batches: Callable[[dict], dict] | None = None,
+):
+    """`update(state, frozen, batch, indices) -> (state, metrics)`: one optimizer step on the
+    rows `indices` [m] of a prepared batch, split into `micro_batches` for gradient
+    accumulation, with `loss_fn(trainable, micro_batch, frozen) -> (loss, metrics)`.
+    `scale_micro_batches` may add per-micro-batch entries (e.g. a loss scale) first."""
+
+    def update(state: TrainState, frozen: Any, batch: dict, indices: jax.Array):
+        mb = jax.tree.map(lambda x: jnp.take(x, indices, axis=0), batch)
+        mb = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), mb)
+        if scale_micro_batches is not None:
+            mb = scale_micro_batches(mb)
+        grads, metrics = accumulate_gradients(loss_fn, state.trainable, mb, frozen)
+        state, grad_norm = apply_update(state, grads, optimizer)
+        return state, {**metrics, "grad_norm": grad_norm}
+
+    return update

@@ -11,44 +11,79 @@ the adapter gets gradients. In full fine-tuning the trainable tree is the policy
 adapter, so one function covers both. With precomputed reference log-probs
 (`ref_chosen_logps`/`ref_rejected_logps` in the batch) the step runs the policy only.
 
-A batch is either packed (`packed_*` keys, prompt once; see `jaxrlhf.packing`) or
+A batch is either packed (`packed_*` keys, prompt once; see `jaxrlhf.data.packing`) or
 unshared (`chosen_*`/`rejected_*` rows with response masks); both give the same numbers.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxrlhf.algorithms.common import TrainState, apply_update, dropout_args, model_views
+from jaxrlhf.algorithms.common import dropout_args, make_batch_step, model_views
+from jaxrlhf.algorithms.spec import PreferenceAlgorithm
+from jaxrlhf.config import PreferenceTraining, check_literal
 from jaxrlhf.lora import LoraConfig
 from jaxrlhf.losses import dpo_loss, masked_mean, masked_sum
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.transformer import backbone, token_logprobs
-from jaxrlhf.train.optim import accumulate_gradients
 
-PACKED_KEYS = (
-    "packed_input_ids",
-    "packed_attention_mask",
-    "packed_positions",
-    "packed_segment_ids",
-    "packed_response_prev",
-    "packed_response_ids",
-    "packed_response_chosen",
-    "packed_response_rejected",
-)
-UNSHARED_KEYS = (
-    "chosen_input_ids",
-    "chosen_attention_mask",
-    "chosen_response_mask",
-    "rejected_input_ids",
-    "rejected_attention_mask",
-    "rejected_response_mask",
-)
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPOConfig(PreferenceTraining):
+    """`jaxrlhf dpo`: direct preference optimisation of a causal LM, as TRL's DPOTrainer.
+
+    LoRA (the default): the policy is the frozen base plus the adapter and the reference is
+    the same base with the adapter off, so no second copy of the model exists. `lora: null`
+    is full fine-tuning against a frozen reference copy (TRL uses lr 1e-6 there; set
+    `optim.learning_rate` accordingly)."""
+
+    lora: LoraConfig | None = dataclasses.field(
+        default_factory=lambda: LoraConfig(task_type="CAUSAL_LM", r=16, alpha=32)
+    )
+    """`null` for full fine-tuning (with a frozen reference copy)."""
+    beta: float = 0.1
+    """Temperature of the implicit reward β·log(π/π_ref); smaller stays further from the
+    reference's constraint."""
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """`sigmoid` (DPO), `ipo` (on length-averaged log-probs, as TRL) or `hinge` (SLiC)."""
+    label_smoothing: float = 0.0
+    """cDPO: the assumed share of flipped labels, in [0, 0.5) (`sigmoid` only)."""
+    precompute_ref_logps: bool = False
+    """Compute the reference log-probs once over the data before training (TRL's
+    `precompute_ref_log_probs`); each step then runs the policy only. In full fine-tuning
+    the reference copy is freed afterwards."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        check_literal(self, "loss_type", DPO_LOSS_TYPES)
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(
+                f"label_smoothing applies to loss_type 'sigmoid' only; got "
+                f"loss_type={self.loss_type!r}; set label_smoothing=0"
+            )
+        if self.lora is not None:
+            if self.lora.task_type != "CAUSAL_LM":
+                raise ValueError(
+                    "lora.task_type must be CAUSAL_LM for DPO (the policy is read "
+                    "through the lm head)"
+                )
+            if self.lora.modules_to_save:
+                raise ValueError(
+                    f"lora.modules_to_save={list(self.lora.modules_to_save)}: DPO "
+                    f"uses no score/value head; set it to []"
+                )
 
 
 def _reduce(logps, mask, average: bool):
@@ -150,38 +185,29 @@ def dpo_objective(
     frozen: Any,
     rng: jax.Array | None,
     *,
+    cfg: DPOConfig,
     model_cfg: ModelConfig,
-    lora_cfg: LoraConfig | None,
-    beta: float,
-    loss_type: str,
-    label_smoothing: float,
 ) -> tuple[jax.Array, dict]:
     """(loss, metrics) of one batch; differentiable w.r.t. `trainable` only."""
-    average = loss_type == "ipo"
+    average = cfg.loss_type == "ipo"
     ref_c, ref_r = reference_logps(frozen, batch, model_cfg=model_cfg, average=average)
     pi_c, pi_r = policy_logps(
-        trainable, frozen, batch, model_cfg=model_cfg, lora_cfg=lora_cfg, average=average, rng=rng
+        trainable, frozen, batch, model_cfg=model_cfg, lora_cfg=cfg.lora, average=average, rng=rng
     )
     return dpo_loss(
         pi_c,
         pi_r,
         ref_c,
         ref_r,
-        beta=beta,
-        loss_type=loss_type,
-        label_smoothing=label_smoothing,
+        beta=cfg.beta,
+        loss_type=cfg.loss_type,
+        label_smoothing=cfg.label_smoothing,
         weights=batch.get("pair_mask"),
     )
 
 
 def make_train_step(
-    *,
-    model_cfg: ModelConfig,
-    lora_cfg: LoraConfig | None,
-    optimizer: optax.GradientTransformation,
-    beta: float = 0.1,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
+    cfg: DPOConfig, *, model_cfg: ModelConfig, optimizer: optax.GradientTransformation
 ):
     """`step(state, frozen, micro_batches) -> (state, metrics)`; micro_batches: [n, B, ...].
 
@@ -189,79 +215,68 @@ def make_train_step(
     full fine-tuning when the batches carry precomputed reference log-probs."""
 
     def loss_fn(trainable, batch, frozen, rng):
-        return dpo_objective(
-            trainable,
-            batch,
-            frozen,
-            rng,
-            model_cfg=model_cfg,
-            lora_cfg=lora_cfg,
-            beta=beta,
-            loss_type=loss_type,
-            label_smoothing=label_smoothing,
-        )
+        return dpo_objective(trainable, batch, frozen, rng, cfg=cfg, model_cfg=model_cfg)
 
-    def step(state: TrainState, frozen: Any, micro_batches: dict) -> tuple[TrainState, dict]:
-        rng, step_rng = jax.random.split(state.rng)
-        grads, metrics = accumulate_gradients(
-            loss_fn, state.trainable, micro_batches, frozen, step_rng
-        )
-        new_state, grad_norm = apply_update(state.replace(rng=rng), grads, optimizer)
-        return new_state, {**metrics, "grad_norm": grad_norm}
-
-    return step
+    return make_batch_step(loss_fn, optimizer)
 
 
-def make_ref_logps_step(*, model_cfg: ModelConfig, loss_type: str = "sigmoid"):
-    """`ref(frozen, batch) -> (ref_chosen_logps, ref_rejected_logps)` [B], for precomputing
+def make_ref_logps_step(cfg: DPOConfig, *, model_cfg: ModelConfig):
+    """`ref(frozen, batch) -> {ref_chosen_logps, ref_rejected_logps}` [B], for precomputing
     the reference once before training (mean per token for "ipo", as the step uses)."""
-    average = loss_type == "ipo"
+    average = cfg.loss_type == "ipo"
 
     def step(frozen, batch):
         batch = {k: v for k, v in batch.items() if k not in REF_KEYS}
-        return reference_logps(frozen, batch, model_cfg=model_cfg, average=average)
+        c, r = reference_logps(frozen, batch, model_cfg=model_cfg, average=average)
+        return {REF_KEYS[0]: c, REF_KEYS[1]: r}
 
     return step
 
 
-def make_eval_step(
-    *, model_cfg: ModelConfig, lora_cfg: LoraConfig | None, loss_type: str = "sigmoid"
-):
+def make_eval_step(cfg: DPOConfig, *, model_cfg: ModelConfig):
     """`eval(trainable, frozen, batch) -> (pi_c, pi_r, ref_c, ref_r)` [B] each; metrics are
     computed over the whole eval set on the host (`eval_metrics`)."""
-    average = loss_type == "ipo"
+    average = cfg.loss_type == "ipo"
 
     def step(trainable, frozen, batch):
         ref_c, ref_r = reference_logps(frozen, batch, model_cfg=model_cfg, average=average)
         pi_c, pi_r = policy_logps(
-            trainable, frozen, batch, model_cfg=model_cfg, lora_cfg=lora_cfg, average=average
+            trainable, frozen, batch, model_cfg=model_cfg, lora_cfg=cfg.lora, average=average
         )
         return pi_c, pi_r, ref_c, ref_r
 
     return step
 
 
-def eval_metrics(
-    pi_c,
-    pi_r,
-    ref_c,
-    ref_r,
-    pair_mask,
-    *,
-    beta: float,
-    loss_type: str,
-    label_smoothing: float = 0.0,
-) -> dict[str, float]:
+def eval_metrics(cfg: DPOConfig, outputs: tuple, pair_mask, margin=None) -> dict[str, float]:
     """TRL's DPO eval metrics (`loss`, `rewards/chosen|rejected|accuracies|margins`,
     `logps/chosen|rejected`) over all pairs where `pair_mask` is 1."""
+    pi_c, pi_r, ref_c, ref_r = (jnp.asarray(x) for x in outputs)
     _, metrics = dpo_loss(
-        jnp.asarray(pi_c),
-        jnp.asarray(pi_r),
-        jnp.asarray(ref_c),
-        jnp.asarray(ref_r),
-        beta=beta,
-        loss_type=loss_type,
-        label_smoothing=label_smoothing,
+        pi_c,
+        pi_r,
+        ref_c,
+        ref_r,
+        beta=cfg.beta,
+        loss_type=cfg.loss_type,
+        label_smoothing=cfg.label_smoothing,
         weights=jnp.asarray(pair_mask),
     )
     return {k: float(v) for k, v in metrics.items()}
+
+
+ALGORITHM = PreferenceAlgorithm(
+    name="dpo",
+    config=DPOConfig,
+    task="CAUSAL_LM",
+    heads=(),
+    make_train_step=make_train_step,
+    make_eval_step=make_eval_step,
+    eval_metrics=eval_metrics,
+    # Full fine-tuning keeps the frozen base as the reference (unless precomputed).
+    needs_reference=lambda cfg: True,
+    make_reference_step=make_ref_logps_step,
+    precompute_reference=lambda cfg: cfg.precompute_ref_logps,
+    summary_keys=("loss", "rewards/accuracies", "rewards/margins"),
+    bar_keys=("loss", "rewards/accuracies", "rewards/margins"),
+)

@@ -8,7 +8,7 @@ sampled G times, and completion i of a group gets the advantage
 
     A_i = (r_i − mean(r_group)) / (std(r_group) + eps)      (or without the division)
 
-for all its tokens. One iteration: sample `prompts × G` completions (`jaxrlhf.sampling`) →
+for all its tokens. One iteration: sample `prompts × G` completions (`jaxrlhf.rollout`) →
 score them → `prepare` computes the group advantages and, only when needed, two constant
 passes: log π_old (when the batch is reused: μ > 1 passes, or several mini-batches) and
 log π_ref (when β > 0) → `update` runs the clipped objective of `jaxrlhf.losses.grpo_loss`
@@ -25,43 +25,136 @@ and is predicted from the hidden state at P + j − 1.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from jaxrlhf.advantages import group_advantages
-from jaxrlhf.algorithms.common import TrainState, apply_update, model_views
-from jaxrlhf.lora import LoraConfig
+from jaxrlhf.algorithms.common import make_minibatch_update, model_views
+from jaxrlhf.algorithms.spec import IterationPlan, KLControlSettings, OnlineAlgorithm
+from jaxrlhf.config import GenerationConfig, OnlineTraining, check_literal
+from jaxrlhf.data.packing import pack_groups
+from jaxrlhf.lora import LoraConfig, split_trainable
 from jaxrlhf.losses import GRPO_LOSS_ALIASES, grpo_loss, masked_mean
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.transformer import backbone, token_logprobs
-from jaxrlhf.packing import pack_groups
-from jaxrlhf.train.optim import accumulate_gradients
+
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "sequence-mean", "token-mean")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class GRPOHyper:
-    """The static hyperparameters of the compiled steps (TRL's names)."""
+class GRPOConfig(OnlineTraining):
+    """`jaxrlhf grpo`: Group Relative Policy Optimization (Shao et al., 2024), as TRL's
+    GRPOTrainer: no critic; each prompt is sampled `num_generations` times and a completion's
+    advantage is its reward relative to its group's. Names and defaults follow TRL's
+    GRPOConfig where it has the option.
 
-    num_generations: int
+    One iteration: `prompts_per_iteration` prompts × `num_generations` completions → rewards
+    → group advantages → `num_iterations` (μ) passes of `mini_batch_size` optimizer steps."""
+
+    command: ClassVar[str] = "grpo"
+
+    lora: LoraConfig | None = dataclasses.field(default_factory=lambda: LoraConfig(r=32, alpha=64))
+    """The policy adapter (RL favours higher ranks than SFT); `null` for full fine-tuning
+    (with a real frozen reference copy)."""
+    generation: GenerationConfig = dataclasses.field(
+        default_factory=lambda: GenerationConfig(max_new_tokens=256, temperature=1.0)
+    )
+    """Rollout sampling; `max_new_tokens` is TRL's max_completion_length."""
+    num_generations: int = 8
+    """G: completions per prompt (the group)."""
+    prompts_per_iteration: int = 8
+    """Distinct prompts per generation batch (batch = prompts_per_iteration × G)."""
+    max_steps: int = 100
+    """Iterations (generation batches) to run."""
+    num_iterations: int = 1
+    """μ: passes over each generation batch; the ratio is taken against the log-probs at
+    rollout time (1: strictly on-policy, as TRL's default)."""
+    mini_batch_size: int | None = None
+    """Completions per optimizer step (null: the whole generation batch, one step per pass)."""
     beta: float = 0.0
+    """KL coefficient (k3 estimator) against the reference; 0 skips the reference pass."""
     epsilon: float = 0.2
     epsilon_high: float | None = None
-    loss_type: str = "dapo"
+    """Upper clip bound (DAPO's clip-higher, e.g. 0.28); null: `epsilon`."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "sequence-mean", "token-mean"] = "dapo"
     scale_rewards: bool = True
-    temperature: float = 1.0
-    max_completion_length: int | None = None
-    """For loss_type dr_grpo: the normaliser (generation.max_new_tokens)."""
-    use_old_logprobs: bool = False
-    """Compute log π_old in `prepare` (needed when one generation batch feeds more than one
-    optimizer step: μ > 1 or several mini-batches)."""
+    """Divide advantages by the group's reward std (false: Dr. GRPO)."""
     log_entropy: bool = True
+    """Compute the policy's mean token entropy in the update (one softmax over the vocabulary)."""
+    share_prompt: bool = True
+    """Run each prompt once for its group of completions in the log-prob passes (packed:
+    the G completions attend to one copy of the prompt). Same numbers, fewer tokens;
+    mini-batches and micro-batches then hold whole groups."""
+
+    @property
+    def generation_batch_size(self) -> int:
+        return self.prompts_per_iteration * self.num_generations
+
+    @property
+    def effective_mini_batch_size(self) -> int:
+        return self.mini_batch_size or self.generation_batch_size
+
     logprob_chunk: int = 128
-    share_prompt: bool = False
-    """Run each prompt once for its group (`packing.pack_groups`); every batch the steps see
-    must then hold whole groups, consecutive."""
+    """Tokens per chunk of the vocabulary projection in the log-prob passes (memory bound)."""
+
+    @property
+    def use_old_logprobs(self) -> bool:
+        """Whether `prepare` computes log π_old: one generation batch feeds more than one
+        optimizer step (μ > 1 or several mini-batches); otherwise π_old = π."""
+        return (
+            self.num_iterations > 1 or self.generation_batch_size > self.effective_mini_batch_size
+        )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_literal(self, "loss_type", GRPO_LOSS_TYPES)
+        if self.num_generations < 2:
+            raise ValueError(
+                f"num_generations must be >= 2 (advantages are relative to the "
+                f"group of a prompt's completions), got {self.num_generations}"
+            )
+        for name in ("prompts_per_iteration", "max_steps", "num_iterations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        batch = self.generation_batch_size
+        if self.mini_batch_size is not None:
+            if self.mini_batch_size < 1 or batch % self.mini_batch_size:
+                raise ValueError(
+                    f"mini_batch_size ({self.mini_batch_size}) must divide the generation batch "
+                    f"prompts_per_iteration × num_generations = {batch}"
+                )
+        if self.effective_mini_batch_size % self.optim.grad_accum_steps:
+            raise ValueError(
+                f"mini_batch_size ({self.effective_mini_batch_size}) must be a multiple of "
+                f"optim.grad_accum_steps ({self.optim.grad_accum_steps})"
+            )
+        micro = self.effective_mini_batch_size // self.optim.grad_accum_steps
+        if self.share_prompt and micro % self.num_generations:
+            raise ValueError(
+                f"share_prompt packs whole groups, so each micro-batch (mini_batch_size / "
+                f"optim.grad_accum_steps = {micro}) must be a multiple of num_generations "
+                f"({self.num_generations}); change them or set share_prompt: false"
+            )
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.epsilon <= 0:
+            raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
+        if self.epsilon_high is not None and self.epsilon_high <= 0:
+            raise ValueError(f"epsilon_high must be > 0 or null, got {self.epsilon_high}")
+        if self.lora is not None:
+            if self.lora.modules_to_save:
+                raise ValueError(
+                    f"lora.modules_to_save={list(self.lora.modules_to_save)}: GRPO "
+                    f"has no critic or score head; set it to []"
+                )
+            if self.lora.dropout:
+                raise ValueError(
+                    "lora.dropout must be 0 for GRPO: the importance ratio compares "
+                    "deterministic passes of the policy"
+                )
 
 
 def response_logprobs(
@@ -123,7 +216,7 @@ def policy_logprobs(
     *,
     model_cfg: ModelConfig,
     lora_cfg: LoraConfig | None,
-    hyper: GRPOHyper,
+    cfg: GRPOConfig,
     with_entropy: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
     """log π_θ of the response tokens: the frozen base + the unmerged adapter (LoRA) or the
@@ -137,10 +230,10 @@ def policy_logprobs(
         model_cfg=model_cfg,
         lora=lora,
         lora_scale=scale,
-        temperature=hyper.temperature,
-        chunk_size=hyper.logprob_chunk,
+        temperature=cfg.generation.temperature,
+        chunk_size=cfg.logprob_chunk,
         with_entropy=with_entropy,
-        group=hyper.num_generations if hyper.share_prompt else 1,
+        group=cfg.num_generations if cfg.share_prompt else 1,
     )
 
 
@@ -151,7 +244,7 @@ def reference_logprobs(
     prompt_len: int,
     *,
     model_cfg: ModelConfig,
-    hyper: GRPOHyper,
+    cfg: GRPOConfig,
 ) -> jax.Array:
     """log π_ref: the frozen base with no adapter (in full fine-tuning, the frozen copy)."""
     lp, _ = response_logprobs(
@@ -160,29 +253,31 @@ def reference_logprobs(
         attention_mask,
         prompt_len,
         model_cfg=model_cfg,
-        temperature=hyper.temperature,
-        chunk_size=hyper.logprob_chunk,
-        group=hyper.num_generations if hyper.share_prompt else 1,
+        temperature=cfg.generation.temperature,
+        chunk_size=cfg.logprob_chunk,
+        group=cfg.num_generations if cfg.share_prompt else 1,
     )
     return lp
 
 
 def make_prepare_fn(
-    *, model_cfg: ModelConfig, lora_cfg: LoraConfig | None, hyper: GRPOHyper, prompt_len: int
+    cfg: GRPOConfig, *, model_cfg: ModelConfig, prompt_len: int, adapters: Any = None
 ):
-    """`prepare(trainable, frozen, rollout, scores) -> (batch, metrics)`.
+    """`prepare(trainable, frozen, rollout, scores, kl_coef) -> (batch, metrics)`.
 
     rollout: input_ids/attention_mask [B, P+N], response_mask [B, N], finished [B], with
     the G completions of a prompt consecutive; scores [B] (weighted rewards, penalties
     applied). The batch holds the sequences, `advantages` [B] and, only when needed,
-    `old_logprobs` (hyper.use_old_logprobs) and `ref_logprobs` (β > 0) [B, N]; every entry
-    is a constant for the update."""
+    `old_logprobs` (cfg.use_old_logprobs) and `ref_logprobs` (β > 0) [B, N]; every entry
+    is a constant for the update. β is fixed here (`kl_coef` is the driver's coefficient,
+    equal to it): it weighs the KL term of the loss, not the rewards."""
+    lora_cfg = cfg.lora
 
-    def prepare(trainable, frozen, rollout: dict, scores):
+    def prepare(trainable, frozen, rollout: dict, scores, kl_coef=None):
         ids, mask, resp = rollout["input_ids"], rollout["attention_mask"], rollout["response_mask"]
         scores = jnp.asarray(scores, jnp.float32)
         advantages, group_std = group_advantages(
-            scores, hyper.num_generations, scale_by_std=hyper.scale_rewards
+            scores, cfg.num_generations, scale_by_std=cfg.scale_rewards
         )
         batch = {
             "input_ids": ids,
@@ -190,7 +285,7 @@ def make_prepare_fn(
             "response_mask": resp,
             "advantages": advantages,
         }
-        if hyper.use_old_logprobs:
+        if cfg.use_old_logprobs:
             batch["old_logprobs"], _ = policy_logprobs(
                 trainable,
                 frozen,
@@ -199,11 +294,11 @@ def make_prepare_fn(
                 prompt_len,
                 model_cfg=model_cfg,
                 lora_cfg=lora_cfg,
-                hyper=hyper,
+                cfg=cfg,
             )
-        if hyper.beta > 0:
+        if cfg.beta > 0:
             batch["ref_logprobs"] = reference_logprobs(
-                frozen, ids, mask, prompt_len, model_cfg=model_cfg, hyper=hyper
+                frozen, ids, mask, prompt_len, model_cfg=model_cfg, cfg=cfg
             )
         length = jnp.sum(resp, axis=-1).astype(jnp.float32)
         finished = rollout.get("finished", jnp.ones(ids.shape[:1], bool))
@@ -227,7 +322,7 @@ def grpo_objective(
     *,
     model_cfg: ModelConfig,
     lora_cfg: LoraConfig | None,
-    hyper: GRPOHyper,
+    cfg: GRPOConfig,
     prompt_len: int,
 ) -> tuple[jax.Array, dict]:
     """`grpo_loss` of one micro-batch, times `micro["loss_scale"]` (see `make_update_fn`)."""
@@ -240,8 +335,8 @@ def grpo_objective(
         prompt_len,
         model_cfg=model_cfg,
         lora_cfg=lora_cfg,
-        hyper=hyper,
-        with_entropy=hyper.log_entropy,
+        cfg=cfg,
+        with_entropy=cfg.log_entropy,
     )
     loss, m = grpo_loss(
         lp,
@@ -249,36 +344,36 @@ def grpo_objective(
         micro.get("ref_logprobs"),
         micro["advantages"],
         resp,
-        clip_eps=hyper.epsilon,
-        clip_eps_high=hyper.epsilon_high,
-        beta=hyper.beta,
-        loss_type=hyper.loss_type,
-        max_completion_length=hyper.max_completion_length,
+        clip_eps=cfg.epsilon,
+        clip_eps_high=cfg.epsilon_high,
+        beta=cfg.beta,
+        loss_type=cfg.loss_type,
+        max_completion_length=cfg.generation.max_new_tokens,
     )
     loss = loss * micro["loss_scale"]
     metrics = {"loss": loss, "kl": m["kl"], "clip_ratio": m["clip_ratio"], "ratio": m["ratio_mean"]}
-    if hyper.log_entropy:
+    if cfg.log_entropy:
         metrics["entropy"] = masked_mean(entropy, resp)
     return loss, jax.lax.stop_gradient(metrics)
 
 
 def make_update_fn(
+    cfg: GRPOConfig,
     *,
     model_cfg: ModelConfig,
-    lora_cfg: LoraConfig | None,
-    hyper: GRPOHyper,
     optimizer: optax.GradientTransformation,
     prompt_len: int,
-    micro_batches: int,
+    adapters: Any = None,
 ):
     """`update(state, frozen, batch, indices) -> (state, metrics)`: one optimizer step on the
-    rows `indices` [m] of the prepared batch, split into `micro_batches` for gradient
-    accumulation (mean of the micro-batch gradients).
+    rows `indices` [m] of the prepared batch, split into optim.grad_accum_steps micro-batches
+    for gradient accumulation (mean of the micro-batch gradients).
 
     "dapo" normalises by the tokens of the whole optimizer batch, so each micro-batch's
     token-mean loss is scaled by (its tokens × micro_batches / the batch's tokens); the
     other loss types are already means over equal-sized micro-batches."""
-    loss_type = GRPO_LOSS_ALIASES.get(hyper.loss_type, hyper.loss_type)
+    loss_type = GRPO_LOSS_ALIASES.get(cfg.loss_type, cfg.loss_type)
+    micro_batches = cfg.optim.grad_accum_steps
 
     def loss_fn(trainable, micro, frozen):
         return grpo_objective(
@@ -286,21 +381,56 @@ def make_update_fn(
             micro,
             frozen,
             model_cfg=model_cfg,
-            lora_cfg=lora_cfg,
-            hyper=hyper,
+            lora_cfg=cfg.lora,
+            cfg=cfg,
             prompt_len=prompt_len,
         )
 
-    def update(state: TrainState, frozen: Any, batch: dict, indices: jax.Array):
-        mb = jax.tree.map(lambda x: jnp.take(x, indices, axis=0), batch)
-        mb = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), mb)
+    def loss_scales(mb: dict) -> dict:
         tokens = jnp.sum(mb["response_mask"], axis=(1, 2)).astype(jnp.float32)
         if loss_type == "dapo":
-            mb["loss_scale"] = tokens * micro_batches / jnp.maximum(jnp.sum(tokens), 1.0)
+            scale = tokens * micro_batches / jnp.maximum(jnp.sum(tokens), 1.0)
         else:
-            mb["loss_scale"] = jnp.ones((micro_batches,), jnp.float32)
-        grads, metrics = accumulate_gradients(loss_fn, state.trainable, mb, frozen)
-        state, grad_norm = apply_update(state, grads, optimizer)
-        return state, {**metrics, "grad_norm": grad_norm}
+            scale = jnp.ones((micro_batches,), jnp.float32)
+        return {**mb, "loss_scale": scale}
 
-    return update
+    return make_minibatch_update(
+        loss_fn, optimizer, micro_batches=micro_batches, scale_micro_batches=loss_scales
+    )
+
+
+# ----------------------------------------------------------------------------- the algorithm
+
+
+def init_trainable(
+    cfg: GRPOConfig, *, key: jax.Array, base: Any, model_cfg: ModelConfig, reward_model: Any
+) -> tuple[Any, None]:
+    """The policy: a fresh adapter over the shared base (LoRA) or a float32 copy of the base
+    (full fine-tuning; the frozen base stays as the reference). No critic."""
+    policy, _ = split_trainable(key, base, model_cfg, cfg.lora)
+    return policy, None
+
+
+def plan(cfg: GRPOConfig) -> IterationPlan:
+    return IterationPlan(
+        prompts=cfg.prompts_per_iteration,
+        group=cfg.num_generations,
+        epochs=cfg.num_iterations,
+        mini_batch=cfg.effective_mini_batch_size,
+        iterations=cfg.max_steps,
+        whole_groups=cfg.share_prompt,  # each micro-batch packs its prompts
+    )
+
+
+ALGORITHM = OnlineAlgorithm(
+    name="grpo",
+    config=GRPOConfig,
+    plan=plan,
+    init_trainable=init_trainable,
+    policy=lambda trainable: trainable,
+    make_prepare=make_prepare_fn,
+    make_update=make_update_fn,
+    kl_control=lambda cfg: KLControlSettings(initial=cfg.beta),
+    bar_keys=("reward", "kl"),
+    drop_metrics=("rewards/total",),
+)

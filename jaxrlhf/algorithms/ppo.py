@@ -5,7 +5,7 @@
                  ├─ + value adapter + value head (or the value head on π's trunk)  → V_φ
                  └─ + reward adapter + score head (or Python reward functions)     → score
 
-One iteration: sample responses (`jaxrlhf.sampling`) → `experience` recomputes log π, log
+One iteration: sample responses (`jaxrlhf.rollout`) → `experience` recomputes log π, log
 π_ref and V with the training forward, adds the per-token reward `−β·KL_t` and the score at
 the last response token, and runs GAE → `update` runs epochs × minibatches of the clipped
 policy loss + `vf_coef`·clipped value loss (− `entropy_coef`·entropy).
@@ -17,37 +17,100 @@ and is predicted from the hidden state at P + j − 1, where its value is read t
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxrlhf.advantages import gae, whiten
-from jaxrlhf.algorithms.common import TrainState, apply_update
-from jaxrlhf.lora import LoraConfig
+from jaxrlhf.algorithms.common import make_minibatch_update
+from jaxrlhf.algorithms.spec import IterationPlan, KLControlSettings, OnlineAlgorithm
+from jaxrlhf.config import OnlineTraining, check_literal
+from jaxrlhf.lora import LoraConfig, split_trainable
 from jaxrlhf.losses import kl_estimate, masked_mean, ppo_policy_loss, ppo_value_loss
 from jaxrlhf.models.config import ModelConfig
-from jaxrlhf.models.transformer import backbone, score_head, token_logprobs, value_head
-from jaxrlhf.train.optim import accumulate_gradients
+from jaxrlhf.models.transformer import backbone, token_logprobs, value_head
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class PPOHyper:
-    """The static hyperparameters of the compiled steps (TRL's names and defaults)."""
+class PPOConfig(OnlineTraining):
+    """`jaxrlhf ppo`. Names and defaults follow TRL's PPOConfig where it has the option."""
 
+    command: ClassVar[str] = "ppo"
+
+    value_lora: LoraConfig | None = dataclasses.field(
+        default_factory=lambda: LoraConfig(modules_to_save=("value",))
+    )
+    """The critic's adapter (value_model: separate); `null` for a fully trained critic."""
+    value_model: Literal["separate", "shared"] = "separate"
+    value_init_from_reward_model: bool = False
+    """Start the critic from the reward model's adapter and score head (InstructGPT)."""
+    score_clip: float | None = None
+    score_scaling: Literal["none", "batch"] = "none"
+    """`batch`: standardise the scores of each rollout batch."""
+    num_iterations: int = 100
+    rollout_batch_size: int = 64
+    mini_batch_size: int = 16
+    num_ppo_epochs: int = 4
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
     entropy_coef: float = 0.0
     gamma: float = 1.0
     lam: float = 0.95
+    kl_coef: float = 0.05
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    adaptive_kl: bool = False
+    kl_target: float = 6.0
+    kl_horizon: float = 10000.0
     whiten_advantages: bool = True
     whiten_rewards: bool = False
-    temperature: float = 1.0
-    value_model: Literal["separate", "shared"] = "separate"
+    target_kl: float | None = None
+    """Stop the iteration's remaining PPO epochs once the mean approximate KL exceeds this."""
     logprob_chunk: int = 128
+    """Tokens per chunk of the vocabulary projection in the log-prob passes (memory bound)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_literal(self, "value_model", ("separate", "shared"))
+        check_literal(self, "kl_estimator", ("k1", "k2", "k3"))
+        check_literal(self, "score_scaling", ("none", "batch"))
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ValueError(
+                f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple "
+                f"of mini_batch_size ({self.mini_batch_size})"
+            )
+        if self.mini_batch_size % self.optim.grad_accum_steps:
+            raise ValueError(
+                f"mini_batch_size ({self.mini_batch_size}) must be a multiple of "
+                f"optim.grad_accum_steps ({self.optim.grad_accum_steps})"
+            )
+        if (
+            self.value_model == "shared"
+            and self.lora is not None
+            and "value" not in self.lora.modules_to_save
+        ):
+            raise ValueError(
+                "value_model: shared puts the value head on the policy adapter; "
+                "add 'value' to lora.modules_to_save"
+            )
+        if (
+            self.value_model == "separate"
+            and self.value_lora is not None
+            and "value" not in self.value_lora.modules_to_save
+        ):
+            raise ValueError("value_lora.modules_to_save must include 'value'")
+        if self.num_iterations < 1 or self.num_ppo_epochs < 1:
+            raise ValueError("num_iterations and num_ppo_epochs must be >= 1")
+        for name in ("lora", "value_lora"):
+            adapter = getattr(self, name)
+            if adapter is not None and adapter.dropout > 0:
+                raise ValueError(
+                    f"{name}.dropout must be 0 for PPO: dropout would make the "
+                    f"trainer's log-probs differ from the rollout's"
+                )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +134,7 @@ def policy_outputs(
     *,
     model_cfg: ModelConfig,
     adapters: Adapters,
-    hyper: PPOHyper,
+    cfg: PPOConfig,
     with_entropy: bool = True,
 ) -> dict:
     """log π and entropy of the response tokens [B, N], and V [B, N] (shared critic, or
@@ -90,12 +153,12 @@ def policy_outputs(
         params,
         h,
         targets,
-        temperature=hyper.temperature,
-        chunk_size=hyper.logprob_chunk,
+        temperature=cfg.generation.temperature,
+        chunk_size=cfg.logprob_chunk,
         with_entropy=with_entropy,
     )
     out = {"logprobs": logprobs, "entropy": entropy}
-    if hyper.value_model == "shared":
+    if cfg.value_model == "shared":
         out["values"] = value_head(params, h, lora)
     else:
         out["values"] = critic_values(
@@ -139,7 +202,7 @@ def reference_logprobs(
     prompt_len: int,
     *,
     model_cfg: ModelConfig,
-    hyper: PPOHyper,
+    cfg: PPOConfig,
 ) -> jax.Array:
     """log π_ref [B, N]: the frozen base with no adapter (in full fine-tuning, the frozen
     reference copy)."""
@@ -149,27 +212,10 @@ def reference_logprobs(
         frozen,
         _response_hidden(hidden, prompt_len, n),
         input_ids[:, prompt_len:],
-        temperature=hyper.temperature,
-        chunk_size=hyper.logprob_chunk,
+        temperature=cfg.generation.temperature,
+        chunk_size=cfg.logprob_chunk,
     )
     return lp
-
-
-def reward_model_scores(
-    rm_params: Any,
-    rm_lora: Any,
-    rm_scale: float,
-    input_ids,
-    attention_mask,
-    *,
-    model_cfg: ModelConfig,
-) -> jax.Array:
-    """The reward model's score [B] of each prompt+response (read at its last real token);
-    no vocabulary logits are computed."""
-    hidden, _ = backbone(
-        rm_params, input_ids, attention_mask, cfg=model_cfg, lora=rm_lora, lora_scale=rm_scale
-    )
-    return score_head(rm_params, hidden, attention_mask, rm_lora)
 
 
 def explained_variance(values, returns, mask) -> jax.Array:
@@ -181,7 +227,7 @@ def explained_variance(values, returns, mask) -> jax.Array:
 
 
 def make_experience_fn(
-    *, model_cfg: ModelConfig, adapters: Adapters, hyper: PPOHyper, prompt_len: int
+    cfg: PPOConfig, *, model_cfg: ModelConfig, adapters: Adapters, prompt_len: int
 ):
     """`experience(trainable, frozen, rollout, scores, kl_coef) -> (experience, metrics)`.
 
@@ -199,19 +245,19 @@ def make_experience_fn(
             prompt_len,
             model_cfg=model_cfg,
             adapters=adapters,
-            hyper=hyper,
+            cfg=cfg,
         )
-        ref_lp = reference_logprobs(frozen, ids, mask, prompt_len, model_cfg=model_cfg, hyper=hyper)
+        ref_lp = reference_logprobs(frozen, ids, mask, prompt_len, model_cfg=model_cfg, cfg=cfg)
         logprobs, values = pol["logprobs"], pol["values"] * resp_f
-        kl_t = kl_estimate(logprobs, ref_lp, kind=hyper.kl_estimator) * resp_f
+        kl_t = kl_estimate(logprobs, ref_lp, kind=cfg.kl_estimator) * resp_f
         rewards = -kl_coef * kl_t
         length = jnp.sum(resp, axis=-1)
         last = jnp.maximum(length - 1, 0)
         rewards = rewards.at[jnp.arange(ids.shape[0]), last].add(scores * (length > 0))
-        if hyper.whiten_rewards:
+        if cfg.whiten_rewards:
             rewards = whiten(rewards, resp, shift_mean=False)
-        advantages, returns = gae(rewards, values, resp, gamma=hyper.gamma, lam=hyper.lam)
-        if hyper.whiten_advantages:
+        advantages, returns = gae(rewards, values, resp, gamma=cfg.gamma, lam=cfg.lam)
+        if cfg.whiten_advantages:
             advantages = whiten(advantages, resp)
         kl_seq = jnp.sum(kl_estimate(logprobs, ref_lp, kind="k1") * resp_f, axis=-1)
         exp = {
@@ -255,7 +301,7 @@ def ppo_loss(
     *,
     model_cfg: ModelConfig,
     adapters: Adapters,
-    hyper: PPOHyper,
+    cfg: PPOConfig,
     prompt_len: int,
 ) -> tuple[jax.Array, dict]:
     """Clipped policy loss + vf_coef · clipped value loss − entropy_coef · entropy."""
@@ -268,7 +314,7 @@ def ppo_loss(
         prompt_len,
         model_cfg=model_cfg,
         adapters=adapters,
-        hyper=hyper,
+        cfg=cfg,
         with_entropy=True,
     )
     pg_loss, pg_metrics = ppo_policy_loss(
@@ -276,17 +322,17 @@ def ppo_loss(
         minibatch["old_logprobs"],
         minibatch["advantages"],
         resp,
-        clip_eps=hyper.cliprange,
+        clip_eps=cfg.cliprange,
     )
     vf_loss, vf_metrics = ppo_value_loss(
         out["values"],
         minibatch["old_values"],
         minibatch["returns"],
         resp,
-        clip_range=hyper.cliprange_value,
+        clip_range=cfg.cliprange_value,
     )
     entropy = masked_mean(out["entropy"], resp)
-    loss = pg_loss + hyper.vf_coef * vf_loss - hyper.entropy_coef * entropy
+    loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * entropy
     metrics = {
         "loss/policy": pg_metrics["policy_loss"],
         "loss/value": vf_metrics["value_loss"],
@@ -301,16 +347,16 @@ def ppo_loss(
 
 
 def make_update_fn(
+    cfg: PPOConfig,
     *,
     model_cfg: ModelConfig,
     adapters: Adapters,
-    hyper: PPOHyper,
     optimizer: optax.GradientTransformation,
     prompt_len: int,
-    micro_batches: int,
 ):
     """`update(state, frozen, experience, indices) -> (state, metrics)`: one optimizer step
-    on the minibatch `indices` [m] of the experience (split into `micro_batches`)."""
+    on the minibatch `indices` [m] of the experience (split into optim.grad_accum_steps
+    micro-batches)."""
 
     def loss_fn(trainable, mb, frozen):
         return ppo_loss(
@@ -319,15 +365,95 @@ def make_update_fn(
             frozen,
             model_cfg=model_cfg,
             adapters=adapters,
-            hyper=hyper,
+            cfg=cfg,
             prompt_len=prompt_len,
         )
 
-    def update(state: TrainState, frozen: Any, experience: dict, indices: jax.Array):
-        mb = jax.tree.map(lambda x: jnp.take(x, indices, axis=0), experience)
-        mb = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), mb)
-        grads, metrics = accumulate_gradients(loss_fn, state.trainable, mb, frozen)
-        state, grad_norm = apply_update(state, grads, optimizer)
-        return state, {**metrics, "grad_norm": grad_norm}
+    return make_minibatch_update(loss_fn, optimizer, micro_batches=cfg.optim.grad_accum_steps)
 
-    return update
+
+# ----------------------------------------------------------------------------- the algorithm
+
+
+def init_trainable(
+    cfg: PPOConfig, *, key: jax.Array, base: Any, model_cfg: ModelConfig, reward_model: Any
+) -> tuple[dict, Adapters]:
+    """{"policy": adapter or params, "value": critic adapter or params (separate critic)} and
+    the adapters they are. `base` is the frozen base (host arrays in full fine-tuning, where
+    the trainable copies are made from it)."""
+    k_pol, k_val = jax.random.split(key)
+    policy_heads = ("value",) if cfg.value_model == "shared" else ()
+    policy, _ = split_trainable(k_pol, base, model_cfg, cfg.lora, heads=policy_heads)
+    trainable = {"policy": policy}
+    value_cfg = None
+    if cfg.value_model == "separate":
+        if cfg.value_init_from_reward_model:
+            trainable["value"], value_cfg = critic_from_reward_model(reward_model, cfg)
+        else:
+            value_cfg = cfg.value_lora
+            trainable["value"], _ = split_trainable(
+                k_val, base, model_cfg, cfg.value_lora, heads=("value",)
+            )
+    return trainable, Adapters(policy=cfg.lora, value=value_cfg)
+
+
+def critic_from_reward_model(reward_model: Any, cfg: PPOConfig) -> tuple[Any, LoraConfig]:
+    """The critic starts as the reward model: its adapter, and its score head as the value
+    head (bias 0), as InstructGPT and PE-RLHF do."""
+    if reward_model is None or reward_model.lora is None:
+        raise ValueError(
+            "value_init_from_reward_model needs a LoRA reward model "
+            "(reward_model.path pointing at a PEFT adapter from `jaxrlhf rm`)"
+        )
+    if cfg.value_lora is None:
+        raise ValueError("value_init_from_reward_model needs value_lora (a LoRA critic)")
+    rm_lora = jax.device_get(reward_model.lora)
+    score = rm_lora["score"]["kernel"]
+    if score.shape[-1] != 1:
+        raise ValueError("value_init_from_reward_model needs a reward model with num_labels=1")
+    value = {k: v for k, v in rm_lora.items() if k != "score"}
+    value["value"] = {"kernel": np.asarray(score, np.float32), "bias": np.zeros((1,), np.float32)}
+    value_cfg = dataclasses.replace(
+        reward_model.lora_cfg, task_type="CAUSAL_LM", modules_to_save=("value",)
+    )
+    return value, value_cfg
+
+
+def plan(cfg: PPOConfig) -> IterationPlan:
+    return IterationPlan(
+        prompts=cfg.rollout_batch_size,
+        group=1,
+        epochs=cfg.num_ppo_epochs,
+        mini_batch=cfg.mini_batch_size,
+        iterations=cfg.num_iterations,
+    )
+
+
+def stop_epochs(cfg: PPOConfig, epoch_metrics: list[dict]) -> bool:
+    """TRL's target_kl: skip the remaining epochs once the epoch's mean approximate KL
+    exceeds it."""
+    if cfg.target_kl is None:
+        return False
+    approx = float(np.mean([float(m["policy/approxkl"]) for m in epoch_metrics]))
+    return approx > cfg.target_kl
+
+
+ALGORITHM = OnlineAlgorithm(
+    name="ppo",
+    config=PPOConfig,
+    plan=plan,
+    init_trainable=init_trainable,
+    policy=lambda trainable: trainable["policy"],
+    make_prepare=make_experience_fn,
+    make_update=make_update_fn,
+    stop_epochs=stop_epochs,
+    kl_control=lambda cfg: KLControlSettings(
+        initial=cfg.kl_coef,
+        adaptive=cfg.adaptive_kl,
+        target=cfg.kl_target,
+        horizon=cfg.kl_horizon,
+    ),
+    epochs_metric="ppo_epochs_run",
+    score_options=lambda cfg: {"score_clip": cfg.score_clip, "score_scaling": cfg.score_scaling},
+    bar_keys=("objective/scores", "objective/kl"),
+)

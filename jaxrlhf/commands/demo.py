@@ -20,11 +20,13 @@ import jax
 import numpy as np
 
 from jaxrlhf import config as C
-from jaxrlhf.commands.common import load_base, log
-from jaxrlhf.commands.ppo import run_ppo
-from jaxrlhf.commands.rm import run_rm
+from jaxrlhf.algorithms.ppo import PPOConfig
+from jaxrlhf.algorithms.reward_model import RMConfig
 from jaxrlhf.lora import LoraConfig
+from jaxrlhf.models.base import load_base
 from jaxrlhf.rewards import RewardFuncConfig, resolve
+from jaxrlhf.train.runs import run_ppo, run_rm
+from jaxrlhf.train.setup import log
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,8 +51,8 @@ class DemoConfig:
     )
     """The outside judge. `--quick` swaps in the share of lowercase letters, because a tiny
     random model emits byte noise that VADER scores 0."""
-    rm: C.RMConfig = dataclasses.field(
-        default_factory=lambda: C.RMConfig(
+    rm: RMConfig = dataclasses.field(
+        default_factory=lambda: RMConfig(
             lora=LoraConfig(r=8, alpha=16, task_type="SEQ_CLS", modules_to_save=("score",)),
             optim=C.OptimConfig(
                 learning_rate=2e-3, schedule="linear", warmup_ratio=0.1, weight_decay=0.01
@@ -61,8 +63,8 @@ class DemoConfig:
             num_epochs=1.0,
         )
     )
-    ppo: C.PPOConfig = dataclasses.field(
-        default_factory=lambda: C.PPOConfig(
+    ppo: PPOConfig = dataclasses.field(
+        default_factory=lambda: PPOConfig(
             lora=LoraConfig(r=16, alpha=32),
             value_lora=LoraConfig(r=16, alpha=32, modules_to_save=("value",)),
             value_init_from_reward_model=True,
@@ -124,8 +126,7 @@ def make_pairs(
     sees clear contrasts and near ones. `pairing="random"`: consecutive samples, as drawn
     ((0, 1), (2, 3), ...: every sample once), which is how the held-out pairs are made."""
     from jaxrlhf import data as D
-    from jaxrlhf.commands.rollout import Sampler, prompt_batch
-    from jaxrlhf.sampling import decode_responses
+    from jaxrlhf.rollout import Sampler, decode_responses, prompt_batch
     from jaxrlhf.sharding import make_mesh, put_tree
     from jaxrlhf.train.metrics import progress_bar
 
@@ -168,8 +169,10 @@ def make_pairs(
             mesh=mesh,
             repeat=k,
         )
-        out = sampler(params, None, device, jax.random.fold_in(key, start), prompt_repeats=k)
-        texts = decode_responses(tokenizer, out["tokens"], out["response_mask"])
+        out = sampler.generate(
+            params, None, device, jax.random.fold_in(key, start), prompt_repeats=k
+        )
+        texts = decode_responses(tokenizer, out.tokens, out.response_mask)
         gold = gold_scores(cfg.gold, values, texts)
         bar.update(len(texts))
         for g in range(0, len(texts), k):

@@ -9,9 +9,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxrlhf import data as D
-from jaxrlhf.commands.common import load_base
 from jaxrlhf.config import ModelSection
-from jaxrlhf.sampling import SamplingConfig, decode_text, make_generate_fn
+from jaxrlhf.models.base import load_base
+from jaxrlhf.rollout import SamplingConfig, decode_text, make_generate_fn
 
 DEFAULT_PROMPT = "What is the capital of France?"
 

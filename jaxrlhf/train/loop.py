@@ -90,3 +90,47 @@ def run_loop(
                 )
     bar.close()
     return state
+
+
+def train_with_evals(
+    *,
+    state: Any,
+    start_step: int,
+    total_steps: int,
+    train_step: Callable[[Any], tuple[Any, dict]],
+    evaluate: Callable[[Any], dict] | None,
+    position: Callable[[], int],
+    run: RunConfig,
+    checkpointer: Checkpointer,
+    desc: str,
+    bar_keys: tuple[str, ...],
+    on_log: Callable[[int, dict], None] | None = None,
+) -> tuple[Any, dict, dict]:
+    """`run_loop` between an evaluation before training (fresh runs) and one after: returns
+    (final state, eval before, eval after). The loop's last evaluation is of the final state
+    and is reused; a run resumed at its end evaluates once more. `position()` is the data
+    position stored in each checkpoint."""
+    logger = MetricsLogger(run.run_dir, tensorboard=run.tensorboard)
+    initial = evaluate(state) if evaluate is not None and start_step == 0 else {}
+    if initial:
+        logger.log(0, initial, split="eval")
+    last: dict = {}
+    state = run_loop(
+        state=state,
+        start_step=start_step,
+        total_steps=total_steps,
+        train_step=train_step,
+        eval_fn=evaluate,
+        meta=lambda s: {"data_position": position()},
+        run=run,
+        checkpointer=checkpointer,
+        logger=logger,
+        desc=desc,
+        bar_keys=bar_keys,
+        on_log=on_log,
+        on_eval=lambda step, metrics: last.update(metrics),
+    )
+    final = last or (evaluate(state) if evaluate is not None else {})
+    logger.close()
+    checkpointer.close()
+    return state, initial, final

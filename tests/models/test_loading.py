@@ -130,7 +130,7 @@ def test_loading_keeps_weights_on_the_host_then_places_shards(hf_dir):
     """A loaded base is numpy (no array on any device yet), so placing it on a mesh sends each
     device only its shard: a base larger than one device's memory can load."""
     from jaxrlhf import config as C
-    from jaxrlhf.commands.common import load_base
+    from jaxrlhf.models.base import load_base
     from jaxrlhf.sharding import MeshConfig, make_mesh, put_tree
 
     _, params = load_hf_folder(hf_dir)

@@ -24,12 +24,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrlhf.data.buckets import bucket_length
 
-def _bucket(n: int, buckets: tuple[int, ...]) -> int:
-    for b in buckets:
-        if b >= n:
-            return b
-    return n
+
+def _fit(n: int, buckets: tuple[int, ...]) -> int:
+    """The bucket of length n, or n itself when no buckets are given."""
+    return bucket_length(n, buckets) if buckets else n
 
 
 def pack_pairs(batch: dict, *, pad_id: int, buckets: tuple[int, ...] = ()) -> dict:
@@ -45,9 +45,9 @@ def pack_pairs(batch: dict, *, pad_id: int, buckets: tuple[int, ...] = ()) -> di
     p_len = np.asarray(batch["prompt_lengths"])
     n = c_ids.shape[0]
     totals = c_len + (r_len - p_len)
-    length = _bucket(int(max(totals.max(), 2)), tuple(sorted(buckets)))
+    length = _fit(int(max(totals.max(), 2)), tuple(sorted(buckets)))
     response_totals = np.where((c_len > 0) & (r_len > 0), c_len + r_len - 2 * p_len, 0)
-    width = _bucket(int(max(response_totals.max(), 1)), tuple(sorted(buckets)))
+    width = _fit(int(max(response_totals.max(), 1)), tuple(sorted(buckets)))
     out = {
         "input_ids": np.full((n, length), pad_id, np.int32),
         "attention_mask": np.zeros((n, length), np.int32),

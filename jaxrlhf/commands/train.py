@@ -1,0 +1,29 @@
+"""`jaxrlhf rm | dpo | ppo | grpo`: the config file and overrides -> the algorithm's config ->
+its driver (`jaxrlhf.train.runs.run_algorithm`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from jaxrlhf.config import load_config
+from jaxrlhf.train.runs import ALGORITHMS, run_algorithm
+
+
+def _summary(cls: type) -> str:
+    """The first sentence of a config's docstring, without its "`jaxrlhf x`: " prefix."""
+    first = (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+    return first.split(": ", 1)[-1].split(". ")[0]
+
+
+def add_parsers(sub) -> None:
+    """One subcommand per registered algorithm (`train.runs.ALGORITHMS`)."""
+    for name, algo in ALGORITHMS.items():
+        p = sub.add_parser(name, help=_summary(algo.config))
+        p.add_argument("--config", help="YAML config file (see configs/)")
+        p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+        p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+
+
+def run_training(args: argparse.Namespace) -> None:
+    cfg = load_config(ALGORITHMS[args.command].config, args.config, args.overrides)
+    run_algorithm(args.command, cfg, resume=args.resume)

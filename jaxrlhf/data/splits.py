@@ -1,0 +1,104 @@
+"""Train/eval splits as a run loads them: tokenized pairs or prompts from the data section
+(`data.train`, `data.eval` or a held-out share of train) and the run's length buckets."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from jaxrlhf.data.buckets import default_buckets
+from jaxrlhf.data.order import train_eval_split
+from jaxrlhf.data.rows import load_rows
+from jaxrlhf.data.tokenize import (
+    PreferenceData,
+    PromptData,
+    TokenizeReport,
+    tokenize_preferences,
+    tokenize_prompts,
+)
+
+if TYPE_CHECKING:  # the config sections (imported for annotations only: config imports data)
+    from jaxrlhf.config import PreferenceDataConfig, PromptDataConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceSplits:
+    train: PreferenceData
+    eval: PreferenceData | None
+    buckets: tuple[int, ...]
+    report: TokenizeReport
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSplits:
+    train: PromptData
+    eval: PromptData | None
+    buckets: tuple[int, ...]
+
+
+def _split_source(source: Any) -> tuple[Any, Any]:
+    """An in-memory `{"train": rows, "eval": rows}` or just the train rows."""
+    if isinstance(source, dict) and "train" in source:
+        return source["train"], source.get("eval")
+    return source, None
+
+
+def load_preferences(
+    cfg: PreferenceDataConfig, tokenizer: Any, *, seed: int, source: Any = None, log=print
+) -> PreferenceSplits:
+    """Tokenized train/eval pairs from `cfg.train` (or an in-memory `source`)."""
+    source, eval_source = _split_source(source)
+
+    def tokenize(rows):
+        return tokenize_preferences(
+            load_rows(rows),
+            tokenizer,
+            max_length=cfg.max_length,
+            max_prompt_length=cfg.max_prompt_length,
+            skip_bad_rows=cfg.skip_bad_rows,
+            add_eos=cfg.add_eos,
+        )
+
+    prefs, report = tokenize(source if source is not None else cfg.train)
+    if report.n_skipped:
+        log(
+            f"data: skipped {report.n_skipped} bad rows of {report.n_rows} "
+            f"(first: {report.skipped[:3]})"
+        )
+    train, eval_prefs = prefs, None
+    if eval_source is not None or cfg.eval:
+        eval_prefs, _ = tokenize(eval_source if eval_source is not None else cfg.eval)
+    elif cfg.eval_fraction > 0 and len(prefs) > 1:
+        tr, ev = train_eval_split(len(prefs), eval_fraction=cfg.eval_fraction, seed=seed)
+        train, eval_prefs = prefs.select(tr), prefs.select(ev)
+    buckets = tuple(cfg.length_buckets or default_buckets(cfg.max_length))
+    return PreferenceSplits(train=train, eval=eval_prefs, buckets=buckets, report=report)
+
+
+def load_prompts(
+    cfg: PromptDataConfig, tokenizer: Any, *, seed: int, source: Any = None, log=print
+) -> PromptSplits:
+    """Tokenized train/eval prompts from `cfg.train` (or an in-memory `source`)."""
+    source, eval_source = _split_source(source)
+
+    def tokenize(rows):
+        return tokenize_prompts(
+            load_rows(rows),
+            tokenizer,
+            max_prompt_length=cfg.max_prompt_length,
+            field=cfg.field,
+            skip_bad_rows=cfg.skip_bad_rows,
+        )
+
+    prompts, report = tokenize(source if source is not None else cfg.train)
+    if report.n_skipped:
+        log(f"data: skipped {report.n_skipped} bad prompt rows of {report.n_rows}")
+    eval_prompts = None
+    if eval_source is not None or cfg.eval:
+        eval_prompts, _ = tokenize(eval_source if eval_source is not None else cfg.eval)
+    elif cfg.eval_size:
+        tr, ev = train_eval_split(len(prompts), eval_size=cfg.eval_size, seed=seed)
+        prompts, eval_prompts = prompts.select(tr), prompts.select(ev)
+    # Prompt batches keep powers of two: every prompt shape compiles a sampler.
+    buckets = tuple(cfg.length_buckets or default_buckets(cfg.max_prompt_length, midpoints=False))
+    return PromptSplits(train=prompts, eval=eval_prompts, buckets=buckets)

@@ -1,0 +1,27 @@
+"""Rollouts: the `RolloutEngine` contract, its typed `Rollout`, the built-in KV-cache engine
+(`Sampler`), the sampling functions it compiles and prompt batches on the mesh."""
+
+from jaxrlhf.rollout.engine import Rollout, RolloutEngine, Sampler, eos_ids
+from jaxrlhf.rollout.prompts import prompt_batch
+from jaxrlhf.rollout.sampling import (
+    SampleOutput,
+    SamplingConfig,
+    decode_responses,
+    decode_text,
+    generate,
+    make_generate_fn,
+)
+
+__all__ = [
+    "Rollout",
+    "RolloutEngine",
+    "SampleOutput",
+    "Sampler",
+    "SamplingConfig",
+    "decode_responses",
+    "decode_text",
+    "eos_ids",
+    "generate",
+    "make_generate_fn",
+    "prompt_batch",
+]

@@ -1,0 +1,168 @@
+"""The rollout engine contract and the built-in KV-cache engine.
+
+A trainer hands an engine the frozen base, the policy (an adapter tree, or full params in
+full fine-tuning) and a batch of left-padded prompts, and gets a typed `Rollout` back:
+
+    engine.generate(policy, frozen, prompts, key, prompt_repeats=G) -> Rollout
+
+`Sampler` is the built-in engine: the policy adapter is merged into the frozen base once per
+rollout phase (the merged kernels live only while sampling) or, with
+`generation.merge_adapter: false`, applied unmerged at a fixed `max_rank`, so adapters of
+any smaller rank reuse one compiled program. Another engine plugs in by implementing
+`RolloutEngine`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jaxrlhf.lora import LoraConfig, merge, pad_rank
+from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.models.transformer import unstack_layers
+from jaxrlhf.rollout.sampling import SamplingConfig, make_generate_fn
+from jaxrlhf.sharding import tree_shardings
+
+
+@flax.struct.dataclass
+class Rollout:
+    """One batch of sampled completions, rows `[prompt (left-padded, P) | response (N)]`."""
+
+    input_ids: jax.Array
+    """int32 [B, P + N]: prompt and response tokens."""
+    attention_mask: jax.Array
+    """int32 [B, P + N]: 1 on real prompt tokens and on response tokens up to EOS."""
+    response_mask: jax.Array
+    """int32 [B, N]: 1 on the response's tokens (EOS included)."""
+    sampler_logprobs: jax.Array
+    """float32 [B, N]: log-probs of the sampled tokens as the engine computed them."""
+    finished: jax.Array
+    """bool [B]: the row stopped at an EOS (False: cut at max_new_tokens)."""
+    tokens: jax.Array
+    """int32 [B, N]: the response tokens alone."""
+
+    def step_inputs(self) -> dict:
+        """The arrays a prepare step reads (everything but the duplicate `tokens`)."""
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "response_mask": self.response_mask,
+            "sampler_logprobs": self.sampler_logprobs,
+            "finished": self.finished,
+        }
+
+
+class RolloutEngine(Protocol):
+    """What the online driver needs from a rollout engine."""
+
+    def generate(
+        self, policy: Any, frozen: Any, prompts: dict, key: jax.Array, *, prompt_repeats: int = 1
+    ) -> Rollout:
+        """Sample one completion per prompt row. `prompts`: `input_ids`/`attention_mask`
+        [B, P], left-padded; with `prompt_repeats=k` the rows are groups of k copies of a
+        prompt (each may be prefilled once for its group)."""
+        ...
+
+
+def _per_block(params: Any) -> Any:
+    """Merged params with their blocks as separate arrays: what the sampler's decode loop
+    reads in place (`models.transformer.unstack_layers`), made by the merge itself so the
+    rollout holds one merged copy, not a stacked one and a split one."""
+    return {**params, "layers": unstack_layers(params["layers"])}
+
+
+@jax.jit
+def _join(prompt_ids, prompt_mask, tokens, response_mask):
+    return (
+        jnp.concatenate([prompt_ids, tokens], axis=1),
+        jnp.concatenate([prompt_mask, response_mask], axis=1),
+    )
+
+
+class Sampler:
+    """The built-in KV-cache engine (`RolloutEngine`).
+
+    With `mesh` (the run's mesh) the sampler is compiled with explicit shardings: params by
+    their logical axes, prompts and responses over ("data", "fsdp"), the KV cache rows over
+    ("data", "fsdp") and its kv heads over "tensor" (see `sampling.make_generate_fn`); the
+    merged policy comes out of the merge already in the params' shardings."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        gen: Any,
+        *,
+        lora_cfg: LoraConfig | None,
+        eos_token_ids: tuple[int, ...],
+        pad_token_id: int,
+        mesh: Mesh | None = None,
+    ):
+        """`gen`: the run's `GenerationConfig` (max_new_tokens, temperature, top_k, top_p,
+        merge_adapter, max_rank)."""
+        self.model_cfg, self.gen, self.lora_cfg, self.mesh = model_cfg, gen, lora_cfg, mesh
+        self.sampling = SamplingConfig(
+            max_new_tokens=gen.max_new_tokens,
+            temperature=gen.temperature,
+            top_k=gen.top_k,
+            top_p=gen.top_p,
+            eos_token_ids=eos_token_ids,
+            pad_token_id=pad_token_id,
+        )
+        self._generate = make_generate_fn(model_cfg, self.sampling, mesh=mesh)
+        self._merge_fn = lambda base, lora: _per_block(
+            merge(base, lora, lora_cfg, with_heads=False)
+        )
+        self._merge = jax.jit(self._merge_fn) if mesh is None else None  # mesh: on first use
+
+    def merged(self, frozen: Any, policy: Any) -> Any:
+        """The base with the policy adapter folded in; on a mesh, in the base's shardings
+        (`tree_shardings`), which is what the sampler is compiled for."""
+        if self._merge is None:
+            shapes = jax.eval_shape(self._merge_fn, frozen, policy)
+            self._merge = jax.jit(self._merge_fn, out_shardings=tree_shardings(shapes, self.mesh))
+        return self._merge(frozen, policy)
+
+    def generate(
+        self, policy: Any, frozen: Any, prompts: dict, key: jax.Array, *, prompt_repeats: int = 1
+    ) -> Rollout:
+        ids, mask = prompts["input_ids"], prompts["attention_mask"]
+        if self.lora_cfg is None:
+            out = self._generate(policy, ids, mask, key, prompt_repeats=prompt_repeats)
+        elif self.gen.merge_adapter:
+            merged = self.merged(frozen, policy)
+            out = self._generate(merged, ids, mask, key, prompt_repeats=prompt_repeats)
+            del merged
+        else:
+            lora = policy if self.gen.max_rank is None else pad_rank(policy, self.gen.max_rank)
+            out = self._generate(
+                frozen,
+                ids,
+                mask,
+                key,
+                lora={"layers": lora["layers"]},
+                lora_scale=self.lora_cfg.scale,
+                prompt_repeats=prompt_repeats,
+            )
+        full_ids, full_mask = _join(ids, mask, out.tokens, out.response_mask)
+        return Rollout(
+            input_ids=full_ids,
+            attention_mask=full_mask,
+            response_mask=out.response_mask,
+            sampler_logprobs=out.logprobs,
+            finished=out.finished,
+            tokens=out.tokens,
+        )
+
+    __call__ = generate
+
+
+def eos_ids(model_cfg: ModelConfig, tokenizer: Any) -> tuple[int, ...]:
+    """The ids that end a response: the model's, else the tokenizer's EOS."""
+    if model_cfg.eos_token_id:
+        return tuple(model_cfg.eos_token_id)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return (eos,) if eos is not None else ()

@@ -1,0 +1,195 @@
+"""What every driver does first and last: join the processes, prepare the run directory, build
+the mesh, load the frozen base, announce the memory, restore a checkpoint, export."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+from jax.sharding import Mesh
+
+from jaxrlhf.config import RunConfig, save_config
+from jaxrlhf.data import process_slice
+from jaxrlhf.lora import LoraConfig, trainable_summary
+from jaxrlhf.models.base import load_base
+from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.sharding import describe_mesh, gather_to_host, make_mesh, per_device_bytes
+from jaxrlhf.train.checkpoint import Checkpointer
+
+_DIST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+
+
+def maybe_init_distributed() -> None:
+    """Join a multi-process run when one is configured (JAX_COORDINATOR_ADDRESS +
+    JAX_NUM_PROCESSES + JAX_PROCESS_ID, or a cluster JAX detects: TPU pods, SLURM, ...)."""
+    if jax.distributed.is_initialized():
+        return
+    address = next((os.environ[k] for k in _DIST_ENV if os.environ.get(k)), None)
+    if address:
+        jax.distributed.initialize(
+            coordinator_address=address,
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    elif os.environ.get("JAXRLHF_DISTRIBUTED") == "auto":
+        jax.distributed.initialize()
+
+
+def log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunStart:
+    """A run's mesh, its frozen base (host arrays) and tokenizer."""
+
+    mesh: Mesh
+    model_cfg: ModelConfig
+    base: dict
+    tokenizer: Any
+
+
+def start_run(cfg: Any, *, resume: bool) -> RunStart:
+    """Join the processes, prepare `cfg.run.run_dir`, build the mesh, load `cfg.model`."""
+    maybe_init_distributed()
+    prepare_run_dir(cfg.run, cfg, resume=resume)
+    mesh = make_mesh(cfg.mesh)
+    model_cfg, base, tokenizer = load_base(cfg.model, seed=cfg.run.seed, log=log)
+    return RunStart(mesh=mesh, model_cfg=model_cfg, base=base, tokenizer=tokenizer)
+
+
+def prepare_run_dir(run: RunConfig, cfg: Any, *, resume: bool = False) -> None:
+    """Create the run directory and save the config. A fresh run refuses a directory that
+    already holds checkpoints, which a later --resume would otherwise mix up."""
+    ckpt_dir = os.path.join(run.run_dir, "checkpoints")
+    if not resume and os.path.isdir(ckpt_dir) and any(p.isdigit() for p in os.listdir(ckpt_dir)):
+        raise ValueError(
+            f"{ckpt_dir} already holds checkpoints; pass --resume to continue that "
+            f"run or choose a new run.run_dir"
+        )
+    if jax.process_index() == 0:
+        os.makedirs(run.run_dir, exist_ok=True)
+        save_config(cfg, os.path.join(run.run_dir, "config.yaml"))
+
+
+def announce(
+    mesh, *, frozen: Any, trainable: Any, opt_state: Any, extra: dict | None = None
+) -> None:
+    """Print the mesh, the per-device bytes of params / trainable / optimizer state and the
+    trainable summary."""
+    mib = 1024 * 1024
+    log(f"mesh: {describe_mesh(mesh)}")
+    parts = [
+        f"frozen params {per_device_bytes(frozen) / mib:.1f} MiB"
+        if frozen is not None
+        else "frozen params 0 MiB (full fine-tuning)",
+        f"trainable {per_device_bytes(trainable) / mib:.2f} MiB",
+        f"optimizer {per_device_bytes(opt_state) / mib:.2f} MiB",
+    ]
+    for k, v in (extra or {}).items():
+        parts.append(f"{k} {per_device_bytes(v) / mib:.1f} MiB")
+    log("per-device bytes: " + ", ".join(parts))
+    log(str(trainable_summary(trainable, frozen, opt_state)))
+
+
+def restore_or_start(
+    run: RunConfig, state: Any, *, resume: bool, unit: str = "step"
+) -> tuple[Checkpointer, Any, int, int]:
+    """(checkpointer, state, data position, first step): the latest checkpoint of the run
+    with `--resume`, else the fresh `state` at step 0."""
+    checkpointer = Checkpointer(Path(run.run_dir) / "checkpoints", keep=run.keep_checkpoints)
+    if not resume or checkpointer.latest_step() is None:
+        return checkpointer, state, 0, 0
+    state, meta, start = checkpointer.restore(state)
+    position = int(meta["data_position"])
+    log(f"resumed from {unit} {start} (data position {position})")
+    return checkpointer, state, position, start
+
+
+def micro_batches(batch: dict, n: int) -> dict:
+    """[B, ...] -> [n, B/n, ...] on the host, for gradient accumulation."""
+
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(
+                f"a batch of {x.shape[0]} does not split into {n} micro-batches; "
+                f"make batch_size a multiple of optim.grad_accum_steps"
+            )
+        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def local_rows(batch: dict) -> dict:
+    """This process's rows of a global host batch. Every process builds the same global batch
+    (so all pick the same length bucket) and keeps its contiguous slice, which `shard_batch`
+    assembles back into the global array."""
+    n_proc = jax.process_count()
+    if n_proc == 1:
+        return batch
+    return {
+        k: process_slice(v, process_index=jax.process_index(), process_count=n_proc)
+        for k, v in batch.items()
+    }
+
+
+def mean_metrics(records: list[dict]) -> dict:
+    """The mean of each metric over a list of step records (device scalars)."""
+    import jax.numpy as jnp
+
+    return jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *records)
+
+
+def export_trained(
+    run_dir: str,
+    trainable: Any,
+    lora_cfg: LoraConfig | None,
+    model_cfg: ModelConfig,
+    tokenizer: Any,
+    *,
+    task: str,
+    base_name: str,
+) -> Path:
+    """Process 0 writes what a run trained: a PEFT adapter (LoRA; heads not in its task left
+    out, e.g. PPO's shared value head), else the full model as an HF folder — a
+    *ForSequenceClassification one for SEQ_CLS (score head, num_labels, pad id)."""
+    from jaxrlhf.models.loading import save_hf_folder
+    from jaxrlhf.peft_format import export_merged, export_peft
+
+    out = Path(run_dir) / ("adapter" if lora_cfg is not None else "model")
+    trainable = gather_to_host(trainable)  # collective: before process 0 alone goes on
+    if jax.process_index() != 0:
+        return out
+    keep = ("score",) if task == "SEQ_CLS" else ()
+    if lora_cfg is not None:
+        saved = tuple(m for m in lora_cfg.modules_to_save if m in keep)
+        trainable = {
+            k: v for k, v in trainable.items() if k not in lora_cfg.modules_to_save or k in saved
+        }
+        export_cfg = dataclasses.replace(lora_cfg, modules_to_save=saved)
+        export_peft(trainable, export_cfg, model_cfg, out, base_model_name_or_path=base_name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))
+    elif task == "SEQ_CLS":
+        export_merged(
+            trainable,
+            None,
+            LoraConfig(task_type="SEQ_CLS", modules_to_save=("score",)),
+            model_cfg,
+            out,
+        )
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))
+    else:
+        save_hf_folder(
+            {k: v for k, v in trainable.items() if k != "value"},
+            model_cfg,
+            out,
+            tokenizer=tokenizer,
+        )
+    log(f"exported {'adapter' if lora_cfg is not None else 'model'} to {out}")
+    return out
