@@ -347,7 +347,7 @@ def test_full_finetuning_runs_one_iteration_against_a_frozen_copy(tmp_path):
     (rec,) = _records(tmp_path)
     assert rec["kl"] < 1e-10  # the trained copy starts equal to the reference copy
     assert np.isfinite(rec["loss"]) and rec["grad_norm"] > 0
-    trained, frozen = jax.device_get(out["state"].trainable), jax.device_get(out["frozen"])
+    trained, frozen = jax.device_get(out["state"].train.trainable), jax.device_get(out["frozen"])
     assert not np.array_equal(
         trained["layers"]["q_proj"]["kernel"], frozen["layers"]["q_proj"]["kernel"]
     )

@@ -185,23 +185,26 @@ def dpo_objective(
     frozen: Any,
     rng: jax.Array | None,
     *,
-    cfg: DPOConfig,
     model_cfg: ModelConfig,
+    lora_cfg: LoraConfig | None,
+    beta: float,
+    loss_type: str,
+    label_smoothing: float,
 ) -> tuple[jax.Array, dict]:
     """(loss, metrics) of one batch; differentiable w.r.t. `trainable` only."""
-    average = cfg.loss_type == "ipo"
+    average = loss_type == "ipo"
     ref_c, ref_r = reference_logps(frozen, batch, model_cfg=model_cfg, average=average)
     pi_c, pi_r = policy_logps(
-        trainable, frozen, batch, model_cfg=model_cfg, lora_cfg=cfg.lora, average=average, rng=rng
+        trainable, frozen, batch, model_cfg=model_cfg, lora_cfg=lora_cfg, average=average, rng=rng
     )
     return dpo_loss(
         pi_c,
         pi_r,
         ref_c,
         ref_r,
-        beta=cfg.beta,
-        loss_type=cfg.loss_type,
-        label_smoothing=cfg.label_smoothing,
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
         weights=batch.get("pair_mask"),
     )
 
@@ -215,7 +218,17 @@ def make_train_step(
     full fine-tuning when the batches carry precomputed reference log-probs."""
 
     def loss_fn(trainable, batch, frozen, rng):
-        return dpo_objective(trainable, batch, frozen, rng, cfg=cfg, model_cfg=model_cfg)
+        return dpo_objective(
+            trainable,
+            batch,
+            frozen,
+            rng,
+            model_cfg=model_cfg,
+            lora_cfg=cfg.lora,
+            beta=cfg.beta,
+            loss_type=cfg.loss_type,
+            label_smoothing=cfg.label_smoothing,
+        )
 
     return make_batch_step(loss_fn, optimizer)
 

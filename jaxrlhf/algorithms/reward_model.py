@@ -97,17 +97,18 @@ def reward_loss(
     frozen: Any,
     rng: jax.Array,
     *,
-    cfg: RMConfig,
     model_cfg: ModelConfig,
+    lora_cfg: LoraConfig | None,
+    center_rewards_coefficient: float | None,
 ) -> tuple[jax.Array, dict]:
     r_c, r_r = pair_rewards(
-        trainable, frozen, batch, model_cfg=model_cfg, lora_cfg=cfg.lora, rng=rng
+        trainable, frozen, batch, model_cfg=model_cfg, lora_cfg=lora_cfg, rng=rng
     )
     return bradley_terry_loss(
         r_c,
         r_r,
         margin=batch.get("margin"),
-        center_rewards_coefficient=cfg.center_rewards_coefficient,
+        center_rewards_coefficient=center_rewards_coefficient,
         weights=batch.get("pair_mask"),
     )
 
@@ -118,7 +119,15 @@ def make_train_step(
     """`step(state, frozen, micro_batches) -> (state, metrics)`; micro_batches: [n, B, ...]."""
 
     def loss_fn(trainable, batch, frozen, rng):
-        return reward_loss(trainable, batch, frozen, rng, cfg=cfg, model_cfg=model_cfg)
+        return reward_loss(
+            trainable,
+            batch,
+            frozen,
+            rng,
+            model_cfg=model_cfg,
+            lora_cfg=cfg.lora,
+            center_rewards_coefficient=cfg.center_rewards_coefficient,
+        )
 
     return make_batch_step(loss_fn, optimizer)
 
