@@ -54,9 +54,8 @@ def dpo_batch(
     batch["chosen_attention_mask"] = np.ones_like(batch["chosen_input_ids"])
     batch["rejected_attention_mask"] = np.ones_like(batch["rejected_input_ids"])
     if share_prompt:
-        from jaxrlhf.packing import pack_pairs
-
         from jaxrlhf.algorithms.dpo import PACKED_KEYS
+        from jaxrlhf.data.packing import pack_pairs
 
         packed = pack_pairs({**batch, "prompt_lengths": np.full((n,), lp)}, pad_id=0)
         batch = {f"packed_{k}": v for k, v in packed.items() if f"packed_{k}" in PACKED_KEYS}
@@ -82,10 +81,9 @@ def token_counts(batch: dict) -> tuple[int, int, int, int]:
 def build_case(
     mode: str, cfg, params_host: dict, batch: dict, *, flops: bool = True, seed: int = 0
 ) -> Case:
-    from jaxrlhf.commands.common import split_trainable
-
     from jaxrlhf.algorithms import dpo as A
     from jaxrlhf.algorithms.common import init_train_state
+    from jaxrlhf.lora import split_trainable
 
     lora_cfg = C.lora_config() if mode == "lora" else None
     key = jax.random.PRNGKey(seed)
@@ -94,7 +92,7 @@ def build_case(
     trainable = C.copy_tree(trainable)
     opt = C.optimizer()
     state = init_train_state(trainable, opt, jax.random.fold_in(key, 1))
-    step = A.make_train_step(model_cfg=cfg, lora_cfg=lora_cfg, optimizer=opt, beta=0.1)
+    step = A.make_train_step(A.DPOConfig(lora=lora_cfg, beta=0.1), model_cfg=cfg, optimizer=opt)
     compiled, stats = C.compile_program(step, state, frozen, batch, donate_argnums=(0,))
     holder = {"state": state}
 

@@ -40,10 +40,11 @@ def build_case(
     seed: int = 0,
 ) -> Case:
     """`prompt_ids`: [prompts, P]; each prompt is repeated `generations` times."""
-    from jaxrlhf.commands.common import split_trainable
-
     from jaxrlhf.algorithms import grpo as G
     from jaxrlhf.algorithms.common import init_train_state
+    from jaxrlhf.config import GenerationConfig
+    from jaxrlhf.lora import split_trainable
+    from jaxrlhf.rewards import RewardFuncConfig
 
     lora_cfg = C.lora_config() if mode == "lora" else None
     key = jax.random.PRNGKey(seed)
@@ -63,18 +64,18 @@ def build_case(
         new_tokens=new_tokens,
         prompt_repeats=generations,
     )
-    hyper = G.GRPOHyper(
+    hyper = G.GRPOConfig(
+        lora=lora_cfg,
+        reward_funcs=(RewardFuncConfig(fn="char_share", kwargs={"chars": "a"}),),
         num_generations=generations,
+        prompts_per_iteration=b // generations,
         beta=0.0,
         loss_type="dapo",
-        temperature=1.0,
-        max_completion_length=new_tokens,
+        generation=GenerationConfig(max_new_tokens=new_tokens, temperature=1.0),
         share_prompt=True,
     )
-    prepare = G.make_prepare_fn(model_cfg=cfg, lora_cfg=lora_cfg, hyper=hyper, prompt_len=p)
-    update = G.make_update_fn(
-        model_cfg=cfg, lora_cfg=lora_cfg, hyper=hyper, optimizer=opt, prompt_len=p, micro_batches=1
-    )
+    prepare = G.make_prepare_fn(hyper, model_cfg=cfg, prompt_len=p)
+    update = G.make_update_fn(hyper, model_cfg=cfg, optimizer=opt, prompt_len=p)
     example = rollout(state.trainable, jax.random.PRNGKey(1))
     keys = ("input_ids", "attention_mask", "response_mask", "finished")
     r_in = {k: example[k] for k in keys}

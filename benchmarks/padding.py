@@ -3,7 +3,7 @@
 A seeded synthetic preference set with long-tailed lengths (prompt and response lengths
 log-normal, as in chat preference data: most short, a few near `max_length`) is batched for
 one epoch in five ways, each with the functions `jaxrlhf rm` itself calls
-(`data.batch_indices`, `commands.rm.pair_batch`):
+(`data.batch_indices`, `data.pair_batch`):
 
 - pad to `max_length`: one static shape, random order (a fixed-shape pipeline);
 - pad to the longest in the batch, random order (TRL's collator, `group_by_length` off);
@@ -61,9 +61,8 @@ def synthetic_pairs(vocab: int, *, n: int = PAIRS, seed: int = 0):
 
 def epoch_batches(prefs, *, pad: str, grouped: bool, share_prompt: bool) -> list[dict]:
     """One epoch of host batches, as `jaxrlhf rm` builds them with these settings."""
-    from jaxrlhf.commands.rm import pair_batch
-
     from jaxrlhf import data as D
+    from jaxrlhf.data import pair_batch
 
     buckets = {
         "max": (MAX_LENGTH,),
@@ -118,10 +117,9 @@ def count(batches: list[dict], prefs) -> dict:
 
 
 def run(*, size: str, repeats: int, pairs: int = PAIRS) -> dict:
-    from jaxrlhf.commands.common import split_trainable
-
     from jaxrlhf.algorithms import reward_model as R
     from jaxrlhf.algorithms.common import init_train_state
+    from jaxrlhf.lora import split_trainable
 
     cfg = C.model_config(size)
     prefs = synthetic_pairs(cfg.vocab_size, n=pairs)

@@ -33,11 +33,12 @@ def build_case(
     flops: bool = True,
     seed: int = 0,
 ) -> Case:
-    from jaxrlhf.commands.common import split_trainable
-
     from jaxrlhf.algorithms import ppo as P
     from jaxrlhf.algorithms.common import init_train_state
-    from jaxrlhf.lora import init_lora
+    from jaxrlhf.algorithms.reward_model import reward_model_scores
+    from jaxrlhf.config import GenerationConfig
+    from jaxrlhf.lora import init_lora, split_trainable
+    from jaxrlhf.rewards import RewardFuncConfig
 
     lora = mode == "lora"
     k_pol, k_val, k_rm, k_state = jax.random.split(jax.random.PRNGKey(seed), 4)
@@ -67,14 +68,18 @@ def build_case(
     rollout = Rollout(
         cfg, frozen, trainable["policy"], prompt_ids, lora_cfg=pol_cfg, new_tokens=new_tokens
     )
-    hyper = P.PPOHyper(temperature=1.0)
-    experience = P.make_experience_fn(model_cfg=cfg, adapters=adapters, hyper=hyper, prompt_len=p)
-    update = P.make_update_fn(
-        model_cfg=cfg, adapters=adapters, hyper=hyper, optimizer=opt, prompt_len=p, micro_batches=1
+    hyper = P.PPOConfig(
+        lora=pol_cfg,
+        reward_funcs=(RewardFuncConfig(fn="char_share", kwargs={"chars": "a"}),),
+        generation=GenerationConfig(temperature=1.0),
+        rollout_batch_size=b,
+        mini_batch_size=b,
     )
+    experience = P.make_experience_fn(hyper, model_cfg=cfg, adapters=adapters, prompt_len=p)
+    update = P.make_update_fn(hyper, model_cfg=cfg, adapters=adapters, optimizer=opt, prompt_len=p)
 
     def score(rm_p, rm_l, ids, mask):
-        return P.reward_model_scores(rm_p, rm_l, rm_scale, ids, mask, model_cfg=cfg)
+        return reward_model_scores(rm_p, rm_l, rm_scale, ids, mask, model_cfg=cfg)
 
     example = rollout(state.trainable["policy"], jax.random.PRNGKey(1))
     keys = ("input_ids", "attention_mask", "response_mask", "sampler_logprobs", "finished")

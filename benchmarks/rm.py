@@ -50,7 +50,7 @@ def pair_batch(
         "pair_mask": np.ones((c.shape[0],), np.float32),
     }
     if share_prompt:
-        from jaxrlhf.packing import pack_pairs
+        from jaxrlhf.data.packing import pack_pairs
 
         packed = pack_pairs({**batch, "prompt_lengths": np.full((c.shape[0],), prompt)}, pad_id=0)
         batch = {
@@ -79,10 +79,9 @@ def build_case(
     mode: str, cfg, params_host: dict, batch: dict, *, flops: bool = True, seed: int = 0
 ) -> tuple[Case, dict]:
     """The compiled RM step of `mode` and the pieces (for the forward/backward breakdown)."""
-    from jaxrlhf.commands.common import split_trainable
-
     from jaxrlhf.algorithms import reward_model as R
     from jaxrlhf.algorithms.common import init_train_state
+    from jaxrlhf.lora import split_trainable
 
     lora_cfg = C.lora_config("SEQ_CLS", ("score",)) if mode == "lora" else None
     key = jax.random.PRNGKey(seed)
@@ -93,7 +92,7 @@ def build_case(
         del base
     opt = C.optimizer()
     state = init_train_state(trainable, opt, jax.random.fold_in(key, 1))
-    step = R.make_train_step(model_cfg=cfg, lora_cfg=lora_cfg, optimizer=opt)
+    step = R.make_train_step(R.RMConfig(lora=lora_cfg), model_cfg=cfg, optimizer=opt)
     compiled, stats = C.compile_program(step, state, frozen, batch, donate_argnums=(0,))
     holder = {"state": state}
 

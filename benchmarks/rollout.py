@@ -1,5 +1,5 @@
 """The rollout programs PPO, GRPO and the decode benchmark share: fold the policy adapter into
-the base (LoRA) and sample with the KV-cache sampler, as `jaxrlhf.commands.rollout.Sampler`
+the base (LoRA) and sample with the KV-cache sampler, as `jaxrlhf.rollout.Sampler`
 does, but with each program compiled up front so its memory can be read and no compilation
 lands in a timed region."""
 
@@ -45,10 +45,9 @@ class Rollout:
         merge: bool = True,
         prompt_repeats: int = 1,
     ):
-        from jaxrlhf.sampling import SamplingConfig, make_generate_fn
-
         from jaxrlhf.lora import merge as merge_lora
         from jaxrlhf.models.transformer import unstack_layers
+        from jaxrlhf.rollout.sampling import SamplingConfig, make_generate_fn
 
         self.lora_cfg, self.frozen, self.merge = lora_cfg, frozen, merge
         self.ids = jnp.asarray(prompt_ids, jnp.int32)
@@ -64,7 +63,7 @@ class Rollout:
         self.scale = jnp.asarray(lora_cfg.scale if lora_cfg else 1.0, jnp.float32)
         self.programs: dict[str, dict] = {}
         if lora_cfg is not None and merge:
-            # As `commands.rollout.Sampler`: the merge writes the blocks as separate arrays,
+            # As `rollout.Sampler`: the merge writes the blocks as separate arrays,
             # which the decode loop reads in place.
             def merge_fn(base, lora):
                 merged = merge_lora(base, lora, lora_cfg, with_heads=False)

@@ -82,6 +82,9 @@ class RunConfig:
     keep_checkpoints: int = 2
     tensorboard: bool = True
     progress: bool = True
+    resume_from: int | None = None
+    """With `--resume`: the newest checkpoint at or before this step (null: the newest that
+    restores). `--resume-from STEP` on the command line sets it."""
 
     def __post_init__(self) -> None:
         for name in ("log_every", "eval_every", "save_every", "keep_checkpoints"):

@@ -28,7 +28,7 @@ from jaxrlhf.config import ModelSection, PreferenceTraining, RewardModelSection
 from jaxrlhf.lora import LoraConfig
 from jaxrlhf.losses import bradley_terry_loss
 from jaxrlhf.models.config import ModelConfig
-from jaxrlhf.models.transformer import _head_weights, backbone, score_head
+from jaxrlhf.models.transformer import head_weights, backbone, score_head
 from jaxrlhf.sharding import put_tree
 
 
@@ -76,7 +76,7 @@ def pair_rewards(
             segment_ids=batch["packed_segment_ids"],
             **extra,
         )
-        w = _head_weights(params, lora, "score")["kernel"].astype(hidden.dtype)
+        w = head_weights(params, lora, "score")["kernel"].astype(hidden.dtype)
 
         def read(idx):
             h = jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
@@ -244,7 +244,7 @@ def load_reward_model(
     """The reward model of `section`, on the mesh. With `tokenizer` (the policy's), a reward
     model on another base must share its vocabulary."""
     from jaxrlhf.models.base import load_base
-    from jaxrlhf.models.loading import _folder_tokenizer, load_hf_folder
+    from jaxrlhf.models.loading import folder_tokenizer, load_hf_folder
     from jaxrlhf.peft_format import load_peft
 
     path = Path(section.path)
@@ -272,7 +272,7 @@ def load_reward_model(
         path / "tokenizer_config.json"
     ).is_file()
     if tokenizer is not None and has_tokenizer:
-        check_same_vocabulary(tokenizer, _folder_tokenizer(path), where="reward_model.path")
+        check_same_vocabulary(tokenizer, folder_tokenizer(path), where="reward_model.path")
     if "score" not in params:
         raise ValueError(
             f"reward model {path} has no score head (expected a "

@@ -21,9 +21,18 @@ def add_parsers(sub) -> None:
         p = sub.add_parser(name, help=_summary(algo.config))
         p.add_argument("--config", help="YAML config file (see configs/)")
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+        p.add_argument(
+            "--resume-from",
+            type=int,
+            metavar="STEP",
+            help="continue from the newest checkpoint at or before STEP (implies --resume)",
+        )
         p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
 
 
 def run_training(args: argparse.Namespace) -> None:
-    cfg = load_config(ALGORITHMS[args.command].config, args.config, args.overrides)
-    run_algorithm(args.command, cfg, resume=args.resume)
+    overrides = list(args.overrides)
+    if args.resume_from is not None:
+        overrides.append(f"run.resume_from={args.resume_from}")
+    cfg = load_config(ALGORITHMS[args.command].config, args.config, overrides)
+    run_algorithm(args.command, cfg, resume=args.resume or args.resume_from is not None)

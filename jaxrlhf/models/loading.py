@@ -518,7 +518,7 @@ def _prepare_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _folder_tokenizer(path: Path) -> Any:
+def folder_tokenizer(path: Path) -> Any:
     """The folder's tokenizer. A generic `tokenizer.json` (as `save_hf_folder` writes) is read
     as is: `AutoTokenizer` would swap in the class of `config.json`'s model type (e.g. Qwen2's),
     which rebuilds the pre-tokenizer and may add a pad token the vocabulary was not made with."""
@@ -547,7 +547,7 @@ def load_model(path_or_name: str | Path, *, dtype=jnp.float32) -> tuple[ModelCon
         cfg, params = load_hf_folder(path, dtype=dtype)
         tokenizer = None
         if any((path / name).is_file() for name in _TOKENIZER_FILES):
-            tokenizer = _prepare_tokenizer(_folder_tokenizer(path))
+            tokenizer = _prepare_tokenizer(folder_tokenizer(path))
         return cfg, params, tokenizer
     if path.suffix.lower() == ".gguf":
         return load_gguf(path, dtype=dtype)

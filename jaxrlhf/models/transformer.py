@@ -387,7 +387,7 @@ def unstack_layers(layers: Params) -> list[Params]:
 # ----------------------------------------------------------------------------- heads
 
 
-def _head_weights(params: Params, lora: Params | None, name: str) -> Params:
+def head_weights(params: Params, lora: Params | None, name: str) -> Params:
     """A head's weights: the adapter's trained copy (modules_to_save) if it has one."""
     if lora is not None and name in lora:
         return lora[name]
@@ -425,7 +425,7 @@ def score_head(
 ) -> jax.Array:
     """Sequence scores read at the last real token, as `*ForSequenceClassification`.
     Returns [B] when num_labels == 1, else [B, num_labels]."""
-    w = _head_weights(params, lora, "score")
+    w = head_weights(params, lora, "score")
     last = jnp.take_along_axis(hidden, last_token_index(attention_mask)[:, None, None], axis=1)[
         :, 0
     ]
@@ -437,7 +437,7 @@ def score_head(
 
 def value_head(params: Params, hidden: jax.Array, lora: Params | None = None) -> jax.Array:
     """Per-token values [B, T] in float32."""
-    w = _head_weights(params, lora, "value")
+    w = head_weights(params, lora, "value")
     v = jnp.einsum(
         "btd,do->bto", hidden, w["kernel"].astype(hidden.dtype), preferred_element_type=jnp.float32
     )[..., 0]

@@ -9,6 +9,7 @@ target's shardings are given at restore time.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,49 @@ class Checkpointer:
         )
         return restored.state, dict(restored.meta or {}), step
 
+    def restore_newest_good(
+        self, target: Any, *, at_most: int | None = None
+    ) -> tuple[Any, dict, int, list[tuple[int, str]]]:
+        """Restore the newest checkpoint (at most step `at_most`) that restores cleanly;
+        returns (state, meta, step, [(step, reason)] of the newer ones that failed). A
+        checkpoint that fails (truncated or overwritten array files, another state layout)
+        is moved aside to `<directory>_failed/<step>`, so the run's next save of that step
+        is written afresh. If none restores, a ValueError lists every failure."""
+        steps = sorted(
+            (s for s in self.all_steps() if at_most is None or s <= at_most), reverse=True
+        )
+        if not steps:
+            where = f" at or before step {at_most}" if at_most is not None else ""
+            raise FileNotFoundError(f"no checkpoint{where} to resume from in {self.directory}")
+        failed: list[tuple[int, str]] = []
+        for step in steps:
+            try:
+                state, meta, _ = self.restore(target, step)
+                return state, meta, step, failed
+            except Exception as err:  # orbax/tensorstore raise many kinds; all mean "unusable"
+                failed.append((step, _first_line(err)))
+        raise ValueError(
+            f"no checkpoint in {self.directory} restores into this run's state: "
+            + "; ".join(f"step {s}: {why}" for s, why in failed)
+            + ". Start a new run.run_dir (or delete the checkpoints) to train from scratch."
+        )
+
+    def set_aside(self, step: int) -> Path:
+        """Move checkpoint `step` out of the directory (kept for inspection, never resumed)."""
+        target = self.directory.parent / f"{self.directory.name}_failed" / str(step)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:
+            shutil.move(str(self.directory / str(step)), str(target))
+        self._manager.reload()
+        return target
+
     def close(self) -> None:
         self._manager.close()
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _abstract(x: Any) -> Any:

@@ -101,6 +101,7 @@ def train_with_evals(
     evaluate: Callable[[Any], dict] | None,
     position: Callable[[], int],
     run: RunConfig,
+    signature: dict | None = None,
     checkpointer: Checkpointer,
     desc: str,
     bar_keys: tuple[str, ...],
@@ -109,7 +110,8 @@ def train_with_evals(
     """`run_loop` between an evaluation before training (fresh runs) and one after: returns
     (final state, eval before, eval after). The loop's last evaluation is of the final state
     and is reused; a run resumed at its end evaluates once more. `position()` is the data
-    position stored in each checkpoint."""
+    position stored in each checkpoint, with the run's `signature` (see
+    `setup.run_signature`)."""
     logger = MetricsLogger(run.run_dir, tensorboard=run.tensorboard)
     initial = evaluate(state) if evaluate is not None and start_step == 0 else {}
     if initial:
@@ -121,7 +123,7 @@ def train_with_evals(
         total_steps=total_steps,
         train_step=train_step,
         eval_fn=evaluate,
-        meta=lambda s: {"data_position": position()},
+        meta=lambda s: {"data_position": position(), "signature": signature},
         run=run,
         checkpointer=checkpointer,
         logger=logger,

@@ -40,6 +40,7 @@ from jaxrlhf.train.setup import (
     log,
     mean_metrics,
     restore_or_start,
+    run_signature,
     start_run,
 )
 
@@ -167,7 +168,7 @@ def train_online(
         )
 
     checkpointer, state, position, start_iter = restore_or_start(
-        cfg.run, state, resume=resume, unit="iteration"
+        cfg, state, resume=resume, unit="iteration"
     )
     host = {"position": position}
     n_train, pad_id = len(splits.train), tokenizer.pad_token_id
@@ -257,6 +258,7 @@ def train_online(
         evaluate=evaluate if splits.eval is not None else None,
         position=lambda: host["position"],
         run=cfg.run,
+        signature=run_signature(cfg),
         checkpointer=checkpointer,
         desc=algo.name,
         bar_keys=algo.bar_keys,

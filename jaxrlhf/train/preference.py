@@ -32,6 +32,7 @@ from jaxrlhf.train.setup import (
     log,
     micro_batches,
     restore_or_start,
+    run_signature,
     start_run,
 )
 
@@ -125,7 +126,7 @@ def train_preference(
         arg_shardings=(state_sh.trainable, frozen_sh, "batch"),
         out_shardings=replicated(mesh),
     )
-    checkpointer, state, position, start_step = restore_or_start(cfg.run, state, resume=resume)
+    checkpointer, state, position, start_step = restore_or_start(cfg, state, resume=resume)
     host = {"position": position}
 
     def step_fn(state):
@@ -162,6 +163,7 @@ def train_preference(
         evaluate=evaluate if splits.eval is not None else None,
         position=lambda: host["position"],
         run=cfg.run,
+        signature=run_signature(cfg),
         checkpointer=checkpointer,
         desc=algo.name,
         bar_keys=algo.bar_keys,

@@ -4,6 +4,7 @@ the mesh, load the frozen base, announce the memory, restore a checkpoint, expor
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -96,15 +97,58 @@ def announce(
     log(str(trainable_summary(trainable, frozen, opt_state)))
 
 
+def run_signature(cfg: Any) -> dict:
+    """What a checkpoint must agree with to resume: the base model and the adapters' shapes
+    (compute dtype and remat may change between runs; they do not change the state)."""
+    from jaxrlhf.config import to_dict
+
+    model = {k: v for k, v in to_dict(cfg.model).items() if k not in ("dtype", "remat")}
+    out = {"model": model, "lora": to_dict(cfg.lora)}
+    if hasattr(cfg, "value_lora"):
+        out["value_lora"] = to_dict(cfg.value_lora)
+    return out
+
+
+def _differences(saved: Any, now: Any, where: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [
+            d
+            for k in sorted(set(saved) | set(now))
+            for d in _differences(saved.get(k), now.get(k), f"{where}.{k}" if where else k)
+        ]
+    return [] if saved == now else [f"{where}: checkpoint {saved!r}, this run {now!r}"]
+
+
 def restore_or_start(
-    run: RunConfig, state: Any, *, resume: bool, unit: str = "step"
+    cfg: Any, state: Any, *, resume: bool, unit: str = "step"
 ) -> tuple[Checkpointer, Any, int, int]:
-    """(checkpointer, state, data position, first step): the latest checkpoint of the run
-    with `--resume`, else the fresh `state` at step 0."""
+    """(checkpointer, state, data position, first step): with `--resume`, the newest
+    checkpoint of the run that restores (at most `run.resume_from`; a newer one that fails
+    is reported and set aside), refused if it was written for another model or adapter
+    shape; else the fresh `state` at step 0."""
+    run = cfg.run
     checkpointer = Checkpointer(Path(run.run_dir) / "checkpoints", keep=run.keep_checkpoints)
     if not resume or checkpointer.latest_step() is None:
+        if run.resume_from is not None:
+            raise FileNotFoundError(
+                f"run.resume_from={run.resume_from}: no checkpoints in {run.run_dir}"
+            )
         return checkpointer, state, 0, 0
-    state, meta, start = checkpointer.restore(state)
+    state, meta, start, failed = checkpointer.restore_newest_good(state, at_most=run.resume_from)
+    for step, why in failed:
+        aside = checkpointer.set_aside(step)
+        log(f"warning: checkpoint {step} does not restore ({why}); moved to {aside}")
+    if failed:
+        log(f"warning: resuming from the previous intact checkpoint, {unit} {start}")
+    saved = meta.get("signature")
+    if saved is not None:
+        diff = _differences(saved, json.loads(json.dumps(run_signature(cfg))))
+        if diff:
+            raise ValueError(
+                f"the checkpoint in {run.run_dir} was written for another configuration ("
+                + "; ".join(diff)
+                + "); resume with the same model and LoRA settings or start a new run.run_dir"
+            )
     position = int(meta["data_position"])
     log(f"resumed from {unit} {start} (data position {position})")
     return checkpointer, state, position, start
