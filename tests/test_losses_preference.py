@@ -269,7 +269,9 @@ def test_kto_loss_matches_trl(loss_type, beta, dw, uw, labels, kl_shift):
     per_token = -rng.uniform(0.1, 2.0, (batch, length)).astype(np.float32)
     ref_logps = (per_token.sum(-1) + rng.normal(0, 2.0, batch)).astype(np.float32)
     kl_per_token = -rng.uniform(0.1, 2.0, (batch, length)).astype(np.float32)
-    ref_kl_logps = (kl_per_token.sum(-1) + rng.normal(0, 1.0, batch) - kl_shift).astype(np.float32)
+    # KL-pair gaps log π − log π_ref are positive (z0 > 0) unless shifted below zero.
+    gaps = rng.uniform(0.2, 1.0, batch) + kl_shift
+    ref_kl_logps = (kl_per_token.sum(-1) - gaps).astype(np.float32)
     trl_loss, trl_grad, trl_m = _trl_kto(
         per_token, ref_logps, kl_per_token, ref_kl_logps, labels, loss_type=loss_type,
         beta=beta, dw=dw, uw=uw,
@@ -288,8 +290,8 @@ def test_kto_loss_matches_trl(loss_type, beta, dw, uw, labels, kl_shift):
     (g,) = grads_of(losses.kto_loss, (0,), *args, **hyper)
     # d loss / d token = d loss / d (Σ tokens), the same for every token of a row.
     close(np.broadcast_to(np.asarray(g)[:, None], trl_grad.shape), trl_grad, TRL_TOL)
-    if kl_shift:
-        assert trl_m["kl"] == 0.0  # the clamp is exercised
+    if loss_type == "kto":
+        assert (trl_m["kl"] == 0.0) == (kl_shift < 0)  # z0 > 0, or the clamp is exercised
     for name in ("kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected",
                  "rewards/margins"):  # fmt: skip
         if name in trl_m:
