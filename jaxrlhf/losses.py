@@ -345,7 +345,9 @@ def grpo_loss(
             ℓ_it = −min(w̃·A_i, clip(w, 1 − ε, 1 + ε_high)·A_i) + β·k3_it,
             w̃ = min(w, δ) if `delta` is set (INTELLECT-2 two-sided clipping), else w
         loss_type "cispo" (MiniMax-M1): the weight is clipped and detached, the log-prob
-            carries the gradient; `clip_eps_high` is the absolute cap ε_max on w:
+            carries the gradient; `clip_eps_high` is the absolute cap ε_max on w (left at
+            None it is ε = 0.2, as in TRL, which scales every gradient by 0.2: set it,
+            ScaleRL uses 5.0):
             ℓ_it = −sg(min(w, ε_high))·A_i·log π(y_it) + β·k3_it
         loss_type "sapo" (soft gate): with τ = τ_pos if A_i > 0 else τ_neg,
             ℓ_it = −σ(τ·(w − 1))·(4/τ)·A_i + β·k3_it
@@ -469,8 +471,10 @@ def grpo_loss(
         per_row = sequence_level and flags.shape[-1] == 1
         return jnp.mean(flags) if per_row else masked_mean(flags, mask)
 
-    low_clipped = (ratio < 1.0 - clip_eps) & (adv < 0)
-    high_clipped = (ratio > 1.0 + eps_high) & (adv > 0)
+    # TRL reads its clip flags off the weight after the `delta` cap.
+    capped_ratio = ratio if delta is None else jnp.minimum(ratio, delta)
+    low_clipped = (capped_ratio < 1.0 - clip_eps) & (adv < 0)
+    high_clipped = (capped_ratio > 1.0 + eps_high) & (adv > 0)
     region_clipped = flag_mean(low_clipped | high_clipped)
     metrics = {
         "loss": loss,
@@ -619,6 +623,8 @@ def orpo_loss(
     `chosen_nll_loss` is the SFT term: TRL's token-mean cross-entropy over the chosen rows'
     prompt *and* completion tokens (`nll_loss(token_logps, prompt_and_completion_mask)`).
     No reference model. TRL's default β = 0.1 (ORPOConfig `beta`, λ in the paper).
+    `weights` (pair mask) drops padding pairs from the odds-ratio term and the metrics; the
+    NLL's own mask must leave them out too.
 
     Metrics (TRL's names): `loss`, `nll_loss`, `log_odds_ratio` = mean log σ(log_odds),
     `log_odds_chosen` = mean log_odds, `rewards/chosen` = mean β·p̄_c, `rewards/rejected`,

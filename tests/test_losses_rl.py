@@ -251,6 +251,7 @@ GRPO_TRL_CASES = [
     ("bnpo", "token", 0.04, 0.28, None, False, False),
     ("dr_grpo", "token", 0.0, None, None, False, False),
     ("dapo", "token", 0.04, 0.28, 1.5, True, False),
+    ("grpo", "token", 0.0, 0.28, 1.1, False, False),  # δ below 1 + ε_high: flags read w capped
     ("dapo", "token", 0.0, None, None, False, True),
     ("cispo", "token", 0.0, 5.0, None, False, False),
     ("cispo", "token", 0.04, 1.1, None, True, False),
