@@ -635,3 +635,107 @@ def test_dynamic_sampling_keep_mask():
     # The dropped groups are exactly those whose GRPO advantages are all zero.
     a, _ = adv_lib.group_advantages(jnp.array([1.0, 1.0, 0.0, 1.0, 0.5, 0.5]), 2)
     np.testing.assert_array_equal(np.asarray(a) != 0, np.asarray(keep))
+
+
+# =========================================================================== GRPO prepare vs TRL
+
+
+def _trl_grpo_prepare(scores, completion_ids_list, *, group_size, scale_rewards, mask_truncated):
+    """TRL's GRPOTrainer._generate_and_score_completions on fixed completions and rewards
+    (β = 0, one update per rollout, so no model forward): (advantages, mask, metrics)."""
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    batch = len(scores)
+    stub = types.SimpleNamespace(
+        accelerator=types.SimpleNamespace(
+            device="cpu",
+            process_index=0,
+            num_processes=1,
+            reduce=lambda t, reduction: t,
+            gather=lambda t: t,
+        ),  # fmt: skip
+        model=types.SimpleNamespace(training=True, is_gradient_checkpointing=False),
+        environment_factories=None,
+        tools=None,
+        environments=None,
+        _generate=lambda prompts: (
+            [[1]] * batch,
+            completion_ids_list,
+            None,
+            ["c"] * batch,
+            None,
+            {},
+            None,
+            None,
+        ),  # fmt: skip
+        _tokenizer=types.SimpleNamespace(pad_token_id=0),
+        eos_token_ids=[2],
+        pad_to_multiple_of=None,
+        mask_truncated_completions=mask_truncated,
+        args=types.SimpleNamespace(
+            per_device_train_batch_size=batch,
+            gradient_checkpointing_kwargs=None,
+            steps_per_generation=1,
+            gradient_accumulation_steps=1,
+        ),  # fmt: skip
+        num_iterations=1,
+        use_vllm=False,
+        beta=0.0,
+        _calculate_rewards=lambda *a: torch.tensor(scores, dtype=torch.float32)[:, None],
+        num_generations=group_size,
+        multi_objective_aggregation="sum_then_normalize",
+        reward_weights=torch.ones(1),
+        scale_rewards=scale_rewards,
+        reward_func_names=["r"],
+        _metrics={"train": collections.defaultdict(list)},
+        _logs={
+            "prompt": [],
+            "completion": [],
+            "rewards": {"r": []},
+            "advantages": [],
+            "extra": collections.defaultdict(list),
+        },
+        _pending_extra_logs={},
+        _pending_metrics={},
+        log_multimodal=False,
+    )
+    out = GRPOTrainer._generate_and_score_completions(stub, [{"prompt": "p"}] * batch)
+    metrics = {k: v[-1] for k, v in stub._metrics["train"].items()}
+    return out["advantages"].numpy(), out["completion_mask"].numpy(), metrics
+
+
+@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
+def test_group_advantages_and_truncation_match_trl(monkeypatch, scale_rewards):
+    from trl.trainer import grpo_trainer
+
+    monkeypatch.setattr(grpo_trainer, "gather", lambda t: t)
+    monkeypatch.setattr(grpo_trainer, "gather_object", lambda x: x)
+    # Groups of 3; the middle group is tied. EOS = 2, pad = 0: rows 1 and 4 end without EOS
+    # (truncated), row 6 is a lone EOS.
+    completions = [
+        [5, 2],
+        [5, 6, 7, 8],
+        [9, 2],
+        [3, 3, 2],
+        [4, 4, 4, 4],
+        [2],
+        [2],
+        [6, 6, 2],
+        [1, 2],
+    ]
+    scores = [1.0, 0.0, 0.5, 2.0, 2.0, 2.0, -1.0, 3.0, 0.25]
+    trl_adv, trl_mask, trl_m = _trl_grpo_prepare(
+        scores, completions, group_size=3, scale_rewards=scale_rewards, mask_truncated=True
+    )
+    a, std = call(
+        adv_lib.group_advantages, jnp.asarray(scores), group_size=3, scale_rewards=scale_rewards
+    )
+    close(a, trl_adv, TRL_TOL)
+    close(jnp.mean(std == 0), trl_m["frac_reward_zero_std"])
+    # Right-padded ids and mask as jaxrlhf's sampler produces them.
+    length = max(map(len, completions))
+    ids = np.array([c + [0] * (length - len(c)) for c in completions])
+    mask = np.array([[1] * len(c) + [0] * (length - len(c)) for c in completions])
+    new_mask, truncated = adv_lib.mask_truncated_completions(ids, mask, (2,), 0)
+    np.testing.assert_array_equal(new_mask, trl_mask)
+    np.testing.assert_array_equal(truncated, [False, True, False, False, True] + [False] * 4)
