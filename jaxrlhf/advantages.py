@@ -11,7 +11,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxrlhf.losses import masked_mean, masked_sum
+from jaxrlhf.losses import check_choice, masked_mean, masked_sum
 
 # --------------------------------------------------------------------------- GAE
 
@@ -109,27 +109,43 @@ def whiten(
 # --------------------------------------------------------------------------- GRPO
 
 
+SCALE_REWARDS = ("group", "batch", "none")
+
+
 def group_advantages(
     rewards: jax.Array,
     group_size: int,
     *,
     scale_by_std: bool = True,
     eps: float = 1e-4,
+    scale_rewards: str | bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Group-relative advantages of GRPO (Shao et al., 2024), as TRL's GRPOTrainer.
 
     `rewards` `[B]` hold G = `group_size` consecutive completions per prompt
     (`[p0 s0, p0 s1, …, p0 s_{G−1}, p1 s0, …]`). For completion i of group g:
 
-        A_i = (r_i − mean_g) / (std_g + eps)     (scale_by_std=True, TRL's scale_rewards)
-        A_i =  r_i − mean_g                      (scale_by_std=False, Dr. GRPO)
+        A_i = (r_i − mean_g) / (std + eps)
 
-    std_g is the unbiased sample std (ddof=1, like `torch.std`).
+    where std is chosen by TRL's `scale_rewards`:
+
+        "group" (True, TRL's default): std_g, the std of the completion's own group
+        "batch":                       the std of all B rewards (PPO Lite)
+        "none"  (False, Dr. GRPO):     no division, A_i = r_i − mean_g
+
+    Stds are unbiased (ddof=1, like `torch.std`). `scale_rewards=None` (default) keeps the
+    older switch `scale_by_std` (True = "group", False = "none"); a given `scale_rewards`
+    overrides it.
 
     Returns:
-      `(advantages [B], group_std [B // G])`; `mean(group_std == 0)` is TRL's
-      `frac_reward_zero_std`, the share of groups that carry no learning signal.
+      `(advantages [B], std [B // G])`: the std TRL tests for zero per group (the group's
+      own for "group"/"none", the batch's for "batch"), so `mean(std == 0)` is TRL's
+      `frac_reward_zero_std`.
     """
+    if scale_rewards is None:
+        scale_rewards = scale_by_std
+    scale_rewards = {True: "group", False: "none"}.get(scale_rewards, scale_rewards)
+    check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
     rewards = jnp.asarray(rewards, jnp.float32)
     (batch,) = rewards.shape
     if group_size < 2:
@@ -143,9 +159,12 @@ def group_advantages(
         )
     grouped = rewards.reshape(batch // group_size, group_size)
     mean = grouped.mean(axis=1, keepdims=True)
-    std = grouped.std(axis=1, ddof=1)
+    if scale_rewards == "batch":
+        std = jnp.broadcast_to(rewards.std(ddof=1), (batch // group_size,))
+    else:
+        std = grouped.std(axis=1, ddof=1)
     adv = grouped - mean
-    if scale_by_std:
+    if scale_rewards != "none":
         adv = adv / (std[:, None] + eps)
     return adv.reshape(batch), std
 
@@ -187,3 +206,255 @@ def update_kl_control(
     error = jnp.clip(jnp.asarray(current_kl, jnp.float32) / target - 1.0, -0.2, 0.2)
     mult = 1.0 + error * n_steps / horizon
     return state.replace(value=state.value * mult)
+
+
+# --------------------------------------------------------------------------- RLOO
+
+
+def rloo_rewards(
+    scores: jax.Array,
+    old_logprobs: jax.Array | None,
+    ref_logprobs: jax.Array | None,
+    mask: jax.Array,
+    *,
+    beta: float = 0.05,
+    reward_clip_range: tuple[float, float] | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """RLOO's sequence reward with the KL folded in, as TRL's RLOOTrainer (1.16).
+
+        s_i ← clip(s_i, lo, hi)                       (only with reward_clip_range)
+        r_i = s_i − β · Σ_t (log π_old(y_it) − log π_ref(y_it))·m_it
+
+    The KL is the first-order (k1) estimate summed over the completion, as in Ahmadian et
+    al. (2024), so it can be negative per token. TRL has no option to put RLOO's KL in the
+    loss instead. π_old is the policy at rollout time. With β = 0 the log-probs may be None.
+    TRL's defaults: `beta` 0.05, `reward_clip_range` None.
+
+    Returns:
+      `(rewards [B], metrics)`, metrics `kl` = Σ k1·m / Σ m over the batch (TRL's `kl`;
+      0 when β = 0).
+    """
+    r = jnp.asarray(scores, jnp.float32)
+    if reward_clip_range is not None:
+        r = jnp.clip(r, reward_clip_range[0], reward_clip_range[1])
+    if isinstance(beta, int | float) and beta == 0:
+        return r, {"kl": jnp.zeros((), jnp.float32)}
+    if old_logprobs is None or ref_logprobs is None:
+        raise ValueError(f"rloo beta={beta} needs old_logprobs and ref_logprobs, or set beta=0.0")
+    k1 = jnp.asarray(old_logprobs, jnp.float32) - jnp.asarray(ref_logprobs, jnp.float32)
+    r = r - beta * masked_sum(k1, mask, axis=-1)
+    return r, {"kl": masked_mean(k1, mask)}
+
+
+def rloo_advantages(
+    rewards: jax.Array,
+    group_size: int,
+    *,
+    normalize_advantages: bool = False,
+    eps: float = 1e-4,
+) -> jax.Array:
+    """Leave-one-out advantages of RLOO (Kool et al., 2019; Ahmadian et al., 2024), as TRL.
+
+    With k = `group_size` consecutive completions per prompt, each is compared with the
+    mean of the *other* k − 1:
+
+        A_i = r_i − (Σ_{j∈g} r_j − r_i)/(k − 1) = k/(k − 1) · (r_i − mean_g)
+
+    With `normalize_advantages` (TRL's option, default False) the batch is then whitened:
+    A ← (A − mean A)/(std A + eps), std unbiased (ddof=1).
+
+    Returns `[B]` float32.
+    """
+    rewards = jnp.asarray(rewards, jnp.float32)
+    (batch,) = rewards.shape
+    if group_size < 2:
+        raise ValueError(
+            f"rloo group_size must be >= 2 (a leave-one-out baseline), got {group_size}"
+        )
+    if batch % group_size:
+        raise ValueError(
+            f"batch of {batch} rewards is not a multiple of group_size={group_size}; "
+            "generate group_size completions per prompt"
+        )
+    grouped = rewards.reshape(batch // group_size, group_size)
+    baseline = (grouped.sum(axis=1, keepdims=True) - grouped) / (group_size - 1)
+    adv = (grouped - baseline).reshape(batch)
+    if normalize_advantages:
+        adv = (adv - adv.mean()) / (adv.std(ddof=1) + eps)
+    return adv
+
+
+# --------------------------------------------------------------------------- REINFORCE++
+
+REINFORCE_ESTIMATORS = ("reinforce", "reinforce_baseline")
+
+
+def cumulative_returns(rewards: jax.Array, mask: jax.Array, *, gamma: float = 1.0) -> jax.Array:
+    """Discounted reward-to-go G_t = r_t·m_t + γ·G_{t+1} (G_T = 0), a reverse `lax.scan`.
+
+    As OpenRLHF's `get_cumulative_returns`; masked positions of the output are 0.
+    """
+    m = jnp.asarray(mask).astype(jnp.float32)
+    r = jnp.asarray(rewards, jnp.float32) * m
+
+    def step(next_return, r_t):
+        g = r_t + gamma * next_return
+        return g, g
+
+    _, g_time_first = jax.lax.scan(
+        step, jnp.zeros(r.shape[:-1], jnp.float32), jnp.moveaxis(r, -1, 0), reverse=True
+    )
+    return jnp.moveaxis(g_time_first, 0, -1) * m
+
+
+def reinforce_pp_advantages(
+    scores: jax.Array,
+    kl: jax.Array,
+    mask: jax.Array,
+    *,
+    kl_coef: float,
+    estimator: str = "reinforce",
+    group_size: int | None = None,
+    gamma: float = 1.0,
+    reward_clip_range: tuple[float, float] | None = None,
+    std_normalize: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """REINFORCE++ advantages (Hu, 2025), as OpenRLHF's `advantage_estimator`.
+
+    Per sequence score s_i, per-token KL estimate kl_it (e.g. `kl_estimate(lp, ref, "k1")`,
+    OpenRLHF's default `kl_estimator`), and the last real token e_i of each row:
+
+        "reinforce_baseline": s_i ← s_i − mean_g s     (group of `group_size`; no std)
+        s_i ← clip(s_i, lo, hi)                          (only with reward_clip_range)
+        r_it = s_i·[t = e_i] − kl_coef·kl_it             (token-level KL penalty)
+        G_it = Σ_{t'≥t} γ^{t'−t} r_it'·m_it'            (`cumulative_returns`)
+        A_it = (G_it − μ) / sqrt(max(σ², 1e-8))          μ, σ² over all masked tokens
+                                                         of the batch (population var)
+
+    so the normalisation is global over the batch's tokens, not per group. With
+    `std_normalize=False` (OpenRLHF's `--no_advantage_std_norm`) only μ is subtracted.
+    OpenRLHF forces γ = 1 for "reinforce_baseline"; here another γ is refused.
+
+    Args:
+      scores: `[B]` sequence rewards.
+      kl: `[B, T]` per-token KL estimate (constant); zeros when the KL goes in the loss
+        instead (OpenRLHF's `--use_kl_loss`).
+      mask: `[B, T]` response mask (right-padded).
+      kl_coef: the KL coefficient (OpenRLHF's `init_kl_coef`, or the adaptive value).
+      estimator: "reinforce" or "reinforce_baseline".
+      group_size: samples per prompt (`n_samples_per_prompt`); needed for the baseline.
+
+    Returns:
+      `(advantages [B, T], returns [B, T])`, masked positions 0.
+    """
+    check_choice("reinforce++ estimator", estimator, REINFORCE_ESTIMATORS)
+    s = jnp.asarray(scores, jnp.float32)
+    if estimator == "reinforce_baseline":
+        if gamma != 1.0:
+            raise ValueError(
+                f"reinforce_baseline uses undiscounted returns (OpenRLHF sets gamma to 1.0); "
+                f"got gamma={gamma}: set gamma=1.0 or use estimator='reinforce'"
+            )
+        if group_size is None or group_size < 2:
+            raise ValueError(
+                f"reinforce_baseline subtracts the mean of each prompt's group: pass "
+                f"group_size >= 2, got {group_size}"
+            )
+        if s.shape[0] % group_size:
+            raise ValueError(
+                f"batch of {s.shape[0]} scores is not a multiple of group_size={group_size}"
+            )
+        grouped = s.reshape(-1, group_size)
+        s = (grouped - grouped.mean(axis=1, keepdims=True)).reshape(s.shape)
+    if reward_clip_range is not None:
+        s = jnp.clip(s, reward_clip_range[0], reward_clip_range[1])
+    kl_coef = jnp.maximum(kl_coef, 0.0)  # OpenRLHF treats a negative coefficient as 0
+    m = jnp.asarray(mask).astype(jnp.float32)
+    t = jnp.arange(m.shape[-1])
+    last = jnp.max(jnp.where(m != 0, t, -1), axis=-1, keepdims=True)
+    token_rewards = jnp.where(t == last, s[:, None], 0.0) - kl_coef * jnp.asarray(kl, jnp.float32)
+    returns = cumulative_returns(token_rewards, m, gamma=gamma)
+    mean = masked_mean(returns, m)
+    centred = returns - mean
+    if std_normalize:
+        var = masked_mean(jnp.square(centred), m)
+        centred = centred * jax.lax.rsqrt(jnp.maximum(var, 1e-8))
+    return centred * m, returns
+
+
+# --------------------------------------------------------------------------- DAPO helpers
+
+
+def soft_overlong_punishment(
+    completion_lengths: jax.Array,
+    *,
+    max_completion_len: int,
+    soft_punish_cache: int,
+) -> jax.Array:
+    """DAPO's soft overlong punishment (Yu et al., 2025, eq. 13), as TRL's reward function
+    `get_soft_overlong_punishment(max_completion_len, soft_punish_cache)`.
+
+    With L = max_completion_len, C = soft_punish_cache and |y| the completion length:
+
+        R(y) = 0                     |y| ≤ L − C
+             = ((L − C) − |y|) / C   L − C < |y| ≤ L       (linear from 0 down to −1)
+             = −1                    |y| > L
+
+    Add it to the task reward before computing advantages. Returns `[B]` float32.
+    """
+    if soft_punish_cache < 0 or soft_punish_cache > max_completion_len:
+        raise ValueError(
+            f"soft_punish_cache must be in [0, max_completion_len={max_completion_len}], "
+            f"got {soft_punish_cache}"
+        )
+    n = jnp.asarray(completion_lengths, jnp.float32)
+    free = max_completion_len - soft_punish_cache
+    ramp = (free - n) / max(soft_punish_cache, 1)  # the ramp is empty when C = 0
+    return jnp.where(n <= free, 0.0, jnp.where(n <= max_completion_len, ramp, -1.0))
+
+
+def mask_truncated_completions(
+    completion_ids: jax.Array,
+    completion_mask: jax.Array,
+    eos_token_ids: tuple[int, ...],
+    pad_token_id: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Zeroes the completion mask of rows that did not finish, TRL's
+    `mask_truncated_completions`.
+
+    A row is truncated when its last real token (the last position with mask ≠ 0) is not
+    an EOS (nor the pad token, which TRL counts as a finish as well): generation stopped at
+    the length limit. An empty row is not truncated (there is nothing to mask).
+
+    Returns:
+      `(mask [B, T] with truncated rows zeroed, is_truncated [B] bool)`.
+    """
+    m = jnp.asarray(completion_mask)
+    ids = jnp.asarray(completion_ids)
+    t = jnp.arange(m.shape[-1])
+    last = jnp.max(jnp.where(m != 0, t, -1), axis=-1)
+    last_token = jnp.take_along_axis(ids, jnp.maximum(last, 0)[:, None], axis=-1)[:, 0]
+    finishers = tuple(eos_token_ids) + (() if pad_token_id is None else (pad_token_id,))
+    finished = jnp.isin(last_token, jnp.asarray(finishers or (-1,), ids.dtype))
+    is_truncated = (last >= 0) & ~finished
+    return jnp.where(is_truncated[:, None], jnp.zeros_like(m), m), is_truncated
+
+
+def dynamic_sampling_keep_mask(rewards: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array]:
+    """DAPO's dynamic sampling filter: drop groups whose rewards are all equal.
+
+    A group where every completion got the same reward (all right, all wrong, or any
+    tie) has zero group-relative advantage and gives no gradient; DAPO over-samples and
+    keeps only groups with some spread. Equality is exact (max_g = min_g).
+
+    Returns:
+      `(keep [B] bool — True for rows of groups to keep, num_dropped_groups int32)`.
+    """
+    rewards = jnp.asarray(rewards, jnp.float32)
+    (batch,) = rewards.shape
+    if group_size < 1 or batch % group_size:
+        raise ValueError(f"batch of {batch} rewards is not a multiple of group_size={group_size}")
+    grouped = rewards.reshape(batch // group_size, group_size)
+    tied = grouped.max(axis=1) == grouped.min(axis=1)
+    keep = jnp.repeat(~tied, group_size)
+    return keep, jnp.sum(tied).astype(jnp.int32)
