@@ -309,7 +309,6 @@ def test_pad_rank_keeps_outputs(params):
         (dict(alpha=0), "alpha must be > 0"),
         (dict(dropout=1.0), "dropout must be in"),
         (dict(task_type="SEQ_CLS"), "SEQ_CLS adapter must list 'score'"),
-        (dict(r=32, max_rank=16), "r=32 exceeds the rollout engine's max_rank=16"),
         (dict(modules_to_save=("lm_head",)), "unknown module 'lm_head'"),
         (dict(target_modules=()), "target_modules is empty"),
     ],

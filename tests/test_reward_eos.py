@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf import config as C
-from jaxrlhf.algorithms.ppo import reward_model_scores
+from jaxrlhf.algorithms.reward_model import reward_model_scores
 from jaxrlhf.data import load_preferences
 from jaxrlhf.lora import LoraConfig, init_lora
 from jaxrlhf.models.base import load_base
+from jaxrlhf.rollout import Rollout
 from jaxrlhf.peft_format import export_peft
 from jaxrlhf.sharding import make_mesh, put_tree
 from jaxrlhf.train.scoring import Scorer
@@ -40,13 +41,14 @@ def test_scorer_appends_eos_to_unfinished_rollouts(tmp_path):
     prompt = np.array([[pad, 40, 41], [50, 51, 52]])
     tokens = np.array([[60, 61, 62, 63], [70, 71, eos, pad]])
     resp = np.array([[1, 1, 1, 1], [1, 1, 1, 0]])
-    rollout = {
-        "input_ids": jnp.asarray(np.concatenate([prompt, tokens], 1)),
-        "attention_mask": jnp.asarray(np.concatenate([prompt != pad, resp], 1).astype(np.int32)),
-        "response_mask": jnp.asarray(resp),
-        "tokens": jnp.asarray(tokens),
-        "finished": jnp.asarray([False, True]),
-    }
+    rollout = Rollout(
+        input_ids=jnp.asarray(np.concatenate([prompt, tokens], 1)),
+        attention_mask=jnp.asarray(np.concatenate([prompt != pad, resp], 1).astype(np.int32)),
+        response_mask=jnp.asarray(resp),
+        sampler_logprobs=jnp.zeros(tokens.shape, jnp.float32),
+        tokens=jnp.asarray(tokens),
+        finished=jnp.asarray([False, True]),
+    )
 
     def expected(ids: list[list[int]]) -> np.ndarray:
         width = max(map(len, ids))

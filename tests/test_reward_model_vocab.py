@@ -41,7 +41,7 @@ def test_full_reward_model_folder_must_share_the_policy_tokenizer(tmp_path, same
         section, model_cfg=model_cfg, frozen=put_tree(base, mesh), mesh=mesh, tokenizer=tok
     )
     if same:
-        assert load()["lora"] is None
+        assert load().lora is None
     else:
         with pytest.raises(ValueError, match="reward_model.path: the reward model's tokenizer"):
             load()

@@ -14,6 +14,7 @@ Tolerances are float32 reassociation (the sharded programs sum in another order)
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -647,8 +648,10 @@ def test_sampler_on_mesh_matches_single_device():
             mesh=mesh,
         )
 
-    expected = jax.device_get(
-        sampler(None)(policy, frozen, {"input_ids": ids, "attention_mask": mask}, key)
+    expected = dataclasses.asdict(
+        jax.device_get(
+            sampler(None)(policy, frozen, {"input_ids": ids, "attention_mask": mask}, key)
+        )
     )
     placed_frozen, placed_policy = put_tree(frozen, mesh), put_tree(policy, mesh)
     prompts = shard_batch({"input_ids": ids, "attention_mask": mask}, mesh)
@@ -659,7 +662,7 @@ def test_sampler_on_mesh_matches_single_device():
     ):
         assert leaf.sharding == sh
     for name, s in (("merged", merged_sampler), ("unmerged", sampler(mesh, False))):
-        got = jax.device_get(s(placed_policy, placed_frozen, prompts, key))
+        got = dataclasses.asdict(jax.device_get(s(placed_policy, placed_frozen, prompts, key)))
         for k in ("input_ids", "attention_mask", "response_mask", "tokens", "finished"):
             np.testing.assert_array_equal(got[k], expected[k], err_msg=f"{name} {k}")
         np.testing.assert_allclose(

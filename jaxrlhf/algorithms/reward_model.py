@@ -28,7 +28,7 @@ from jaxrlhf.config import ModelSection, PreferenceTraining, RewardModelSection
 from jaxrlhf.lora import LoraConfig
 from jaxrlhf.losses import bradley_terry_loss
 from jaxrlhf.models.config import ModelConfig
-from jaxrlhf.models.transformer import head_weights, backbone, score_head
+from jaxrlhf.models.transformer import backbone, head_weights, score_head
 from jaxrlhf.sharding import put_tree
 
 
