@@ -13,8 +13,8 @@ from jaxrlhf.algorithms.reward_model import reward_model_scores
 from jaxrlhf.data import load_preferences
 from jaxrlhf.lora import LoraConfig, init_lora
 from jaxrlhf.models.base import load_base
-from jaxrlhf.rollout import Rollout
 from jaxrlhf.peft_format import export_peft
+from jaxrlhf.rollout import Rollout
 from jaxrlhf.sharding import make_mesh, put_tree
 from jaxrlhf.train.scoring import Scorer
 
