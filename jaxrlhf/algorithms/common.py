@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxrlhf.lora import LoraConfig
+from jaxrlhf.models.transformer import backbone
 
 
 @flax.struct.dataclass
@@ -52,6 +53,30 @@ def apply_update(
     trainable = optax.apply_updates(state.trainable, updates)
     new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
     return new_state, optax.global_norm(grads)
+
+
+def packed_hidden(
+    params: Any, packed: dict, *, model_cfg: Any, prefix: str = "packed_", **forward: Any
+) -> jax.Array:
+    """The backbone's hidden states [B, T, D] of packed rows (prefix-shared: a prompt once,
+    then its responses as segments; see `data.packing`), read from `packed[prefix + key]`
+    for input_ids, attention_mask, positions and segment_ids. `forward`: lora, lora_scale,
+    dropout."""
+    hidden, _ = backbone(
+        params,
+        packed[prefix + "input_ids"],
+        packed[prefix + "attention_mask"],
+        cfg=model_cfg,
+        positions=packed[prefix + "positions"],
+        segment_ids=packed[prefix + "segment_ids"],
+        **forward,
+    )
+    return hidden
+
+
+def float_metrics(metrics: dict) -> dict[str, float]:
+    """Device scalars as Python floats (eval metrics over a whole eval set)."""
+    return {k: float(v) for k, v in metrics.items()}
 
 
 def dropout_args(lora_cfg: LoraConfig | None, rng: jax.Array) -> dict:

@@ -24,7 +24,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxrlhf.algorithms.common import dropout_args, make_batch_step, model_views
+from jaxrlhf.algorithms.common import (
+    dropout_args,
+    float_metrics,
+    make_batch_step,
+    model_views,
+    packed_hidden,
+)
 from jaxrlhf.algorithms.spec import PreferenceAlgorithm
 from jaxrlhf.config import PreferenceTraining, check_literal
 from jaxrlhf.lora import LoraConfig
@@ -117,17 +123,8 @@ def sequence_logps(
         else {}
     )
     if "packed_input_ids" in batch:
-        ids = batch["packed_input_ids"]
-        hidden, _ = backbone(
-            params,
-            ids,
-            batch["packed_attention_mask"],
-            cfg=model_cfg,
-            lora=lora,
-            lora_scale=scale,
-            positions=batch["packed_positions"],
-            segment_ids=batch["packed_segment_ids"],
-            **extra,
+        hidden = packed_hidden(
+            params, batch, model_cfg=model_cfg, lora=lora, lora_scale=scale, **extra
         )
         # Response tokens only: the vocabulary projection never runs on prompt slots.
         prev = jnp.take_along_axis(hidden, batch["packed_response_prev"][..., None], axis=1)
@@ -275,7 +272,7 @@ def eval_metrics(cfg: DPOConfig, outputs: tuple, pair_mask, margin=None) -> dict
         label_smoothing=cfg.label_smoothing,
         weights=jnp.asarray(pair_mask),
     )
-    return {k: float(v) for k, v in metrics.items()}
+    return float_metrics(metrics)
 
 
 ALGORITHM = PreferenceAlgorithm(

@@ -22,7 +22,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxrlhf.algorithms.common import dropout_args, make_batch_step, model_views
+from jaxrlhf.algorithms.common import (
+    dropout_args,
+    float_metrics,
+    make_batch_step,
+    model_views,
+    packed_hidden,
+)
 from jaxrlhf.algorithms.spec import PreferenceAlgorithm
 from jaxrlhf.config import ModelSection, PreferenceTraining, RewardModelSection
 from jaxrlhf.lora import LoraConfig
@@ -65,16 +71,8 @@ def pair_rewards(
     params, lora, scale = model_views(trainable, frozen, lora_cfg)
     extra = dropout_args(lora_cfg, rng) if rng is not None else {}
     if "packed_input_ids" in batch:
-        hidden, _ = backbone(
-            params,
-            batch["packed_input_ids"],
-            batch["packed_attention_mask"],
-            cfg=model_cfg,
-            lora=lora,
-            lora_scale=scale,
-            positions=batch["packed_positions"],
-            segment_ids=batch["packed_segment_ids"],
-            **extra,
+        hidden = packed_hidden(
+            params, batch, model_cfg=model_cfg, lora=lora, lora_scale=scale, **extra
         )
         w = head_weights(params, lora, "score")["kernel"].astype(hidden.dtype)
 
@@ -151,7 +149,7 @@ def eval_metrics(cfg: Any, outputs: tuple, pair_mask, margin=None) -> dict[str, 
         margin=None if margin is None else jnp.asarray(margin),
         weights=jnp.asarray(pair_mask),
     )
-    return {k: float(v) for k, v in metrics.items()}
+    return float_metrics(metrics)
 
 
 ALGORITHM = PreferenceAlgorithm(

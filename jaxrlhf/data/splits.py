@@ -43,15 +43,34 @@ def _split_source(source: Any) -> tuple[Any, Any]:
     return source, None
 
 
+def _train_and_eval(cfg: Any, source: Any, tokenize, *, seed: int, log, what: str, **held_out):
+    """(train, eval or None) tokenized from `source` or `cfg.train`, the eval set from the
+    in-memory eval rows, `cfg.eval`, or held out of train (`held_out`: eval_fraction= or
+    eval_size=, when non-zero)."""
+    source, eval_source = _split_source(source)
+    train, report = tokenize(load_rows(source if source is not None else cfg.train))
+    if report.n_skipped:
+        log(
+            f"data: skipped {report.n_skipped} bad {what}rows of {report.n_rows} "
+            f"(first: {report.skipped[:3]})"
+        )
+    if eval_source is not None or cfg.eval:
+        evaluation, _ = tokenize(load_rows(eval_source if eval_source is not None else cfg.eval))
+        return train, evaluation, report
+    if any(held_out.values()) and len(train) > 1:
+        tr, ev = train_eval_split(len(train), seed=seed, **held_out)
+        return train.select(tr), train.select(ev), report
+    return train, None, report
+
+
 def load_preferences(
     cfg: PreferenceDataConfig, tokenizer: Any, *, seed: int, source: Any = None, log=print
 ) -> PreferenceSplits:
     """Tokenized train/eval pairs from `cfg.train` (or an in-memory `source`)."""
-    source, eval_source = _split_source(source)
 
     def tokenize(rows):
         return tokenize_preferences(
-            load_rows(rows),
+            rows,
             tokenizer,
             max_length=cfg.max_length,
             max_prompt_length=cfg.max_prompt_length,
@@ -59,46 +78,30 @@ def load_preferences(
             add_eos=cfg.add_eos,
         )
 
-    prefs, report = tokenize(source if source is not None else cfg.train)
-    if report.n_skipped:
-        log(
-            f"data: skipped {report.n_skipped} bad rows of {report.n_rows} "
-            f"(first: {report.skipped[:3]})"
-        )
-    train, eval_prefs = prefs, None
-    if eval_source is not None or cfg.eval:
-        eval_prefs, _ = tokenize(eval_source if eval_source is not None else cfg.eval)
-    elif cfg.eval_fraction > 0 and len(prefs) > 1:
-        tr, ev = train_eval_split(len(prefs), eval_fraction=cfg.eval_fraction, seed=seed)
-        train, eval_prefs = prefs.select(tr), prefs.select(ev)
+    train, evaluation, report = _train_and_eval(
+        cfg, source, tokenize, seed=seed, log=log, what="", eval_fraction=cfg.eval_fraction
+    )
     buckets = tuple(cfg.length_buckets or default_buckets(cfg.max_length))
-    return PreferenceSplits(train=train, eval=eval_prefs, buckets=buckets, report=report)
+    return PreferenceSplits(train=train, eval=evaluation, buckets=buckets, report=report)
 
 
 def load_prompts(
     cfg: PromptDataConfig, tokenizer: Any, *, seed: int, source: Any = None, log=print
 ) -> PromptSplits:
     """Tokenized train/eval prompts from `cfg.train` (or an in-memory `source`)."""
-    source, eval_source = _split_source(source)
 
     def tokenize(rows):
         return tokenize_prompts(
-            load_rows(rows),
+            rows,
             tokenizer,
             max_prompt_length=cfg.max_prompt_length,
             field=cfg.field,
             skip_bad_rows=cfg.skip_bad_rows,
         )
 
-    prompts, report = tokenize(source if source is not None else cfg.train)
-    if report.n_skipped:
-        log(f"data: skipped {report.n_skipped} bad prompt rows of {report.n_rows}")
-    eval_prompts = None
-    if eval_source is not None or cfg.eval:
-        eval_prompts, _ = tokenize(eval_source if eval_source is not None else cfg.eval)
-    elif cfg.eval_size:
-        tr, ev = train_eval_split(len(prompts), eval_size=cfg.eval_size, seed=seed)
-        prompts, eval_prompts = prompts.select(tr), prompts.select(ev)
+    train, evaluation, _ = _train_and_eval(
+        cfg, source, tokenize, seed=seed, log=log, what="prompt ", eval_size=cfg.eval_size
+    )
     # Prompt batches keep powers of two: every prompt shape compiles a sampler.
     buckets = tuple(cfg.length_buckets or default_buckets(cfg.max_prompt_length, midpoints=False))
-    return PromptSplits(train=prompts, eval=eval_prompts, buckets=buckets)
+    return PromptSplits(train=train, eval=evaluation, buckets=buckets)

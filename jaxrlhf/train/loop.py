@@ -93,6 +93,7 @@ def run_loop(
 
 
 def train_with_evals(
+    cfg: Any,
     *,
     state: Any,
     start_step: int,
@@ -100,8 +101,6 @@ def train_with_evals(
     train_step: Callable[[Any], tuple[Any, dict]],
     evaluate: Callable[[Any], dict] | None,
     position: Callable[[], int],
-    run: RunConfig,
-    signature: dict | None = None,
     checkpointer: Checkpointer,
     desc: str,
     bar_keys: tuple[str, ...],
@@ -110,8 +109,10 @@ def train_with_evals(
     """`run_loop` between an evaluation before training (fresh runs) and one after: returns
     (final state, eval before, eval after). The loop's last evaluation is of the final state
     and is reused; a run resumed at its end evaluates once more. `position()` is the data
-    position stored in each checkpoint, with the run's `signature` (see
-    `setup.run_signature`)."""
+    position stored in each checkpoint, with the run's signature (`setup.run_signature`)."""
+    from jaxrlhf.train.setup import run_signature
+
+    run, signature = cfg.run, run_signature(cfg)
     logger = MetricsLogger(run.run_dir, tensorboard=run.tensorboard)
     initial = evaluate(state) if evaluate is not None and start_step == 0 else {}
     if initial:

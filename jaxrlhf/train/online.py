@@ -40,7 +40,6 @@ from jaxrlhf.train.setup import (
     log,
     mean_metrics,
     restore_or_start,
-    run_signature,
     start_run,
 )
 
@@ -251,26 +250,19 @@ def train_online(
         )
 
     state, eval_before, eval_after = train_with_evals(
+        cfg,
         state=state,
         start_step=start_iter,
         total_steps=plan.iterations,
         train_step=iteration,
         evaluate=evaluate if splits.eval is not None else None,
         position=lambda: host["position"],
-        run=cfg.run,
-        signature=run_signature(cfg),
         checkpointer=checkpointer,
         desc=algo.name,
         bar_keys=algo.bar_keys,
     )
     out_dir = export_trained(
-        cfg.run.run_dir,
-        algo.policy(state.train.trainable),
-        cfg.lora,
-        model_cfg,
-        tokenizer,
-        task="CAUSAL_LM",
-        base_name=cfg.model.path,
+        cfg, algo.policy(state.train.trainable), model_cfg, tokenizer, task="CAUSAL_LM"
     )
     return {
         "eval_before": eval_before,

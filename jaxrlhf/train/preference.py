@@ -32,7 +32,6 @@ from jaxrlhf.train.setup import (
     log,
     micro_batches,
     restore_or_start,
-    run_signature,
     start_run,
 )
 
@@ -156,27 +155,18 @@ def train_preference(
         return algo.eval_metrics(cfg, outputs, mask, margin)
 
     state, eval_before, eval_after = train_with_evals(
+        cfg,
         state=state,
         start_step=start_step,
         total_steps=total_steps,
         train_step=step_fn,
         evaluate=evaluate if splits.eval is not None else None,
         position=lambda: host["position"],
-        run=cfg.run,
-        signature=run_signature(cfg),
         checkpointer=checkpointer,
         desc=algo.name,
         bar_keys=algo.bar_keys,
     )
-    out_dir = export_trained(
-        cfg.run.run_dir,
-        state.trainable,
-        cfg.lora,
-        model_cfg,
-        start.tokenizer,
-        task=algo.task,
-        base_name=cfg.model.path,
-    )
+    out_dir = export_trained(cfg, state.trainable, model_cfg, start.tokenizer, task=algo.task)
     for when, metrics in (("before", eval_before), ("after", eval_after)):
         if metrics:
             shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in algo.summary_keys if k in metrics)

@@ -189,22 +189,16 @@ def mean_metrics(records: list[dict]) -> dict:
 
 
 def export_trained(
-    run_dir: str,
-    trainable: Any,
-    lora_cfg: LoraConfig | None,
-    model_cfg: ModelConfig,
-    tokenizer: Any,
-    *,
-    task: str,
-    base_name: str,
+    cfg: Any, trainable: Any, model_cfg: ModelConfig, tokenizer: Any, *, task: str
 ) -> Path:
-    """Process 0 writes what a run trained: a PEFT adapter (LoRA; heads not in its task left
+    """Process 0 writes what a run (`cfg`: run dir, adapter config, base) trained: a PEFT adapter (LoRA; heads not in its task left
     out, e.g. PPO's shared value head), else the full model as an HF folder — a
     *ForSequenceClassification one for SEQ_CLS (score head, num_labels, pad id)."""
     from jaxrlhf.models.loading import save_hf_folder
     from jaxrlhf.peft_format import export_merged, export_peft
 
-    out = Path(run_dir) / ("adapter" if lora_cfg is not None else "model")
+    lora_cfg, base_name = cfg.lora, cfg.model.path
+    out = Path(cfg.run.run_dir) / ("adapter" if lora_cfg is not None else "model")
     trainable = gather_to_host(trainable)  # collective: before process 0 alone goes on
     if jax.process_index() != 0:
         return out
