@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxrlhf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     from jaxrlhf.commands.train import add_parsers
 
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,9 +57,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a user's input can get wrong: a config, a data file, a model folder, a checkpoint, a
+# path. These end the command with one line and exit 2 (UnicodeError and JSONDecodeError are
+# ValueErrors; FileNotFoundError and PermissionError are OSErrors).
+USER_ERRORS = (ValueError, OSError, KeyError)
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line: its message with whitespace collapsed, at most 600 chars."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, KeyError):
+        text = f"missing key {text}"
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
     _setup_env()
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, before or after the command
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    args.debug = debug
     from jaxrlhf.train.loop import TrainingInterrupted
 
     try:
@@ -66,9 +84,20 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:
         print(f"jaxrlhf: {e}", file=sys.stderr)
         return 143
-    except (ValueError, FileNotFoundError) as e:
-        print(f"jaxrlhf {args.command}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"jaxrlhf {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug, not the input: still one line, the traceback on request
+        if args.debug:
+            raise
+        print(
+            f"jaxrlhf {args.command}: internal error ({type(e).__name__}): {one_line(e)}; "
+            f"run again with --debug for the traceback",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def _dispatch(args: argparse.Namespace) -> int:

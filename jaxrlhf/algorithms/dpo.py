@@ -277,6 +277,7 @@ def eval_metrics(cfg: DPOConfig, outputs: tuple, pair_mask, margin=None) -> dict
 
 ALGORITHM = PreferenceAlgorithm(
     name="dpo",
+    help="direct preference optimisation (reference = adapter off)",
     config=DPOConfig,
     task="CAUSAL_LM",
     heads=(),

@@ -424,6 +424,7 @@ def plan(cfg: GRPOConfig) -> IterationPlan:
 
 ALGORITHM = OnlineAlgorithm(
     name="grpo",
+    help="GRPO: group-relative advantages, no critic",
     config=GRPOConfig,
     plan=plan,
     init_trainable=init_trainable,

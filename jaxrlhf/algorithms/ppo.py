@@ -440,6 +440,7 @@ def stop_epochs(cfg: PPOConfig, epoch_metrics: list[dict]) -> bool:
 
 ALGORITHM = OnlineAlgorithm(
     name="ppo",
+    help="PPO with a LoRA policy and critic on one frozen base",
     config=PPOConfig,
     plan=plan,
     init_trainable=init_trainable,

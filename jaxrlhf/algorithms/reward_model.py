@@ -154,6 +154,7 @@ def eval_metrics(cfg: Any, outputs: tuple, pair_mask, margin=None) -> dict[str, 
 
 ALGORITHM = PreferenceAlgorithm(
     name="rm",
+    help="train a reward model (Bradley–Terry, LoRA SEQ_CLS or full)",
     config=RMConfig,
     task="SEQ_CLS",
     heads=("score",),

@@ -20,6 +20,9 @@ class PreferenceAlgorithm:
     """An algorithm trained on a preference (or unpaired-feedback) dataset."""
 
     name: str
+    """The command: `jaxrlhf NAME`."""
+    help: str = ""
+    """One line for `jaxrlhf --help`."""
     config: type
     """Its config class (a `config.PreferenceTraining`)."""
     task: Literal["CAUSAL_LM", "SEQ_CLS"]
@@ -91,6 +94,9 @@ class OnlineAlgorithm:
     """An online RL algorithm: sample → score → prepare → update."""
 
     name: str
+    """The command: `jaxrlhf NAME`."""
+    help: str = ""
+    """One line for `jaxrlhf --help`."""
     config: type
     """Its config class (a `config.OnlineTraining`)."""
     plan: Callable[[Any], IterationPlan]

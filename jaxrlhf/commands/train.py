@@ -9,16 +9,10 @@ from jaxrlhf.config import load_config
 from jaxrlhf.train.runs import ALGORITHMS, run_algorithm
 
 
-def _summary(cls: type) -> str:
-    """The first sentence of a config's docstring, without its "`jaxrlhf x`: " prefix."""
-    first = (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
-    return first.split(": ", 1)[-1].split(". ")[0]
-
-
 def add_parsers(sub) -> None:
     """One subcommand per registered algorithm (`train.runs.ALGORITHMS`)."""
     for name, algo in ALGORITHMS.items():
-        p = sub.add_parser(name, help=_summary(algo.config))
+        p = sub.add_parser(name, help=algo.help or f"train with {name}")
         p.add_argument("--config", help="YAML config file (see configs/)")
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
         p.add_argument(
