@@ -85,8 +85,13 @@ class RunConfig:
     resume_from: int | None = None
     """With `--resume`: the newest checkpoint at or before this step (null: the newest that
     restores). `--resume-from STEP` on the command line sets it."""
+    on_nonfinite: Literal["stop", "skip_step"] = "stop"
+    """A non-finite loss, gradient or parameter: `stop` the run at that step (its state is
+    never saved, the newest checkpoint stays the last good one) or `skip_step` (the update
+    is dropped, `optax.apply_if_finite`, and counted as `nonfinite_skipped`)."""
 
     def __post_init__(self) -> None:
+        check_literal(self, "on_nonfinite", ("stop", "skip_step"))
         for name in ("log_every", "eval_every", "save_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")

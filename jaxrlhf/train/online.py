@@ -108,7 +108,9 @@ def train_online(
         reward_model=scorer.rm,
     )
     frozen = base
-    optimizer = make_optimizer(cfg.optim, plan.optimizer_steps)
+    optimizer = make_optimizer(
+        cfg.optim, plan.optimizer_steps, skip_nonfinite=cfg.run.on_nonfinite == "skip_step"
+    )
     kl_settings = algo.kl_control(cfg)
     state = OnlineState(
         train=init_train_state(trainable, optimizer, jax.random.fold_in(key, 7)),

@@ -84,7 +84,9 @@ def train_preference(
         frozen = start.base  # full fine-tuning: the base is the frozen reference copy
     frozen = None if frozen is None else put_tree(frozen, mesh)
     frozen_sh = None if frozen is None else tree_shardings(frozen, mesh)
-    optimizer = make_optimizer(cfg.optim, total_steps)
+    optimizer = make_optimizer(
+        cfg.optim, total_steps, skip_nonfinite=cfg.run.on_nonfinite == "skip_step"
+    )
     state = init_train_state(trainable, optimizer, jax.random.fold_in(key, 1))
     state_sh = tree_shardings(state, mesh)
     state = jax.device_put(state, state_sh)

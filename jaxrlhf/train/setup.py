@@ -119,6 +119,26 @@ def _differences(saved: Any, now: Any, where: str = "") -> list[str]:
     return [] if saved == now else [f"{where}: checkpoint {saved!r}, this run {now!r}"]
 
 
+def _check_signature(checkpointer: Checkpointer, cfg: Any) -> None:
+    """Refuse checkpoints written for another model or adapter shape, naming what differs
+    (read from the newest checkpoint whose metadata is readable; older ones lack it)."""
+    for step in sorted(checkpointer.all_steps(), reverse=True):
+        meta = checkpointer.read_meta(step)
+        if meta is None:
+            continue
+        saved = meta.get("signature")
+        if saved is None:
+            return
+        diff = _differences(saved, json.loads(json.dumps(run_signature(cfg))))
+        if diff:
+            raise ValueError(
+                f"the checkpoints in {cfg.run.run_dir} were written for another configuration ("
+                + "; ".join(diff)
+                + "); resume with the same model and LoRA settings or start a new run.run_dir"
+            )
+        return
+
+
 def restore_or_start(
     cfg: Any, state: Any, *, resume: bool, unit: str = "step"
 ) -> tuple[Checkpointer, Any, int, int]:
@@ -134,21 +154,16 @@ def restore_or_start(
                 f"run.resume_from={run.resume_from}: no checkpoints in {run.run_dir}"
             )
         return checkpointer, state, 0, 0
+    _check_signature(checkpointer, cfg)
     state, meta, start, failed = checkpointer.restore_newest_good(state, at_most=run.resume_from)
     for step, why in failed:
         aside = checkpointer.set_aside(step)
         log(f"warning: checkpoint {step} does not restore ({why}); moved to {aside}")
     if failed:
         log(f"warning: resuming from the previous intact checkpoint, {unit} {start}")
-    saved = meta.get("signature")
-    if saved is not None:
-        diff = _differences(saved, json.loads(json.dumps(run_signature(cfg))))
-        if diff:
-            raise ValueError(
-                f"the checkpoint in {run.run_dir} was written for another configuration ("
-                + "; ".join(diff)
-                + "); resume with the same model and LoRA settings or start a new run.run_dir"
-            )
+    for step in [s for s in checkpointer.all_steps() if s > start]:  # run.resume_from
+        aside = checkpointer.set_aside(step)
+        log(f"checkpoint {step} is newer than run.resume_from; moved to {aside}")
     position = int(meta["data_position"])
     log(f"resumed from {unit} {start} (data position {position})")
     return checkpointer, state, position, start
