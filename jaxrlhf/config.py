@@ -421,8 +421,16 @@ class OnlineTraining:
     missing_eos_penalty: float | None = None
     """Subtracted from the reward of a completion that hit max_new_tokens without EOS."""
     eval_prompts_batch: int = 32
+    kl_budget: float | None = None
+    """Nats per sequence: the KL coefficient (PPO's kl_coef, GRPO's beta) is steered by the
+    adaptive controller so the rollouts' KL to the reference stays at this budget; each
+    iteration (and evaluation) reports `kl_budget_exceeded`. null: a fixed coefficient."""
 
     def __post_init__(self) -> None:
+        if self.kl_budget is not None and self.kl_budget <= 0:
+            raise ValueError(
+                f"kl_budget must be > 0 nats per sequence or null, got {self.kl_budget}"
+            )
         if self.reward_model is None and not self.reward_funcs:
             raise ValueError(
                 f"{self.command.upper()} needs a reward: set reward_model.path and/or reward_funcs"

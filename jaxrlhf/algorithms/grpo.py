@@ -140,6 +140,11 @@ class GRPOConfig(OnlineTraining):
             )
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.kl_budget is not None and self.beta == 0:
+            raise ValueError(
+                "kl_budget steers beta, the KL term's weight: set beta > 0 as its starting "
+                "value (e.g. beta=0.04)"
+            )
         if self.epsilon <= 0:
             raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
         if self.epsilon_high is not None and self.epsilon_high <= 0:
@@ -296,6 +301,8 @@ def make_prepare_fn(
                 lora_cfg=lora_cfg,
                 cfg=cfg,
             )
+        if cfg.kl_budget is not None:  # the controller's β rides along, one per row
+            batch["beta"] = jnp.full(ids.shape[:1], kl_coef, jnp.float32)
         if cfg.beta > 0:
             batch["ref_logprobs"] = reference_logprobs(
                 frozen, ids, mask, prompt_len, model_cfg=model_cfg, cfg=cfg
@@ -346,12 +353,14 @@ def grpo_objective(
         resp,
         clip_eps=cfg.epsilon,
         clip_eps_high=cfg.epsilon_high,
-        beta=cfg.beta,
+        beta=jnp.mean(micro["beta"]) if "beta" in micro else cfg.beta,
         loss_type=cfg.loss_type,
         max_completion_length=cfg.generation.max_new_tokens,
     )
     loss = loss * micro["loss_scale"]
     metrics = {"loss": loss, "kl": m["kl"], "clip_ratio": m["clip_ratio"], "ratio": m["ratio_mean"]}
+    # Σ_t KL_t / B: the mean KL of a sequence (the token mean times tokens per row).
+    metrics["kl_per_sequence"] = m["kl"] * jnp.sum(resp) / resp.shape[0]
     if cfg.log_entropy:
         metrics["entropy"] = masked_mean(entropy, resp)
     return loss, jax.lax.stop_gradient(metrics)
@@ -422,6 +431,20 @@ def plan(cfg: GRPOConfig) -> IterationPlan:
     )
 
 
+def kl_control(cfg: GRPOConfig) -> KLControlSettings:
+    """β fixed, or with `kl_budget` steered towards the budget (per-sequence KL of the
+    update, ±20% per iteration at most)."""
+    if cfg.kl_budget is None:
+        return KLControlSettings(initial=cfg.beta)
+    return KLControlSettings(
+        initial=cfg.beta,
+        adaptive=True,
+        target=cfg.kl_budget,
+        horizon=cfg.generation_batch_size,
+        metric="kl_per_sequence",
+    )
+
+
 ALGORITHM = OnlineAlgorithm(
     name="grpo",
     help="GRPO: group-relative advantages, no critic",
@@ -431,7 +454,7 @@ ALGORITHM = OnlineAlgorithm(
     policy=lambda trainable: trainable,
     make_prepare=make_prepare_fn,
     make_update=make_update_fn,
-    kl_control=lambda cfg: KLControlSettings(initial=cfg.beta),
+    kl_control=kl_control,
     bar_keys=("reward", "kl"),
     drop_metrics=("rewards/total",),
 )

@@ -438,6 +438,19 @@ def stop_epochs(cfg: PPOConfig, epoch_metrics: list[dict]) -> bool:
     return approx > cfg.target_kl
 
 
+def kl_control(cfg: PPOConfig) -> KLControlSettings:
+    """TRL's adaptive controller (`adaptive_kl`, `kl_target`, `kl_horizon`), or with
+    `kl_budget` one that targets the budget and may move kl_coef by up to ±20% per iteration
+    (horizon = one rollout batch)."""
+    if cfg.kl_budget is not None:
+        return KLControlSettings(
+            initial=cfg.kl_coef, adaptive=True, target=cfg.kl_budget, horizon=cfg.rollout_batch_size
+        )
+    return KLControlSettings(
+        initial=cfg.kl_coef, adaptive=cfg.adaptive_kl, target=cfg.kl_target, horizon=cfg.kl_horizon
+    )
+
+
 ALGORITHM = OnlineAlgorithm(
     name="ppo",
     help="PPO with a LoRA policy and critic on one frozen base",
@@ -448,12 +461,7 @@ ALGORITHM = OnlineAlgorithm(
     make_prepare=make_experience_fn,
     make_update=make_update_fn,
     stop_epochs=stop_epochs,
-    kl_control=lambda cfg: KLControlSettings(
-        initial=cfg.kl_coef,
-        adaptive=cfg.adaptive_kl,
-        target=cfg.kl_target,
-        horizon=cfg.kl_horizon,
-    ),
+    kl_control=kl_control,
     epochs_metric="ppo_epochs_run",
     score_options=lambda cfg: {"score_clip": cfg.score_clip, "score_scaling": cfg.score_scaling},
     bar_keys=("objective/scores", "objective/kl"),
