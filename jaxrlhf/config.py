@@ -386,9 +386,18 @@ class PreferenceTraining:
     max_steps: int | None = None
     share_prompt: bool = True
     """Run the shared prompt of a chosen/rejected pair once (packed, block-masked)."""
+    ensemble_size: int = 1
+    """K > 1: K adapters (and heads) stacked and trained at once in one compiled step on the
+    one frozen base (`jax.vmap` over the adapter axis), each with its own initialisation
+    (seed run.seed + k) and data order; exported one PEFT folder each plus the stack."""
 
     def __post_init__(self) -> None:
-        _check_min(self, ("batch_size", "eval_batch_size", "max_steps"))
+        _check_min(self, ("batch_size", "eval_batch_size", "max_steps", "ensemble_size"))
+        if self.ensemble_size > 1 and self.lora is None:
+            raise ValueError(
+                "ensemble_size > 1 stacks LoRA adapters on one frozen base; it needs lora "
+                "(K full copies of the model are what it avoids)"
+            )
         if self.num_epochs <= 0:
             raise ValueError(f"num_epochs must be > 0, got {self.num_epochs}")
         if self.batch_size % self.optim.grad_accum_steps:

@@ -299,3 +299,14 @@ def split_trainable(
         if head not in trainable:
             trainable[head] = init_head(jax.random.fold_in(key, i), model_cfg, head)
     return trainable, None
+
+
+def stack_adapters(adapters: list[Any]) -> Any:
+    """K adapters of one shape as one tree with a leading adapter axis [K, ...]: trained in
+    one compiled step (`jax.vmap` over the axis; the frozen base is shared, read once)."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *adapters)
+
+
+def adapter_member(stacked: Any, k: int) -> Any:
+    """Adapter k of a stacked tree (`stack_adapters`)."""
+    return jax.tree.map(lambda x: x[k], stacked)

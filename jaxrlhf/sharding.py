@@ -263,7 +263,8 @@ class ShardedStep:
     derived from each batch (one compiled program per bucket shape, as jit would anyway).
 
     `arg_shardings[i]` is a sharding tree for argument i, or the string "batch" (split over
-    the batch axes) / "micro_batch" ([micro, B, ...], split on axis 1)."""
+    the batch axes) / "micro_batch" ([micro, B, ...], split on axis 1) / "stacked_micro_batch"
+    ([K adapters, micro, B, ...], split on axis 2)."""
 
     def __init__(
         self,
@@ -285,6 +286,8 @@ class ShardedStep:
                 out.append(batch_shardings(arg, self._mesh, 0))
             elif spec == "micro_batch":
                 out.append(batch_shardings(arg, self._mesh, 1))
+            elif spec == "stacked_micro_batch":
+                out.append(batch_shardings(arg, self._mesh, 2))
             else:
                 out.append(spec)
         return tuple(out)
@@ -292,7 +295,7 @@ class ShardedStep:
     def jitted(self, *args):
         key = tuple(
             jax.tree.map(lambda x: (np.shape(x), str(getattr(x, "dtype", type(x)))), a)
-            if s in ("batch", "micro_batch")
+            if s in ("batch", "micro_batch", "stacked_micro_batch")
             else None
             for s, a in zip(self._args, args, strict=True)
         )

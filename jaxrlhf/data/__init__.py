@@ -54,6 +54,7 @@ from jaxrlhf.data.batches import (
     pad_prompt_batch,
     padding_fraction,
     pair_batch,
+    stack_batches,
 )
 from jaxrlhf.data.buckets import bucket_length, check_buckets, default_buckets, packed_buckets
 from jaxrlhf.data.order import (
@@ -93,6 +94,7 @@ __all__ = [
     "padding_fraction",
     "pair_batch",
     "process_slice",
+    "stack_batches",
     "steps_per_epoch",
     "tokenize_preferences",
     "tokenize_prompts",

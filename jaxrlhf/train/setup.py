@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from jaxrlhf.config import RunConfig, save_config
@@ -169,16 +170,18 @@ def restore_or_start(
     return checkpointer, state, position, start
 
 
-def micro_batches(batch: dict, n: int) -> dict:
-    """[B, ...] -> [n, B/n, ...] on the host, for gradient accumulation."""
+def micro_batches(batch: dict, n: int, *, axis: int = 0) -> dict:
+    """[..., B, ...] -> [..., n, B/n, ...] (B at `axis`) on the host, for gradient
+    accumulation."""
 
     def split(x):
-        if x.shape[0] % n:
+        b = x.shape[axis]
+        if b % n:
             raise ValueError(
-                f"a batch of {x.shape[0]} does not split into {n} micro-batches; "
+                f"a batch of {b} does not split into {n} micro-batches; "
                 f"make batch_size a multiple of optim.grad_accum_steps"
             )
-        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+        return x.reshape(*x.shape[:axis], n, b // n, *x.shape[axis + 1 :])
 
     return {k: split(v) for k, v in batch.items()}
 
@@ -204,7 +207,13 @@ def mean_metrics(records: list[dict]) -> dict:
 
 
 def export_trained(
-    cfg: Any, trainable: Any, model_cfg: ModelConfig, tokenizer: Any, *, task: str
+    cfg: Any,
+    trainable: Any,
+    model_cfg: ModelConfig,
+    tokenizer: Any,
+    *,
+    task: str,
+    out: Path | None = None,
 ) -> Path:
     """Process 0 writes what a run (`cfg`: run dir, adapter config, base) trained: a PEFT adapter (LoRA; heads not in its task left
     out, e.g. PPO's shared value head), else the full model as an HF folder — a
@@ -213,7 +222,7 @@ def export_trained(
     from jaxrlhf.peft_format import export_merged, export_peft
 
     lora_cfg, base_name = cfg.lora, cfg.model.path
-    out = Path(cfg.run.run_dir) / ("adapter" if lora_cfg is not None else "model")
+    out = out or Path(cfg.run.run_dir) / ("adapter" if lora_cfg is not None else "model")
     trainable = gather_to_host(trainable)  # collective: before process 0 alone goes on
     if jax.process_index() != 0:
         return out
@@ -245,4 +254,36 @@ def export_trained(
             tokenizer=tokenizer,
         )
     log(f"exported {'adapter' if lora_cfg is not None else 'model'} to {out}")
+    return out
+
+
+ENSEMBLE_FILE = "ensemble.json"
+
+
+def export_ensemble(
+    cfg: Any, stacked: Any, model_cfg: ModelConfig, tokenizer: Any, *, task: str
+) -> Path:
+    """K stacked adapters: `adapter/member_k/` (each a PEFT folder) and `adapter/ensemble.json`
+    naming them (what `reward_model.path` reads as an ensemble), plus the stacked tree in
+    `adapter/stacked.safetensors` ([K, ...] per leaf)."""
+    from safetensors.numpy import save_file
+
+    from jaxrlhf.lora import adapter_member
+
+    out = Path(cfg.run.run_dir) / "adapter"
+    stacked = gather_to_host(stacked)
+    k = jax.tree.leaves(stacked)[0].shape[0]
+    names = [f"member_{i}" for i in range(k)]
+    for i, name in enumerate(names):
+        export_trained(
+            cfg, adapter_member(stacked, i), model_cfg, tokenizer, task=task, out=out / name
+        )
+    if jax.process_index() == 0:
+        flat = jax.tree_util.tree_flatten_with_path(stacked)[0]
+        save_file(
+            {jax.tree_util.keystr(path): np.ascontiguousarray(x) for path, x in flat},
+            str(out / "stacked.safetensors"),
+        )
+        (out / ENSEMBLE_FILE).write_text(json.dumps({"members": names}, indent=1))
+        log(f"exported an ensemble of {k} adapters to {out}")
     return out
