@@ -352,10 +352,20 @@ class RewardModelSection:
     base: str | None = None
     """The reward model's base when it is not the policy's (an HF folder, .gguf, default)."""
     weight: float = 1.0
+    ensemble: Literal["mean", "mean_minus_std", "min"] = "mean"
+    """With an ensemble (`jaxrlhf rm ensemble_size=K`: `path` holds ensemble.json), how the K
+    scores make one: their mean, mean − ensemble_coef·std (uncertainty-penalised), or min
+    (the most pessimistic member) — conservative rewards against over-optimisation."""
+    ensemble_coef: float = 1.0
     append_eos: bool = False
     """Score a response cut at max_new_tokens as if it ended with EOS (one EOS is appended
     before the reward model reads its score), as `jaxrlhf rm` trains (`data.add_eos`, on by
     default) and evaluates it. Off: read at the cut response's last sampled token."""
+
+    def __post_init__(self) -> None:
+        check_literal(self, "ensemble", ("mean", "mean_minus_std", "min"))
+        if self.ensemble_coef < 0:
+            raise ValueError(f"reward_model.ensemble_coef must be >= 0, got {self.ensemble_coef}")
 
 
 # ----------------------------------------------------------------------------- training bases

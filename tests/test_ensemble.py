@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers.tasks import case_preference_rows
@@ -16,11 +17,14 @@ from jaxrlhf import data as D
 from jaxrlhf.algorithms import reward_model as R
 from jaxrlhf.algorithms.common import init_train_state
 from jaxrlhf.algorithms.reward_model import RMConfig
-from jaxrlhf.config import load_config
+from jaxrlhf.config import RewardModelSection, load_config
 from jaxrlhf.lora import adapter_member, split_trainable, stack_adapters
 from jaxrlhf.models.base import load_base
+from jaxrlhf.rollout import Rollout
+from jaxrlhf.sharding import MeshConfig, make_mesh, put_tree
 from jaxrlhf.train.optim import make_optimizer
 from jaxrlhf.train.runs import run_rm
+from jaxrlhf.train.scoring import Scorer
 from jaxrlhf.train.setup import micro_batches
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "rm_tiny.yaml"
@@ -131,3 +135,49 @@ def test_ensemble_eval_reports_members_and_the_mean(tmp_path):
 def test_ensemble_needs_lora():
     with pytest.raises(ValueError, match="ensemble_size > 1 stacks LoRA adapters"):
         RMConfig(lora=None, ensemble_size=2)
+
+
+def test_conservative_rewards_on_fixed_numbers():
+    scores = jnp.asarray([[1.0, 0.0, 2.0], [3.0, 0.0, -2.0]])  # K=2 members, B=3
+    np.testing.assert_allclose(R.combine_ensemble(scores, rule="mean"), [2.0, 0.0, 0.0])
+    # population std of (1, 3) is 1, of (0, 0) is 0, of (2, -2) is 2
+    np.testing.assert_allclose(
+        R.combine_ensemble(scores, rule="mean_minus_std", coef=0.5), [1.5, 0.0, -1.0]
+    )
+    np.testing.assert_allclose(R.combine_ensemble(scores, rule="min"), [1.0, 0.0, -2.0])
+
+
+@pytest.mark.parametrize("rule", ["mean", "mean_minus_std", "min"])
+def test_scorer_reads_an_ensemble_in_one_pass(runs, rule):
+    """`reward_model.path` at an ensemble folder: the K members are stacked and scored in one
+    vmapped pass; the reward is their combination, each member as loaded alone."""
+    root, _ = runs
+    cfg = cfg_for(root / "ens")
+    model_cfg, base_host, tokenizer = load_base(cfg.model, seed=cfg.run.seed)
+    mesh = make_mesh(MeshConfig(data=1))
+    base = put_tree(base_host, mesh)
+    ids, mask = text_batch(tokenizer)
+    rollout = Rollout(
+        input_ids=jnp.asarray(ids),
+        attention_mask=jnp.asarray(mask),
+        response_mask=jnp.asarray(mask[:, -1:]),
+        sampler_logprobs=jnp.zeros(mask[:, -1:].shape),
+        finished=jnp.ones(ids.shape[:1], bool),
+        tokens=jnp.asarray(ids[:, -1:]),
+    )
+
+    def scorer(path, **kw):
+        section = RewardModelSection(path=str(path), **kw)
+        return Scorer(model_cfg=model_cfg, frozen=base, mesh=mesh, section=section, funcs=(),
+                      tokenizer=tokenizer, missing_eos_penalty=None)  # fmt: skip
+
+    ens = scorer(root / "ens" / "adapter", ensemble=rule, ensemble_coef=0.5)
+    assert ens.rm.members == K
+    got, metrics, _ = ens(rollout, [""] * len(ids), {})
+    each = np.stack(
+        [np.asarray(scorer(root / "ens" / "adapter" / f"member_{k}").reward_model(
+            rollout.input_ids, rollout.attention_mask)) for k in range(K)]
+    )  # fmt: skip
+    expected = R.combine_ensemble(jnp.asarray(each), rule=rule, coef=0.5)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert metrics["rewards/ensemble_std"] > 0  # the members disagree

@@ -432,17 +432,11 @@ def plan(cfg: GRPOConfig) -> IterationPlan:
 
 
 def kl_control(cfg: GRPOConfig) -> KLControlSettings:
-    """β fixed, or with `kl_budget` steered towards the budget (per-sequence KL of the
-    update, ±20% per iteration at most)."""
+    """β fixed, or with `kl_budget` steered by the budget controller on the update's
+    per-sequence KL (`advantages.update_kl_budget`)."""
     if cfg.kl_budget is None:
         return KLControlSettings(initial=cfg.beta)
-    return KLControlSettings(
-        initial=cfg.beta,
-        adaptive=True,
-        target=cfg.kl_budget,
-        horizon=cfg.generation_batch_size,
-        metric="kl_per_sequence",
-    )
+    return KLControlSettings(initial=cfg.beta, budget=cfg.kl_budget, metric="kl_per_sequence")
 
 
 ALGORITHM = OnlineAlgorithm(

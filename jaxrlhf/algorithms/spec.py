@@ -87,6 +87,9 @@ class KLControlSettings:
     target: float = 6.0
     horizon: float = 10000.0
     metric: str = "objective/kl"
+    budget: float | None = None
+    """Hold the metric at or under this (`advantages.update_kl_budget`), instead of the
+    proportional controller."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -24,7 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf import data as D
-from jaxrlhf.advantages import KLControlState, init_kl_control, update_kl_control
+from jaxrlhf.advantages import (
+    KLControlState,
+    init_kl_control,
+    update_kl_budget,
+    update_kl_control,
+)
 from jaxrlhf.algorithms.common import TrainState, init_train_state
 from jaxrlhf.algorithms.spec import IterationPlan, OnlineAlgorithm
 from jaxrlhf.lora import LoraConfig
@@ -222,7 +227,11 @@ def train_online(
             "time/update_tokens_per_s": n_tokens * epochs_run / max(t2 - t1, 1e-9),
         }
         kl_state = state.kl
-        if kl_settings.adaptive:
+        if kl_settings.budget is not None:
+            kl_state = update_kl_budget(
+                kl_state, out[kl_settings.metric], budget=kl_settings.budget
+            )
+        elif kl_settings.adaptive:
             kl_state = update_kl_control(
                 kl_state,
                 out[kl_settings.metric],
@@ -230,8 +239,8 @@ def train_online(
                 target=kl_settings.target,
                 horizon=kl_settings.horizon,
             )
-        if cfg.kl_budget is not None:
-            out["kl_budget_exceeded"] = jnp.float32(out[kl_settings.metric] > cfg.kl_budget)
+        if kl_settings.budget is not None:
+            out["kl_budget_exceeded"] = jnp.float32(out[kl_settings.metric] > kl_settings.budget)
         if algo.epochs_metric is not None:
             out[algo.epochs_metric] = float(epochs_run)
         return OnlineState(train=train_state, kl=kl_state), out
