@@ -43,10 +43,10 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jaxrlhf.lora import HEADS, LoraConfig, merge, targeted_modules
-from jaxrlhf.models.config import ModelConfig, to_hf_dict
-from jaxrlhf.models.hf_names import expected_shapes, module_path, state_dict_from_params
+from jaxrlhf.models.config import ARCHITECTURES, ModelConfig, to_hf_dict
+from jaxrlhf.models.hf_names import module_path, state_dict_from_params
 from jaxrlhf.models.loading import read_safetensors
-from jaxrlhf.models.transformer import PROJECTIONS
+from jaxrlhf.models.transformer import is_expert_projection, projection_shapes
 
 Params = dict[str, Any]
 CONFIG_NAME = "adapter_config.json"
@@ -54,7 +54,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 _LORA_KEY = re.compile(
-    r"^model\.layers\.(?P<layer>\d+)\.(?P<path>(?:self_attn|mlp)\.(?P<proj>\w+))"
+    r"^model\.layers\.(?P<layer>\d+)\.(?P<path>(?:self_attn|mlp|block_sparse_moe)\.[\w.]+?)"
     r"\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$"
 )
 _HEAD_KEY = re.compile(
@@ -89,14 +89,26 @@ _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 def _proj_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """Projection -> HF weight shape `[out, in]`."""
-    shapes = expected_shapes(model_cfg)
-    return {p: shapes[f"model.layers.0.{module_path(p)}.weight"] for p in PROJECTIONS}
+    """Projection -> HF weight shape `[out, in]` (one expert's, for an expert stack)."""
+    return {p: (o, i) for p, (i, o) in projection_shapes(model_cfg).items()}
+
+
+def _flat_factors(lora: Params) -> dict[str, Params]:
+    """Projection -> {lora_A, lora_B}, the expert stacks' included."""
+    layers = lora.get("layers", {})
+    return {**{k: v for k, v in layers.items() if k != "experts"}, **layers.get("experts", {})}
+
+
+def _module_paths(model_cfg: ModelConfig, proj: str) -> list[tuple[int | None, str]]:
+    """(expert or None, HF module path inside a block) of a projection."""
+    if not is_expert_projection(model_cfg, proj):
+        return [(None, module_path(proj))]
+    return [(e, module_path(proj, model_cfg, expert=e)) for e in range(model_cfg.num_experts)]
 
 
 def _check_tree(lora: Params, lora_cfg: LoraConfig, model_cfg: ModelConfig) -> tuple[str, ...]:
     targets = targeted_modules(lora_cfg, model_cfg)
-    layers = lora.get("layers", {})
+    layers = _flat_factors(lora)
     if set(layers) != set(targets):
         raise ValueError(
             f"The adapter tree has projections {sorted(layers)} but lora_cfg targets "
@@ -105,9 +117,12 @@ def _check_tree(lora: Params, lora_cfg: LoraConfig, model_cfg: ModelConfig) -> t
     shapes = _proj_shapes(model_cfg)
     for proj in targets:
         out_dim, in_dim = shapes[proj]
+        lead = (model_cfg.num_layers,)
+        if is_expert_projection(model_cfg, proj):
+            lead = (model_cfg.num_layers, model_cfg.num_experts)
         want = {
-            "lora_A": (model_cfg.num_layers, in_dim, lora_cfg.r),
-            "lora_B": (model_cfg.num_layers, lora_cfg.r, out_dim),
+            "lora_A": (*lead, in_dim, lora_cfg.r),
+            "lora_B": (*lead, lora_cfg.r, out_dim),
         }
         for leaf, shape in want.items():
             got = tuple(layers[proj][leaf].shape)
@@ -181,12 +196,15 @@ def adapter_state_dict(
     """PEFT-named tensors in torch layout, as stored in `adapter_model.safetensors`."""
     targets = _check_tree(lora, lora_cfg, model_cfg)
     out: dict[str, np.ndarray] = {}
+    factors = _flat_factors(lora)
     for proj in targets:
-        a, b = _np(lora["layers"][proj]["lora_A"]), _np(lora["layers"][proj]["lora_B"])
+        a, b = _np(factors[proj]["lora_A"]), _np(factors[proj]["lora_B"])
         for i in range(model_cfg.num_layers):
-            name = f"{PREFIX}model.layers.{i}.{module_path(proj)}"
-            out[f"{name}.lora_A.weight"] = np.ascontiguousarray(a[i].T)  # [r, in]
-            out[f"{name}.lora_B.weight"] = np.ascontiguousarray(b[i].T)  # [out, r]
+            for e, path in _module_paths(model_cfg, proj):
+                a_i, b_i = (a[i], b[i]) if e is None else (a[i, e], b[i, e])
+                name = f"{PREFIX}model.layers.{i}.{path}"
+                out[f"{name}.lora_A.weight"] = np.ascontiguousarray(a_i.T)  # [r, in]
+                out[f"{name}.lora_B.weight"] = np.ascontiguousarray(b_i.T)  # [out, r]
     for head in lora_cfg.modules_to_save:
         out[f"{PREFIX}{head}.weight"] = np.ascontiguousarray(_np(lora[head]["kernel"]).T)
         if "bias" in lora[head]:
@@ -309,21 +327,27 @@ def load_peft(
     tensors = read_safetensors(weights_path)
 
     # Sort every tensor into LoRA factors and heads, refusing anything else.
-    factors: dict[str, dict[str, dict[int, np.ndarray]]] = {}
+    paths = {
+        path: (proj, e)
+        for proj in model_cfg.projections
+        for e, path in _module_paths(model_cfg, proj)
+    }
+    factors: dict[str, dict[str, dict[tuple, np.ndarray]]] = {}
     head_tensors: dict[str, dict[str, np.ndarray]] = {}
     adapter_names: set[str] = set()
     for key, value in tensors.items():
         name = key.removeprefix(PREFIX)
         m = _LORA_KEY.match(name) if name != key else None
         h = _HEAD_KEY.match(name) if name != key else None
-        if m and m["proj"] in PROJECTIONS and m["path"] == module_path(m["proj"]):
+        if m and m["path"] in paths:
             if int(m["layer"]) >= model_cfg.num_layers:
                 raise ValueError(
                     f"{weights_path}: tensor {key!r} is for block {m['layer']}, but "
                     f"the model has {model_cfg.num_layers} blocks"
                 )
             adapter_names.add(m["adapter"] or "")
-            factors.setdefault(m["proj"], {}).setdefault(m["ab"], {})[int(m["layer"])] = value
+            proj, e = paths[m["path"]]
+            factors.setdefault(proj, {}).setdefault(m["ab"], {})[(int(m["layer"]), e)] = value
         elif h:
             adapter_names.add(h["adapter"] or "")
             head_tensors.setdefault(h["head"], {})[h["leaf"]] = value
@@ -362,21 +386,27 @@ def load_peft(
             per_layer = factors.get(proj, {}).get(ab, {})
             blocks = []
             for i in range(model_cfg.num_layers):
-                key = f"{PREFIX}model.layers.{i}.{module_path(proj)}.lora_{ab}.weight"
-                if i not in per_layer:
-                    raise ValueError(
-                        f"{weights_path}: missing tensor {key!r}; jaxrlhf adapts {proj} in every "
-                        f"block, so each block needs lora_A and lora_B"
-                    )
-                got = tuple(per_layer[i].shape)
-                if got != want:
-                    raise ValueError(
-                        f"{weights_path}: tensor {key!r} has shape {got}; r={r} and the model "
-                        f"config imply {want}"
-                    )
-                blocks.append(per_layer[i].astype(np.float32).T)
+                per_expert = []
+                for e, path in _module_paths(model_cfg, proj):
+                    key = f"{PREFIX}model.layers.{i}.{path}.lora_{ab}.weight"
+                    if (i, e) not in per_layer:
+                        raise ValueError(
+                            f"{weights_path}: missing tensor {key!r}; jaxrlhf adapts {proj} in "
+                            f"every block (and expert), so each needs lora_A and lora_B"
+                        )
+                    got = tuple(per_layer[(i, e)].shape)
+                    if got != want:
+                        raise ValueError(
+                            f"{weights_path}: tensor {key!r} has shape {got}; r={r} and the "
+                            f"model config imply {want}"
+                        )
+                    per_expert.append(per_layer[(i, e)].astype(np.float32).T)
+                blocks.append(per_expert[0] if e is None else np.stack(per_expert))
             stacked[f"lora_{ab}"] = jnp.asarray(np.stack(blocks), dtype)
-        tree["layers"][proj] = stacked
+        if is_expert_projection(model_cfg, proj):
+            tree["layers"].setdefault("experts", {})[proj] = stacked
+        else:
+            tree["layers"][proj] = stacked
 
     d = model_cfg.hidden_size
     head_shapes = {
@@ -406,18 +436,6 @@ def load_peft(
 
 
 # ----------------------------------------------------------------------------- merged export
-
-
-_CAUSAL_LM = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-}
-_SEQ_CLS = {
-    "llama": "LlamaForSequenceClassification",
-    "mistral": "MistralForSequenceClassification",
-    "qwen2": "Qwen2ForSequenceClassification",
-}
 
 
 def export_merged(
@@ -460,12 +478,12 @@ def export_merged(
                 "transformers model finds the last token of each row by it)"
             )
         state.pop("lm_head.weight", None)
-        hf_cfg["architectures"] = [_SEQ_CLS[model_cfg.model_type]]
+        hf_cfg["architectures"] = [ARCHITECTURES[model_cfg.model_type][1]]
         hf_cfg["id2label"] = {str(i): f"LABEL_{i}" for i in range(model_cfg.num_labels)}
         hf_cfg["label2id"] = {f"LABEL_{i}": i for i in range(model_cfg.num_labels)}
     else:
         state.pop("score.weight", None)
-        hf_cfg["architectures"] = [_CAUSAL_LM[model_cfg.model_type]]
+        hf_cfg["architectures"] = [ARCHITECTURES[model_cfg.model_type][0]]
     if model_cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     os.makedirs(out_dir, exist_ok=True)
