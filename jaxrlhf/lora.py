@@ -113,6 +113,13 @@ def _module_names(model_cfg: ModelConfig, proj: str, layer: int) -> list[str]:
     ]
 
 
+def target_name(model_cfg: ModelConfig, proj: str) -> str:
+    """The name PEFT's `target_modules` uses for a projection (Mixtral's experts: w1/w3/w2)."""
+    if not is_expert_projection(model_cfg, proj):
+        return proj
+    return module_path(proj, model_cfg, expert=0).rsplit(".", 1)[-1]
+
+
 def targeted_modules(cfg: LoraConfig, model_cfg: ModelConfig) -> tuple[str, ...]:
     """The projections the adapter covers (our names: `model_cfg.projections`). Every block
     (and every expert) must be matched alike, since blocks and experts are stacked; a name
@@ -135,7 +142,8 @@ def targeted_modules(cfg: LoraConfig, model_cfg: ModelConfig) -> tuple[str, ...]
     if not chosen:
         raise ValueError(
             f"LoraConfig.target_modules={cfg.target_modules!r} matches no module of this "
-            f"{model_cfg.model_type} model; choose from {', '.join(model_cfg.projections)} "
+            f"{model_cfg.model_type} model; choose from "
+            f"{', '.join(target_name(model_cfg, p) for p in model_cfg.projections)} "
             f"(or a regex over names like model.layers.0.self_attn.q_proj)"
         )
     if not isinstance(cfg.target_modules, str):
@@ -154,7 +162,8 @@ def targeted_modules(cfg: LoraConfig, model_cfg: ModelConfig) -> tuple[str, ...]
         if unused:
             raise ValueError(
                 f"LoraConfig.target_modules: {unused} match no module of this "
-                f"{model_cfg.model_type} model; choose from {', '.join(model_cfg.projections)}"
+                f"{model_cfg.model_type} model; choose from "
+                f"{', '.join(target_name(model_cfg, p) for p in model_cfg.projections)}"
             )
     return tuple(chosen)
 

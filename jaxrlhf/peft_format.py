@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
-from jaxrlhf.lora import HEADS, LoraConfig, merge, targeted_modules
+from jaxrlhf.lora import HEADS, LoraConfig, merge, target_name, targeted_modules
 from jaxrlhf.models.config import ARCHITECTURES, ModelConfig, to_hf_dict
 from jaxrlhf.models.hf_names import module_path, state_dict_from_params
 from jaxrlhf.models.loading import read_safetensors
@@ -162,7 +162,7 @@ def adapter_config_dict(
     if isinstance(lora_cfg.target_modules, str):
         target_modules: str | list[str] = lora_cfg.target_modules
     else:
-        target_modules = list(targeted_modules(lora_cfg, model_cfg))
+        target_modules = [target_name(model_cfg, p) for p in targeted_modules(lora_cfg, model_cfg)]
     return {
         "alpha_pattern": {},
         "auto_mapping": None,

@@ -446,7 +446,8 @@ def to_hf_dict(cfg: ModelConfig) -> dict:
         out["rope_scaling"] = rope_scaling
     if cfg.model_type in _GEMMA:
         out["hidden_activation"] = out["hidden_act"]
-        out["query_pre_attn_scalar"] = cfg.query_pre_attn_scalar
+        scalar = cfg.query_pre_attn_scalar
+        out["query_pre_attn_scalar"] = int(scalar) if float(scalar).is_integer() else scalar
         out["attn_logit_softcapping"] = cfg.attn_logit_softcap
         out["final_logit_softcapping"] = cfg.final_logit_softcap
     if cfg.model_type == "gemma3_text":
