@@ -13,7 +13,6 @@ Only real-token positions are compared: what a model computes at a pad position 
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -151,6 +150,9 @@ FAMILIES = {
         {"norm_topk_prob": False, "sliding_window": None},
     ),
 }
+# MoE experts are 3-D parameters in transformers 5: PEFT adapts them by `target_parameters`.
+PEFT_EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+EXPERT_TARGETS = {"qwen3_moe": ("gate_proj", "up_proj", "down_proj"), "mixtral": ("w1", "w3", "w2")}
 WINDOWED = ("qwen3", "gemma2", "gemma3_text", "phi3", "mixtral")
 MOE = ("qwen3_moe", "mixtral")
 
@@ -379,14 +381,21 @@ def test_peft_made_adapter_loads_with_equal_outputs(family, tmp_path_factory, tm
     model, folder, cfg, params = built(family, tmp_path_factory)
     base = FAMILIES[family][1].from_pretrained(folder, attn_implementation="eager").eval()
     torch.manual_seed(3)
+    expert_params = {"target_parameters": PEFT_EXPERT_PARAMETERS} if family in MOE else {}
     pm = peft.get_peft_model(
         base,
         peft.LoraConfig(
-            r=4, lora_alpha=8, target_modules=_targets(family), init_lora_weights=False
+            r=4,
+            lora_alpha=8,
+            target_modules=_targets(family),
+            init_lora_weights=False,
+            **expert_params,
         ),
     ).eval()
     pm.save_pretrained(tmp_path)
     lora, lora_cfg = load_peft(tmp_path, cfg)
+    if family in MOE:  # every expert kernel adapted, gate and up sharing PEFT's gate_up A
+        assert set(lora["layers"]["experts"]) == {"gate_proj", "up_proj", "down_proj"}
     ids, mask = batch("right", seed=6)
     real = mask.astype(bool)
     ours = ours_logits(params, cfg, ids, mask, lora, lora_cfg.scale)[real]
@@ -397,7 +406,8 @@ def test_peft_made_adapter_loads_with_equal_outputs(family, tmp_path_factory, tm
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_exported_adapter_loads_in_peft_with_equal_outputs(family, tmp_path_factory, tmp_path):
     _, folder, cfg, params = built(family, tmp_path_factory)
-    lora_cfg = LoraConfig(r=4, alpha=8, target_modules=tuple(_targets(family)))
+    targets = tuple(_targets(family)) + EXPERT_TARGETS.get(family, ())
+    lora_cfg = LoraConfig(r=4, alpha=8, target_modules=targets)
     lora = random_adapter(params, lora_cfg, cfg)
     export_peft(lora, lora_cfg, cfg, tmp_path, base_model_name_or_path=folder)
     base = FAMILIES[family][1].from_pretrained(folder, attn_implementation="eager").eval()
@@ -406,6 +416,10 @@ def test_exported_adapter_loads_in_peft_with_equal_outputs(family, tmp_path_fact
     real = mask.astype(bool)
     ours = ours_logits(params, cfg, ids, mask, lora, lora_cfg.scale)[real]
     assert max_rel_err(ours, hf_logits(pm, ids, mask)[real]) <= REL_TOL
+    # ... and reads back into jaxrlhf with the same outputs (MoE: at the exported rank 2r).
+    back, back_cfg = load_peft(tmp_path, cfg)
+    again = ours_logits(params, cfg, ids, mask, back, back_cfg.scale)[real]
+    assert max_rel_err(again, ours) <= REL_TOL
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -413,9 +427,7 @@ def test_merge_equals_unmerged_and_merged_export_loads(family, tmp_path_factory,
     """merge(W + s·A·B) gives the unmerged outputs, unmerge restores W, and the merged folder
     (`export_merged`, `save_hf_folder`) loads in transformers with the same logits."""
     _, _, cfg, params = built(family, tmp_path_factory)
-    targets = tuple(_targets(family)) + (
-        ("gate_proj", "down_proj") if family == "qwen3_moe" else ()
-    )
+    targets = tuple(_targets(family)) + EXPERT_TARGETS.get(family, ())[:2]
     lora_cfg = LoraConfig(r=4, alpha=8, target_modules=targets)
     lora = random_adapter(params, lora_cfg, cfg)
     merged = merge(params, lora, lora_cfg)
@@ -463,20 +475,15 @@ def test_router_aux_loss_matches_transformers(family, tmp_path_factory):
 @pytest.mark.parametrize("family", MOE)
 def test_dense_and_ragged_dispatch_agree_with_expert_lora(family, tmp_path_factory):
     _, _, cfg, params = built(family, tmp_path_factory)
-    targets = ("w1", "w2", "w3") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
-    lora_cfg = LoraConfig(r=4, alpha=8, target_modules=targets)
+    lora_cfg = LoraConfig(r=4, alpha=8, target_modules=EXPERT_TARGETS[family])
     lora = random_adapter(params, lora_cfg, cfg)
     assert lora["layers"]["experts"]["gate_proj"]["lora_A"].shape == (2, cfg.num_experts, 64, 4)
     ids, mask = batch("right", seed=10)
     ragged = ours_logits(params, cfg.replace(moe_dispatch="ragged"), ids, mask, lora, 2.0)
     dense = ours_logits(params, cfg.replace(moe_dispatch="dense"), ids, mask, lora, 2.0)
     np.testing.assert_allclose(ragged, dense, atol=1e-5, rtol=1e-5)
-    # jaxrlhf's own PEFT round trip of an expert adapter (per-expert module names).
-    return_dir = os.path.join(_BUILT[family][1], "expert_adapter")
-    export_peft(lora, lora_cfg, cfg, return_dir)
-    back, back_cfg = load_peft(return_dir, cfg)
-    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(lora), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7)
+    base = ours_logits(params, cfg, ids, mask)
+    assert max_rel_err(base, ragged) > 100 * REL_TOL  # the expert adapter does something
 
 
 @pytest.mark.parametrize("dispatch", ["dense", "ragged"])
