@@ -259,7 +259,9 @@ def test_switches_are_exercised(family, tmp_path_factory):
         assert err > 100 * REL_TOL, f"{family}: {switch}={off} leaves the logits unchanged"
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "qwen3_moe"])
+@pytest.mark.parametrize(
+    "family", ["qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "qwen3_moe", "mixtral"]
+)
 def test_score_head_matches_sequence_classification(family, tmp_path):
     seq_cls = FAMILIES[family][2]
     model = seq_cls(hf_config(family, num_labels=1)).eval()
