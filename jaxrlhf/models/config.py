@@ -10,7 +10,7 @@ The families are one decoder with a few switches, not copies of it:
 | `embed_scale`          | no                  | no      | sqrt(hidden)       | no    | no         | no                |
 | `mlp_activation`       | silu                | silu    | gelu_tanh          | silu  | silu       | silu              |
 | `fused_qkv`/`_gate_up` | no                  | no      | no                 | yes   | no         | no                |
-| soft-caps, window      | window (mistral)    | window  | both (g2), window  | window| no         | window            |
+| soft-caps, window      | window (mistral, qwen2) | window  | both (g2), window  | window| no         | window            |
 | `num_experts`          | 0                   | 0       | 0                  | 0     | 0          | E (top-k routed)  |
 
 Anything a config sets that the decoder does not implement is refused with an error that

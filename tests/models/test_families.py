@@ -27,6 +27,7 @@ from jaxrlhf.models.loading import load_hf_folder, save_hf_folder
 from jaxrlhf.models.transformer import (
     backbone,
     forward,
+    init_params,
     load_balancing_loss,
     router_aux_loss,
     sequence_logprobs,
@@ -70,6 +71,14 @@ FAMILIES = {
         dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
         DENSE_TARGETS,
         {"qk_norm": "none", "sliding_window": None},
+    ),
+    "qwen2-window": (  # Qwen2's windows, which jaxrlhf used to refuse
+        transformers.Qwen2Config,
+        transformers.Qwen2ForCausalLM,
+        transformers.Qwen2ForSequenceClassification,
+        dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
+        DENSE_TARGETS,
+        {"sliding_window": None},
     ),
     "qwen3-tied": (
         transformers.Qwen3Config,
@@ -235,7 +244,7 @@ def random_adapter(params, lora_cfg, cfg, seed=0):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_logits_match_transformers(family, tmp_path_factory):
     model, _, cfg, params = built(family, tmp_path_factory)
-    assert cfg.model_type == family.removesuffix("-tied")
+    assert cfg.model_type == family.split("-")[0]
     for side in ("left", "right"):
         ids, mask = batch(side)
         real = mask.astype(bool)
@@ -581,3 +590,16 @@ def test_phi3_partial_rotary_is_refused():
     raw["rope_parameters"] = {**(raw.get("rope_parameters") or {}), "partial_rotary_factor": 0.5}
     with pytest.raises(ValueError, match="partial_rotary_factor"):
         config_from_hf(raw)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_init_params_has_the_loaded_tree(family, tmp_path_factory):
+    """`init_params` builds the same tree (paths, shapes) as a loaded checkpoint, and its
+    norms start as the identity (offset + w = 1)."""
+    _, _, cfg, params = built(family, tmp_path_factory)
+    fresh = init_params(jax.random.key(0), cfg)
+    shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)  # noqa: E731
+    assert shapes(fresh) == shapes(params)
+    np.testing.assert_array_equal(
+        cfg.norm_offset + np.asarray(fresh["layers"][cfg.norm_names[0]]["scale"]), 1.0
+    )
