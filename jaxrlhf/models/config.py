@@ -319,6 +319,11 @@ _REFUSED_IF_SET = (
 )
 
 
+def _key(raw: dict, key: str, default: Any) -> Any:
+    """raw[key] when the config has the key (None included: "off"), else the default."""
+    return raw[key] if key in raw else default
+
+
 def config_from_hf(hf: Any, **overrides: Any) -> ModelConfig:
     """Build a `ModelConfig` from a transformers config object or its `config.json` dict."""
     raw = hf if isinstance(hf, dict) else hf.to_dict()
@@ -329,7 +334,9 @@ def config_from_hf(hf: Any, **overrides: Any) -> ModelConfig:
             f"{', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     gemma = model_type in _GEMMA
-    act = raw.get("hidden_activation") or raw.get("hidden_act") or "silu"
+    g2 = model_type == "gemma2"
+    default_act = "gelu_pytorch_tanh" if gemma else "silu"
+    act = raw.get("hidden_activation") or raw.get("hidden_act") or default_act
     activations = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
     if act not in activations:
         raise ValueError(
@@ -388,11 +395,10 @@ def config_from_hf(hf: Any, **overrides: Any) -> ModelConfig:
         ),
         embed_scale=gemma,
         mlp_activation=activations[act],
-        query_pre_attn_scalar=float(raw.get("query_pre_attn_scalar") or head_dim)
-        if gemma
-        else None,
-        attn_logit_softcap=raw.get("attn_logit_softcapping") if gemma else None,
-        final_logit_softcap=raw.get("final_logit_softcapping") if gemma else None,
+        query_pre_attn_scalar=float(raw.get("query_pre_attn_scalar") or 256) if gemma else None,
+        # transformers' defaults where a config omits them: Gemma 2 caps at 50 and 30.
+        attn_logit_softcap=_key(raw, "attn_logit_softcapping", 50.0 if g2 else None),
+        final_logit_softcap=_key(raw, "final_logit_softcapping", 30.0 if g2 else None),
         sliding_window=window,
         sliding_layers=sliding_layers,
         local_rope_theta=local_theta,

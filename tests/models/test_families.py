@@ -603,3 +603,40 @@ def test_init_params_has_the_loaded_tree(family, tmp_path_factory):
     np.testing.assert_array_equal(
         cfg.norm_offset + np.asarray(fresh["layers"][cfg.norm_names[0]]["scale"]), 1.0
     )
+
+
+def test_hub_style_configs_read_as_transformers_reads_them():
+    """Older config.json spellings (as on the Hub) give the config transformers' own parsing
+    gives: Gemma 3's `rope_theta` + `rope_scaling` + `rope_local_base_freq` +
+    `sliding_window_pattern`, Gemma 2's flat `rope_theta`, Qwen3's `max_window_layers`."""
+    hub = {
+        "gemma3_text": dict(
+            model_type="gemma3_text",
+            rope_theta=1e6,
+            rope_local_base_freq=1e4,
+            rope_scaling={"rope_type": "linear", "factor": 8.0},
+            sliding_window_pattern=3,
+            sliding_window=512,
+            query_pre_attn_scalar=16,
+            num_hidden_layers=6,
+        ),
+        "gemma2": dict(model_type="gemma2", rope_theta=1e4, sliding_window=512),
+        "qwen3": dict(
+            model_type="qwen3", use_sliding_window=True, sliding_window=8, max_window_layers=1
+        ),
+    }
+    classes = {
+        "gemma3_text": transformers.Gemma3TextConfig,
+        "gemma2": transformers.Gemma2Config,
+        "qwen3": transformers.Qwen3Config,
+    }
+    for family, extra in hub.items():
+        raw = {**TINY, "num_hidden_layers": 2, "num_labels": 1, **extra}
+        ours = config_from_hf(raw)
+        theirs = config_from_hf(
+            classes[family](**{k: v for k, v in raw.items() if k != "model_type"})
+        )
+        assert ours == theirs, family
+    g3 = config_from_hf({**TINY, **hub["gemma3_text"]})
+    assert g3.sliding_layers == (True, True, False, True, True, False)
+    assert (g3.rope_theta, g3.local_rope_theta, g3.rope_scaling.factor) == (1e6, 1e4, 8.0)
