@@ -27,6 +27,8 @@ from jaxrlhf.models.transformer import (
     init_head,
     init_params,
     lm_logits,
+    load_balancing_loss,
+    router_aux_loss,
     score_head,
     sequence_logprobs,
     token_logprobs,

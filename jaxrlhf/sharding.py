@@ -32,6 +32,9 @@ RULES: dict[str, Any] = {
     "layers": None,
     "lora_rank": None,
     "labels": None,
+    # Expert parallelism: the experts of a MoE block are split over "fsdp" (an expert kernel's
+    # own embed axis then stays whole, as a mesh axis shards one dimension only).
+    "expert": "fsdp",
     "batch": BATCH_AXES,
     "cache_batch": BATCH_AXES,
     "cache_heads": "tensor",
@@ -46,6 +49,9 @@ _PROJ_AXES = {
     "gate_proj": ("embed", "mlp"),
     "up_proj": ("embed", "mlp"),
     "down_proj": ("mlp", "embed"),
+    "qkv_proj": ("embed", "heads"),
+    "gate_up_proj": ("embed", "mlp"),
+    "router": ("embed", None),
 }
 
 # Logical axes of the sampler's KV cache (`models.transformer.KVCache`): k and v are
@@ -133,6 +139,10 @@ def logical_axes_for(names: list[str], ndim: int) -> tuple[str | None, ...]:
             "lora_A": ("layers", i, "lora_rank"),
             "lora_B": ("layers", "lora_rank", o),
         }.get(leaf, (None,) * ndim)
+        if "experts" in names:  # [L, E, in, out] stacks: the expert axis after the layers
+            axes = (axes[0], "expert", *axes[1:])
+    elif parent in ("q_norm", "k_norm") and leaf == "scale":
+        axes = ("layers", None) if ndim == 2 else (None,)
     elif leaf == "scale":
         axes = ("layers", "embed") if ndim == 2 else ("embed",)
     elif parent == "lm_head" and leaf == "kernel":

@@ -218,19 +218,35 @@ _GGUF_BLOCK = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Per-architecture additions and overrides (llama.cpp's `ffn_norm` is Gemma's pre-MLP norm).
+_GGUF_BLOCK_EXTRA = {
+    "qwen3": {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
+    "gemma3": {
+        "attn_q_norm": "self_attn.q_norm",
+        "attn_k_norm": "self_attn.k_norm",
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+}
 _GGUF_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 # GGUF `general.architecture` -> our model_type. Only llama.cpp's `llama` permutes q/k.
-_GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2"}
+_GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+# llama.cpp's Gemma 3 constants, which its GGUF files do not carry: every 6th layer global,
+# a 10000 rope base on the local ones.
+_GEMMA3_SWA_PATTERN = 6
+_GEMMA3_LOCAL_ROPE_BASE = 10000.0
 
 
-def gguf_tensor_name(name: str) -> str:
+def gguf_tensor_name(name: str, arch: str = "llama") -> str:
     """HF name of a llama.cpp tensor, e.g. `blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
     if name in _GGUF_GLOBAL:
         return _GGUF_GLOBAL[name]
+    block = {**_GGUF_BLOCK, **_GGUF_BLOCK_EXTRA.get(arch, {})}
     m = _GGUF_BLOCK_RE.match(name)
-    if m is None or m.group(2) not in _GGUF_BLOCK:
+    if m is None or m.group(2) not in block:
         raise KeyError(name)
-    return f"model.layers.{m.group(1)}.{_GGUF_BLOCK[m.group(2)]}.{m.group(3)}"
+    return f"model.layers.{m.group(1)}.{block[m.group(2)]}.{m.group(3)}"
 
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -268,14 +284,18 @@ def load_gguf(path: str | Path, *, dtype=jnp.float32) -> tuple[ModelConfig, dict
                 f"{file}: tensor 'rope_freqs.weight' (llama3-style rope scaling "
                 f"factors) is not supported when loading a GGUF"
             )
+        arch = meta["general.architecture"]
         try:
-            hf_name = gguf_tensor_name(t.name)
+            hf_name = gguf_tensor_name(t.name, arch)
         except KeyError:
+            block = {**_GGUF_BLOCK, **_GGUF_BLOCK_EXTRA.get(arch, {})}
             raise ValueError(
                 f"{file}: unknown GGUF tensor name {t.name!r} (supported: "
-                f"{sorted(_GGUF_GLOBAL)} and blk.N.{{{','.join(_GGUF_BLOCK)}}})"
+                f"{sorted(_GGUF_GLOBAL)} and blk.N.{{{','.join(block)}}})"
             ) from None
         w = _dequantize(t, file)
+        if cfg.norm_offset and hf_name.endswith("norm.weight"):
+            w = w - cfg.norm_offset  # llama.cpp stores Gemma's norms as 1 + w
         if cfg.model_type == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             w = _checked_unpermute(w, cfg.num_heads, hf_name, file)
         elif cfg.model_type == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -332,7 +352,7 @@ def _gguf_config(meta: dict[str, Any], reader: Any, file: Path) -> ModelConfig:
     if arch not in _GGUF_ARCHS:
         raise ValueError(
             f"{file}: unsupported GGUF architecture {arch!r}; jaxrlhf reads "
-            f"{', '.join(_GGUF_ARCHS)} (Llama-family decoders)"
+            f"{', '.join(_GGUF_ARCHS)}"
         )
 
     def need(key: str) -> Any:
@@ -357,6 +377,7 @@ def _gguf_config(meta: dict[str, Any], reader: Any, file: Path) -> ModelConfig:
     eos = meta.get("tokenizer.ggml.eos_token_id")
     pad = meta.get("tokenizer.ggml.padding_token_id", eos)
     return ModelConfig(
+        **_gguf_family(meta, arch, head_dim, hidden, num_heads),
         model_type=_GGUF_ARCHS[arch],
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -375,6 +396,33 @@ def _gguf_config(meta: dict[str, Any], reader: Any, file: Path) -> ModelConfig:
         bos_token_id=None if bos is None else int(bos),
         eos_token_id=() if eos is None else (int(eos),),
     )
+
+
+def _gguf_family(
+    meta: dict[str, Any], arch: str, head_dim: int, hidden: int, num_heads: int
+) -> dict[str, Any]:
+    """The family switches of a GGUF's architecture (as llama.cpp runs it)."""
+    if arch == "qwen3":
+        return {"qk_norm": "head"}
+    if arch != "gemma3":
+        return {}
+    layers = int(meta[f"{arch}.block_count"])
+    # llama.cpp scales queries by 1/sqrt(hidden / heads) for the 62-layer 27B, else by head_dim.
+    scalar = hidden / num_heads if layers == 62 else head_dim
+    window = meta.get(f"{arch}.attention.sliding_window")
+    return {
+        "norm_offset": 1.0,
+        "norm_placement": "sandwich",
+        "qk_norm": "head",
+        "embed_scale": True,
+        "mlp_activation": "gelu_tanh",
+        "query_pre_attn_scalar": float(scalar),
+        "sliding_window": None if window is None else int(window),
+        "sliding_layers": ()
+        if window is None
+        else tuple(bool((i + 1) % _GEMMA3_SWA_PATTERN) for i in range(layers)),
+        "local_rope_theta": _GEMMA3_LOCAL_ROPE_BASE,
+    }
 
 
 def _gguf_rope_scaling(meta: dict[str, Any], arch: str, file: Path) -> RopeScaling | None:
