@@ -29,7 +29,8 @@ import jax.numpy as jnp
 
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.hf_names import module_path
-from jaxrlhf.models.transformer import PROJECTIONS, init_head
+from jaxrlhf.models.quant import is_quantized, logical_size
+from jaxrlhf.models.transformer import PROJECTIONS, init_head, kernel_shape, read_kernel
 
 Params = dict[str, Any]
 HEADS = ("score", "value")
@@ -153,7 +154,7 @@ def init_lora(
     tree: Params = {"layers": {}}
     keys = jax.random.split(key, len(PROJECTIONS) + len(HEADS))
     for k, proj in zip(keys, targeted_modules(cfg, model_cfg), strict=False):
-        n_layers, fan_in, fan_out = layers[proj]["kernel"].shape
+        n_layers, fan_in, fan_out = kernel_shape(layers[proj])
         if cfg.init == "kaiming":
             # torch's kaiming_uniform_(a=sqrt(5)) on a [r, in] weight: bound = 1/sqrt(in).
             bound = 1.0 / math.sqrt(fan_in)
@@ -184,11 +185,11 @@ def delta(lora_layer: Params, scale: float) -> jax.Array:
 def _fold(params: Params, lora: Params, scale: float, sign: float, with_heads: bool) -> Params:
     layers = dict(params["layers"])
     for proj, ab in lora.get("layers", {}).items():
+        # A quantized kernel is never merged into: the merged weight is dense float32.
         w = layers[proj]["kernel"]
-        layers[proj] = {
-            **layers[proj],
-            "kernel": (w.astype(jnp.float32) + sign * delta(ab, scale)).astype(w.dtype),
-        }
+        out_dtype = jnp.float32 if is_quantized(w) else w.dtype
+        merged = read_kernel(layers[proj], jnp.float32) + sign * delta(ab, scale)
+        layers[proj] = {**layers[proj], "kernel": merged.astype(out_dtype)}
     out = {**params, "layers": layers}
     if with_heads:
         for head in HEADS:
@@ -239,11 +240,13 @@ def lora_rank(lora: Params) -> int:
 
 
 def tree_bytes(tree: Any) -> int:
+    """Resident bytes: a quantized weight counts its packed codes and scales."""
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
 
 
 def tree_size(tree: Any) -> int:
-    return sum(x.size for x in jax.tree.leaves(tree) if hasattr(x, "size"))
+    """Number of parameters (a quantized weight by its logical shape, not its bytes)."""
+    return logical_size(tree)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,12 +6,14 @@ the decoder blocks on a leading axis. These two functions are each other's inver
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 
 import numpy as np
 
 from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.models.quant import is_quantized, stack
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -97,12 +99,14 @@ def params_from_state_dict(
             )
 
     def get(name: str, transpose: bool) -> np.ndarray:
+        if is_quantized(state_dict[name]):  # kept in torch layout, read as its transpose
+            return dataclasses.replace(state_dict[name], transposed=transpose)
         t = np.asarray(state_dict[name])
         return np.ascontiguousarray(t.T) if transpose else t
 
     layers: dict = {}
     for (mod, leaf), tmpl in layer_tensor_names(cfg).items():
-        stacked = np.stack([get(tmpl.format(i=i), leaf == "kernel") for i in range(cfg.num_layers)])
+        stacked = stack([get(tmpl.format(i=i), leaf == "kernel") for i in range(cfg.num_layers)])
         layers.setdefault(mod, {})[leaf] = stacked
     params: dict = {
         "embed": get("model.embed_tokens.weight", False),

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf.models.config import ModelConfig, rope_inv_freq
+from jaxrlhf.models.quant import dense, is_quantized, take_rows
 
 Params = dict[str, Any]
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -129,9 +130,12 @@ def init_head(key: jax.Array, cfg: ModelConfig, head: str, dtype=jnp.float32) ->
 
 
 def cast_params(params: Params, dtype) -> Params:
-    """Store floating params in `dtype` (e.g. bfloat16 for a frozen base)."""
+    """Store floating params in `dtype` (e.g. bfloat16 for a frozen base); quantized weights
+    (`models.quant`) are kept as they are."""
     return jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+        params,
+        is_leaf=is_quantized,
     )
 
 
@@ -155,6 +159,17 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
+def read_kernel(weights: Params, dtype=None) -> jax.Array:
+    """The one door to a frozen kernel: `weights["kernel"]` as a dense [..., in, out] array in
+    `dtype`, dequantized here (inside the step) when it is a `models.quant.QuantizedArray`."""
+    return dense(weights["kernel"], dtype)
+
+
+def kernel_shape(weights: Params) -> tuple[int, ...]:
+    """The logical shape [..., in, out] of `weights["kernel"]`, dense or quantized."""
+    return tuple(weights["kernel"].shape)
+
+
 def linear(
     x: jax.Array,
     weights: Params,
@@ -164,8 +179,7 @@ def linear(
     dropout_rng: jax.Array | None = None,
 ) -> jax.Array:
     """`x·W (+b)`, plus the unmerged LoRA term `s·(dropout(x)·A)·B` when an adapter is given."""
-    kernel = weights["kernel"]
-    y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
+    y = jnp.einsum("...i,io->...o", x, read_kernel(weights, x.dtype))
     if "bias" in weights:
         y = y + weights["bias"].astype(y.dtype)
     if lora is not None:
@@ -325,7 +339,7 @@ def backbone(
     t = input_ids.shape[1]
     if positions is None:
         positions = positions_from_mask(attention_mask)
-    x = params["embed"].astype(dtype)[input_ids]
+    x = take_rows(params["embed"], input_ids, dtype)
     if cache is None:
         slots = jnp.arange(t)
         mask = build_attention_mask(
@@ -400,8 +414,9 @@ def _head_weights(params: Params, lora: Params | None, name: str) -> Params:
 
 
 def lm_kernel(params: Params) -> jax.Array:
-    """The output projection [D, V]: the tied embedding's transpose or the lm_head."""
-    return params["embed"].T if "lm_head" not in params else params["lm_head"]["kernel"]
+    """The output projection [D, V]: the tied embedding's transpose or the lm_head (dense;
+    a quantized one is dequantized here)."""
+    return dense(params["embed"]).T if "lm_head" not in params else read_kernel(params["lm_head"])
 
 
 def lm_logits(params: Params, hidden: jax.Array) -> jax.Array:
