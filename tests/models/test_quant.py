@@ -65,9 +65,12 @@ def rel_err(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def base():
-    # std 0.2 (not init_params' 0.02) so the logits move visibly with every weight.
+    # std 0.06 (not init_params' 0.02) so the logits move visibly with every weight (max
+    # |logit| ≈ 11). Much wider (std 0.2, |logit| ≈ 36) and the random network amplifies
+    # float32 reassociation (XLA may apply a per-channel scale after the dot instead of
+    # before) to 3e-5 in the LoRA gradients; here it is ≈ 1.5e-6.
     params = init_params(jax.random.PRNGKey(0), CFG, heads=("lm", "score"))
-    return jax.tree.map(lambda x: x * 10 if x.ndim >= 2 else x, params)
+    return jax.tree.map(lambda x: x * 3 if x.ndim >= 2 else x, params)
 
 
 @pytest.fixture(scope="module")
@@ -281,10 +284,16 @@ def test_sharded_quantized_forward_equals_single_device(name, base, adapter, bat
 
     got = jax.jit(fwd)(placed, put_tree(lora, mesh))
     assert rel_err(got, jax.jit(fwd)(qp, lora)) <= 1e-5
-    # The packed values and the scales are split along their kernel's axes.
+    # The packed values and the scales are split along their kernel's [L, in=64, out=128]
+    # axes, stored [L, out, blocks, values]: "fsdp" (the `embed` input axis) goes to the
+    # blocks when fsdp=2 divides their number (Q4_1: 2 blocks of 32), else within them
+    # (int8: one block per row; NF4: one block of 64).
     specs = tree_shardings(qp, mesh)["layers"]["gate_proj"]["kernel"]
-    assert specs.codes.spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp", None)
-    assert specs.scales.spec[1] == "tensor"
+    n_blocks = qp["layers"]["gate_proj"]["kernel"].codes.shape[2]
+    P = jax.sharding.PartitionSpec
+    want = P(None, "tensor", "fsdp", None) if n_blocks % 2 == 0 else P(None, "tensor", None, "fsdp")
+    assert specs.codes.spec == want
+    assert specs.scales.spec == P(None, "tensor", "fsdp" if n_blocks % 2 == 0 else None)
     assert per_device_bytes(placed) < tree_bytes(qp) / 2
 
 
