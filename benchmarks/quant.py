@@ -140,6 +140,41 @@ def rm_thunks(cfg, params: dict[str, dict], lora, lora_cfg) -> dict:
     }
 
 
+def dequant_in_hlo(*, repeats: int) -> dict:
+    """What XLA:CPU makes of `linear` on one quantized [576, 1536] kernel (SmolLM2's
+    gate_proj): how many weight-sized float32 buffers the optimized HLO creates (a
+    dequantize fused into the dot would create none), and the time per call against the
+    fp32 kernel at 1, 16 and 1024 tokens (interleaved)."""
+    import re
+
+    from jaxrlhf.models import quant as Q
+    from jaxrlhf.models.transformer import linear
+
+    w = (0.02 * np.random.default_rng(0).normal(size=(576, 1536))).astype(np.float32)
+    kernels = {
+        "fp32": jnp.asarray(w),
+        "int8": Q.quantize_int8(w),
+        "nf4": Q.quantize_nf4(w),
+        "q4_1": Q.quantize_gguf(w, "Q4_1"),
+        "q8_0": Q.quantize_gguf(w, "Q8_0"),
+    }
+    weight_sized = re.compile(r"= f32\[(576,1536|1536,576)\]\{[01],[01]\} (copy|transpose|fusion)")
+    fn = jax.jit(lambda x, k: linear(x, {"kernel": k}, None, 1.0))
+    out: dict = {}
+    for tokens in (1, 16, 1024):
+        x = jnp.ones((tokens, 576), jnp.float32)
+        thunks = {}
+        for name, k in kernels.items():
+            hlo = fn.lower(x, k).compile().as_text()
+            n = sum(bool(weight_sized.search(line)) for line in hlo.splitlines())
+            out[f"{name}/t{tokens}"] = {"weight_sized_f32_buffers": n}
+            thunks[name] = functools.partial(lambda x, k: C.block(fn(x, k)), x, k)
+        timed = C.interleaved(thunks, repeats=repeats, warmup=2)
+        for name, t in timed.items():
+            out[f"{name}/t{tokens}"]["call_s"] = t["median_s"]
+    return out
+
+
 def run(*, repeats: int) -> dict:
     from jaxrlhf.lora import init_lora, tree_bytes
     from jaxrlhf.models import loading
@@ -215,8 +250,17 @@ def render(result: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hlo-only", action="store_true", help="only the one-kernel HLO check")
     args = ap.parse_args()
     machine = C.machine_info()
+    if args.hlo_only:
+        result = {"benchmark": "quant_hlo", "kernel": dequant_in_hlo(repeats=20 * args.repeats)}
+        result["meta"] = {"command": "python -m benchmarks.quant --hlo-only", "machine": machine}
+        print(f"wrote {C.save_result('quant_hlo', result)}")
+        print(C.machine_line(machine))
+        for k, v in result["kernel"].items():
+            print(k, v)
+        return
     result = run(repeats=args.repeats)
     result["meta"] = {
         "command": f"python -m benchmarks.quant --repeats {args.repeats}",
