@@ -489,22 +489,29 @@ def quantize_params(
     if cfg.kind == "none" and quantizer is None:
         return params
 
-    def q(w: Any, transposed: bool) -> Any:
+    def q(w: Any, transposed: bool, name: str) -> Any:
         if is_quantized(w):
             return w
-        if quantizer is not None:
-            return quantizer(w, transposed=transposed)
-        return quantize_array(w, cfg, transposed=transposed)
+        try:
+            if quantizer is not None:
+                return quantizer(w, transposed=transposed)
+            return quantize_array(w, cfg, transposed=transposed)
+        except ValueError as e:
+            raise ValueError(
+                f"cannot quantize {name} (shape {tuple(np.shape(w))}): {e}; change "
+                f"model.quant.block_size or add {name.split('.')[-1]!r} to model.quant.skip"
+            ) from e
 
     out = dict(params)
     if "embed" not in cfg.skip and "embed" in params:
-        out["embed"] = q(params["embed"], transposed=False)
+        out["embed"] = q(params["embed"], False, "embed")
     if "lm_head" not in cfg.skip and "lm_head" in params:
-        out["lm_head"] = {**params["lm_head"], "kernel": q(params["lm_head"]["kernel"], True)}
+        kernel = q(params["lm_head"]["kernel"], True, "lm_head")
+        out["lm_head"] = {**params["lm_head"], "kernel": kernel}
     layers = dict(params.get("layers", {}))
     for name, module in layers.items():
         if name in QUANTIZABLE and name not in cfg.skip and "kernel" in module:
-            layers[name] = {**module, "kernel": q(module["kernel"], True)}
+            layers[name] = {**module, "kernel": q(module["kernel"], True, f"layers.{name}")}
     if "layers" in params:
         out["layers"] = layers
     return out

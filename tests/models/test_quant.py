@@ -185,8 +185,8 @@ def test_bad_input_is_refused():
         Q.gguf_blocks(np.zeros(144, np.uint8), "Q4_K", (1, 256), name="blk.0.attn_q.weight")
     with pytest.raises(ValueError, match="'gguf' keeps a GGUF file's own blocks"):
         Q.quantize_params({"embed": np.zeros((4, 64))}, "gguf")
-    with pytest.raises(ValueError, match="blocks of 64"):
-        Q.quantize_nf4(np.zeros((96, 8)), transposed=False)
+    with pytest.raises(ValueError, match="embed.*blocks of 64.*model.quant.skip"):
+        Q.quantize_params({"embed": np.zeros((96, 48), np.float32)}, "nf4")
     # A GGUF tensor of a type that cannot be kept is refused with the file, name and type.
     tensor = types.SimpleNamespace(
         name="blk.0.ffn_down.weight",
