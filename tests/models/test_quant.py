@@ -336,3 +336,68 @@ def test_default_gguf_kept_quantized_equals_dequantized_load():
     ids = jnp.asarray(tok(["The capital of France is"], return_tensors="np")["input_ids"])
     fwd = jax.jit(lambda p: forward(p, ids, jnp.ones_like(ids), cfg=cfg))
     assert rel_err(fwd(jax.tree.map(jnp.asarray, qp)), fwd(ref)) <= 1e-5
+
+
+def _write_tiny_gguf(path, params, cfg, type_name: str) -> None:
+    """A llama GGUF of `params` with every 2-D weight stored as `type_name` blocks (q/k rows
+    permuted the llama.cpp way, the inverse of `loading.unpermute_qk`)."""
+    from jaxrlhf.models.hf_names import state_dict_from_params
+
+    names = {v: k for k, v in loading._GGUF_GLOBAL.items()}
+    block = {v: k for k, v in loading._GGUF_BLOCK.items()}
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_block_count(cfg.num_layers)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_heads)
+    writer.add_head_count_kv(cfg.num_kv_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    qtype = gguf.GGMLQuantizationType[type_name]
+    for hf_name, w in state_dict_from_params(params, cfg).items():
+        if hf_name.startswith("model.layers."):
+            i, rest = hf_name.split(".", 3)[2:]
+            module, leaf = rest.rsplit(".", 1)
+            name = f"blk.{i}.{block[module]}.{leaf}"
+        else:
+            name = names[hf_name]
+        for proj, heads in (("q_proj", cfg.num_heads), ("k_proj", cfg.num_kv_heads)):
+            if proj in hf_name:
+                w = w.reshape(heads, 2, -1, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+        if w.ndim == 2:
+            writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, w.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q8_0"])
+def test_gguf_file_kept_quantized_equals_dequantized(type_name, base, batch, tmp_path):
+    params = {k: v for k, v in jax.device_get(base).items() if k != "score"}
+    path = tmp_path / "tiny.gguf"
+    _write_tiny_gguf(path, params, CFG, type_name)
+    cfg, dense, _ = loading.load_gguf(path)
+    _, kept, _ = loading.load_gguf(path, keep_quantized=True)
+    assert cfg.num_kv_heads == CFG.num_kv_heads and not cfg.tie_word_embeddings
+    assert Q.quant_summary(kept)[type_name.lower()] == 9  # 7 projections, lm head, embedding
+    # Kept blocks dequantize to exactly what the float load made of the same file.
+    for module in ("q_proj", "k_proj", "down_proj"):
+        np.testing.assert_array_equal(
+            np.asarray(kept["layers"][module]["kernel"]), dense["layers"][module]["kernel"]
+        )
+    ids, mask = batch
+    fwd = jax.jit(lambda p: forward(p, ids, mask, cfg=cfg))
+    assert rel_err(fwd(kept), fwd(dense)) <= 1e-5
+    # load_quantized keeps the file's blocks; `skip` loads those modules dense.
+    _, partly, _ = Q.load_quantized(str(path), Q.QuantConfig(kind="gguf", skip=("embed", "v_proj")))
+    assert not Q.is_quantized(partly["embed"]) and Q.is_quantized(partly["lm_head"]["kernel"])
+    np.testing.assert_array_equal(partly["embed"], dense["embed"])
+    assert not Q.is_quantized(partly["layers"]["v_proj"]["kernel"])
+    np.testing.assert_array_equal(
+        partly["layers"]["v_proj"]["kernel"], dense["layers"]["v_proj"]["kernel"]
+    )
+    with pytest.raises(ValueError, match="kind='gguf'.*not a .gguf file"):
+        Q.load_quantized(str(tmp_path), Q.QuantConfig(kind="gguf"))
