@@ -401,3 +401,19 @@ def test_gguf_file_kept_quantized_equals_dequantized(type_name, base, batch, tmp
     )
     with pytest.raises(ValueError, match="kind='gguf'.*not a .gguf file"):
         Q.load_quantized(str(tmp_path), Q.QuantConfig(kind="gguf"))
+
+
+def test_sampler_on_mesh_with_quantized_base_equals_single_device(base, adapter, batch):
+    lcfg, lora = adapter
+    qp = jax.tree.map(jnp.asarray, quantized(base, "nf4_dq"))
+    ids, mask = batch
+    ids, mask = jnp.concatenate([ids] * 2), jnp.concatenate([mask] * 2)  # 4 rows: data x fsdp
+    sampling = SamplingConfig.for_model(CFG, max_new_tokens=4, greedy=True)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    key = jax.random.PRNGKey(0)
+    got = make_generate_fn(CFG, sampling, mesh)(
+        put_tree(qp, mesh), ids, mask, key, lora=put_tree(lora, mesh), lora_scale=lcfg.scale
+    )
+    want = make_generate_fn(CFG, sampling)(qp, ids, mask, key, lora=lora, lora_scale=lcfg.scale)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    assert rel_err(got.logprobs, want.logprobs) <= 1e-5
