@@ -4,7 +4,8 @@ resident bytes, decode throughput and a LoRA reward-model step, per kind, in one
 The reference is `load_model("default")`: the shipped Q4_1/Q8_0 GGUF dequantized to fp32.
 Kinds: `gguf` keeps the file's own blocks (the same values as the reference, so its KL is
 0 up to float reassociation); `int8` and `nf4` re-quantize the reference's fp32 weights
-(NF4 with and without double quantization, and with the embedding kept in fp32).
+(NF4 with and without double quantization, and with the embedding kept in fp32; GGUF
+Q4_0 made the same way, for scale).
 
 - quality: mean KL(reference ‖ kind) of the next-token distributions and the perplexity of
   each on a fixed text (`TEXT`);
@@ -47,6 +48,7 @@ TEXT = (
 )
 PROMPT_LEN, NEW_TOKENS, BATCHES = 32, 16, (1, 16)
 PAIRS, SEQ = 8, 64
+TIMED = ("fp32", "gguf", "int8", "nf4")  # the kinds whose decode and rm step are timed
 
 
 def variants(ref: dict) -> dict[str, dict]:
@@ -63,6 +65,10 @@ def variants(ref: dict) -> dict[str, dict]:
             ref, Q.QuantConfig(kind="nf4", double_quant=False)
         ),
         "nf4 (fp32 embedding)": Q.quantize_params(ref, Q.QuantConfig(kind="nf4", skip=("embed",))),
+        # For scale: llama.cpp's own 4-bit format applied the same way (re-quantizing fp32).
+        "Q4_0 (re-quantized)": Q.quantize_params(
+            ref, "none", quantizer=functools.partial(Q.quantize_gguf, type_name="Q4_0")
+        ),
     }
 
 
@@ -93,24 +99,34 @@ def _generate(gen, params, ids, mask, key, lora, scale) -> None:
     C.block(gen(params, ids, mask, key, lora=lora, lora_scale=scale))
 
 
-def decode_thunks(cfg, params: dict[str, dict], lora, lora_cfg) -> dict:
+def decode_thunks(cfg, params: dict[str, dict], lora, lora_cfg, batch: int) -> dict:
     from jaxrlhf.sampling import SamplingConfig, make_generate_fn
 
     thunks = {}
     key = jax.random.PRNGKey(0)
-    for b in BATCHES:
-        ids = jnp.asarray(C.random_ids(np.random.default_rng(b), (b, PROMPT_LEN), cfg.vocab_size))
-        mask = jnp.ones_like(ids)
-        for n in (NEW_TOKENS, 1):
-            # No EOS: every row runs all n steps.
-            gen = make_generate_fn(
-                cfg, SamplingConfig(max_new_tokens=n, eos_token_ids=(), pad_token_id=0, greedy=True)
+    ids = jnp.asarray(
+        C.random_ids(np.random.default_rng(batch), (batch, PROMPT_LEN), cfg.vocab_size)
+    )
+    mask = jnp.ones_like(ids)
+    for n in (NEW_TOKENS, 1):
+        # No EOS: every row runs all n steps.
+        gen = make_generate_fn(
+            cfg, SamplingConfig(max_new_tokens=n, eos_token_ids=(), pad_token_id=0, greedy=True)
+        )
+        for name, p in params.items():
+            thunks[f"{name}/{n}"] = functools.partial(
+                _generate, gen, p, ids, mask, key, lora, lora_cfg.scale
             )
-            for name, p in params.items():
-                thunks[(name, b, n)] = functools.partial(
-                    _generate, gen, p, ids, mask, key, lora, lora_cfg.scale
-                )
     return thunks
+
+
+def _release() -> None:
+    """Drop compiled programs: two dozen unrolled 30-block decoders in one process exceed
+    the kernel's limit on memory mappings (LLVM: "Unable to allocate section memory")."""
+    import gc
+
+    gc.collect()
+    jax.clear_caches()
 
 
 def rm_thunks(cfg, params: dict[str, dict], lora, lora_cfg) -> dict:
@@ -195,20 +211,24 @@ def run(*, repeats: int) -> dict:
             "ratio": tree_bytes(p) / fp32,
         }
     print(f"[quant] quality {result['quality']}", flush=True)
+    _release()
 
     lora_cfg = C.lora_config("SEQ_CLS", ("score",))
     base_with_head = {**ref, "score": init_head(jax.random.PRNGKey(3), cfg, "score")}
     lora = init_lora(jax.random.PRNGKey(1), base_with_head, lora_cfg, cfg)
-    timed = {"decode": {}, "rm": {}}
-    dec = decode_thunks(cfg, params, lora, lora_cfg)
-    t = C.interleaved({str(k): v for k, v in dec.items()}, repeats=repeats, warmup=1)
-    for name in params:
-        for b in BATCHES:
-            long, short = t[str((name, b, NEW_TOKENS))], t[str((name, b, 1))]
+    timed: dict = {"decode": {}, "rm": {}}
+    timed_kinds = {k: params[k] for k in TIMED}
+    for b in BATCHES:
+        t = C.interleaved(
+            decode_thunks(cfg, timed_kinds, lora, lora_cfg, b), repeats=repeats, warmup=1
+        )
+        for name in TIMED:
+            long, short = t[f"{name}/{NEW_TOKENS}"], t[f"{name}/1"]
             step = (long["median_s"] - short["median_s"]) / (NEW_TOKENS - 1)
             timed["decode"][f"{name}/b{b}"] = {"step_s": step, "tokens_per_s": b / step}
-    print(f"[quant] decode {timed['decode']}", flush=True)
-    rm = C.interleaved(rm_thunks(cfg, params, lora, lora_cfg), repeats=repeats, warmup=1)
+        print(f"[quant] decode b={b} {timed['decode']}", flush=True)
+        _release()
+    rm = C.interleaved(rm_thunks(cfg, timed_kinds, lora, lora_cfg), repeats=repeats, warmup=1)
     timed["rm"] = {name: {"step_s": r["median_s"]} for name, r in rm.items()}
     result.update(timed)
     result["elapsed_s"] = time.perf_counter() - t0
@@ -219,7 +239,19 @@ def render(result: dict) -> str:
     q, by, dec, rm = result["quality"], result["bytes"], result["decode"], result["rm"]
     rows = []
     for name in by:
-        d1, d16 = dec[f"{name}/b1"], dec[f"{name}/b16"]
+        timed = name in rm
+        d1, d16 = (dec[f"{name}/b1"], dec[f"{name}/b16"]) if timed else ({}, {})
+
+        def rate(d, b):
+            if not d:
+                return "–"
+            return f"{d['tokens_per_s']:.1f} ({d['tokens_per_s'] / dec[f'fp32/b{b}']['tokens_per_s']:.2f}x)"
+
+        step = (
+            f"{rm[name]['step_s']:.2f} s ({rm[name]['step_s'] / rm['fp32']['step_s']:.2f}x)"
+            if timed
+            else "–"
+        )
         rows.append(
             [
                 name,
@@ -228,9 +260,9 @@ def render(result: dict) -> str:
                 f"{q[name]['mean_kl']:.4f}",
                 f"{q[name]['perplexity']:.2f}",
                 f"{100 * q[name]['top1_agreement']:.1f}%",
-                f"{d1['tokens_per_s']:.1f} ({d1['tokens_per_s'] / dec['fp32/b1']['tokens_per_s']:.2f}x)",
-                f"{d16['tokens_per_s']:.1f} ({d16['tokens_per_s'] / dec['fp32/b16']['tokens_per_s']:.2f}x)",
-                f"{rm[name]['step_s']:.2f} s ({rm[name]['step_s'] / rm['fp32']['step_s']:.2f}x)",
+                rate(d1, 1),
+                rate(d16, 16),
+                step,
             ]
         )
     headers = [
