@@ -18,6 +18,14 @@ from jaxrlhf.lora import (
 from jaxrlhf.models.base import load_base
 from jaxrlhf.models.config import ModelConfig, config_from_hf, tiny_config
 from jaxrlhf.models.loading import load_gguf, load_hf_folder, load_model, save_hf_folder
+from jaxrlhf.models.quant import (
+    QuantConfig,
+    QuantizedArray,
+    dequantize,
+    dequantize_params,
+    load_quantized,
+    quantize_params,
+)
 from jaxrlhf.models.transformer import (
     KVCache,
     backbone,

@@ -29,7 +29,14 @@ import jax.numpy as jnp
 
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.hf_names import module_path
-from jaxrlhf.models.transformer import PROJECTIONS, init_head, is_expert_projection
+from jaxrlhf.models.quant import is_quantized, logical_size
+from jaxrlhf.models.transformer import (
+    PROJECTIONS,
+    init_head,
+    is_expert_projection,
+    kernel_shape,
+    read_kernel,
+)
 
 Params = dict[str, Any]
 HEADS = ("score", "value")
@@ -173,7 +180,7 @@ def init_lora(
     for k, proj in zip(keys, targeted_modules(cfg, model_cfg), strict=False):
         expert = is_expert_projection(model_cfg, proj)
         # [L, in, out], or [L, E, in, out] for an expert stack: A and B stack alike.
-        *lead, fan_in, fan_out = (layers["experts"] if expert else layers)[proj]["kernel"].shape
+        *lead, fan_in, fan_out = kernel_shape((layers["experts"] if expert else layers)[proj])
         if cfg.init == "kaiming":
             # torch's kaiming_uniform_(a=sqrt(5)) on a [r, in] weight: bound = 1/sqrt(in).
             bound = 1.0 / math.sqrt(fan_in)
@@ -211,11 +218,11 @@ def _fold_layers(layers: Params, lora_layers: Params, scale: float, sign: float)
         if proj == "experts":
             layers[proj] = _fold_layers(layers[proj], ab, scale, sign)
             continue
+        # A quantized kernel is never merged into: the merged weight is dense float32.
         w = layers[proj]["kernel"]
-        layers[proj] = {
-            **layers[proj],
-            "kernel": (w.astype(jnp.float32) + sign * delta(ab, scale)).astype(w.dtype),
-        }
+        out_dtype = jnp.float32 if is_quantized(w) else w.dtype
+        merged = read_kernel(layers[proj], jnp.float32) + sign * delta(ab, scale)
+        layers[proj] = {**layers[proj], "kernel": merged.astype(out_dtype)}
     return layers
 
 
@@ -283,11 +290,13 @@ def lora_rank(lora: Params) -> int:
 
 
 def tree_bytes(tree: Any) -> int:
+    """Resident bytes: a quantized weight counts its packed codes and scales."""
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
 
 
 def tree_size(tree: Any) -> int:
-    return sum(x.size for x in jax.tree.leaves(tree) if hasattr(x, "size"))
+    """Number of parameters (a quantized weight by its logical shape, not its bytes)."""
+    return logical_size(tree)
 
 
 @dataclasses.dataclass(frozen=True)

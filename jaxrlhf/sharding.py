@@ -20,6 +20,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxrlhf.models import quant
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -129,7 +131,12 @@ def logical_axes_for(names: list[str], ndim: int) -> tuple[str | None, ...]:
     leaf = names[-1] if names else ""
     parent = names[-2] if len(names) > 1 else ""
     axes: tuple[str | None, ...]
-    if leaf == "embed":
+    if leaf in quant.QUANT_FIELDS and parent in ("kernel", "embed"):
+        # A stored array of a quantized weight (`models.quant`): its kernel's axes, in torch
+        # layout (kernels are stored transposed, the embedding table is not).
+        kernel_axes = logical_axes_for(names[:-1], ndim + quant.KERNEL_NDIM_OFFSET[leaf])
+        axes = quant.leaf_axes(kernel_axes, leaf, transposed=parent == "kernel")
+    elif leaf == "embed":
         axes = ("vocab", "embed")
     elif parent in _PROJ_AXES:
         i, o = _PROJ_AXES[parent]

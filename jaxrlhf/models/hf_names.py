@@ -6,12 +6,14 @@ the decoder blocks on a leading axis. These two functions are each other's inver
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 
 import numpy as np
 
 from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.models.quant import is_quantized, stack
 from jaxrlhf.models.transformer import is_expert_projection, projection_shapes
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
@@ -124,18 +126,20 @@ def params_from_state_dict(
             )
 
     def get(name: str, transpose: bool) -> np.ndarray:
+        if is_quantized(state_dict[name]):  # kept in torch layout, read as its transpose
+            return dataclasses.replace(state_dict[name], transposed=transpose)
         t = np.asarray(state_dict[name])
         return np.ascontiguousarray(t.T) if transpose else t
 
     def block_tensor(tmpl: str, i: int, transpose: bool) -> np.ndarray:
         if "{e}" not in tmpl:
             return get(tmpl.format(i=i), transpose)
-        return np.stack([get(tmpl.format(i=i, e=e), transpose) for e in range(cfg.num_experts)])
+        return stack([get(tmpl.format(i=i, e=e), transpose) for e in range(cfg.num_experts)])
 
     layers: dict = {}
     for path, tmpl in layer_tensor_names(cfg).items():
         transpose = path[-1] == "kernel"
-        stacked = np.stack([block_tensor(tmpl, i, transpose) for i in range(cfg.num_layers)])
+        stacked = stack([block_tensor(tmpl, i, transpose) for i in range(cfg.num_layers)])
         node = layers
         for key in path[:-2]:
             node = node.setdefault(key, {})

@@ -28,6 +28,7 @@ import numpy as np
 
 from jaxrlhf.models.config import ModelConfig, RopeScaling, config_from_hf, to_hf_dict
 from jaxrlhf.models.hf_names import params_from_state_dict, state_dict_from_params
+from jaxrlhf.models.quant import GGUF_KINDS, gguf_blocks, is_quantized
 
 DEFAULT_MODEL_NAMES = ("smollm2-135m-instruct", "default")
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -178,7 +179,11 @@ def _to_host(params: dict, dtype) -> dict:
     places each weight straight into its sharding (`sharding.put_tree` sends every device
     only its own shard) and a base larger than one device loads."""
     np_dtype = np.dtype(jnp.dtype(dtype))
-    return jax.tree.map(lambda x: np.asarray(x, dtype=np_dtype), params)
+    return jax.tree.map(
+        lambda x: x if is_quantized(x) else np.asarray(x, dtype=np_dtype),
+        params,
+        is_leaf=is_quantized,
+    )
 
 
 def save_hf_folder(
@@ -256,13 +261,19 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: str | Path, *, dtype=jnp.float32) -> tuple[ModelConfig, dict, Any]:
+def load_gguf(
+    path: str | Path, *, dtype=jnp.float32, keep_quantized: bool = False
+) -> tuple[ModelConfig, dict, Any]:
     """`(config, params, tokenizer)` from a llama.cpp GGUF file, dequantized to `dtype`.
 
     Quantized tensors (Q4_0, Q4_1, Q8_0, …) are dequantized with `gguf.quants`, q/k are
     un-permuted, and the tokenizer is rebuilt from the file's vocabulary and merges as a
     `transformers.PreTrainedTokenizerFast` (left padding; pad token set), or is None when
     the file has no tokenizer.
+
+    `keep_quantized=True`: Q4_0 / Q4_1 / Q8_0 tensors stay the file's blocks, as
+    `models.quant.QuantizedArray`s (no dequantized copy is made); float tensors load as
+    usual, and a tensor of another quantized type is refused, naming it and its type.
     """
     import gguf
 
@@ -293,14 +304,14 @@ def load_gguf(path: str | Path, *, dtype=jnp.float32) -> tuple[ModelConfig, dict
                 f"{file}: unknown GGUF tensor name {t.name!r} (supported: "
                 f"{sorted(_GGUF_GLOBAL)} and blk.N.{{{','.join(block)}}})"
             ) from None
-        w = _dequantize(t, file)
+        w = _kept_blocks(t, file) if keep_quantized else _dequantize(t, file)
         if cfg.norm_offset and hf_name.endswith("norm.weight"):
             w = w - cfg.norm_offset  # llama.cpp stores Gemma's norms as 1 + w
         if cfg.model_type == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             w = _checked_unpermute(w, cfg.num_heads, hf_name, file)
         elif cfg.model_type == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             w = _checked_unpermute(w, cfg.num_kv_heads, hf_name, file)
-        state_dict[hf_name] = w.astype(np_dtype, copy=False)
+        state_dict[hf_name] = w if is_quantized(w) else w.astype(np_dtype, copy=False)
     params = params_from_state_dict(state_dict, cfg, source=str(file))
     tokenizer = _gguf_tokenizer(meta, file)
     return cfg, _to_host(params, dtype), tokenizer
@@ -325,12 +336,29 @@ def _dequantize(t: Any, file: Path) -> np.ndarray:
         ) from e
 
 
-def _checked_unpermute(w: np.ndarray, n_heads: int, name: str, file: Path) -> np.ndarray:
+def _kept_blocks(t: Any, file: Path) -> Any:
+    """A tensor's own GGUF blocks (`QuantizedArray`), or the float tensor itself."""
+    import gguf
+
+    float_types = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+    if t.tensor_type in float_types or t.tensor_type.name == "BF16":
+        return _dequantize(t, file)
+    shape = tuple(int(n) for n in reversed(t.shape))
+    try:
+        return gguf_blocks(t.data, t.tensor_type.name, shape, name=t.name)
+    except ValueError as e:
+        supported = ", ".join(k.upper() for k in GGUF_KINDS)
+        raise ValueError(f"{file}: {e} (kept quantized: {supported}, F32, F16, BF16)") from e
+
+
+def _checked_unpermute(w: Any, n_heads: int, name: str, file: Path) -> Any:
     if w.shape[0] % (2 * n_heads):
         raise ValueError(
             f"Shape mismatch for tensor {name!r} in {file}: {w.shape[0]} rows "
             f"do not split into {n_heads} heads of even size"
         )
+    if is_quantized(w):  # rows are whole blocks: permute every stored array's rows alike
+        return w.map_arrays(lambda _, a: unpermute_qk(a, n_heads))
     return unpermute_qk(w, n_heads)
 
 

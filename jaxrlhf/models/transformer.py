@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf.models.config import ModelConfig, rope_inv_freq
+from jaxrlhf.models.quant import dense, is_quantized, take_rows
 
 Params = dict[str, Any]
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -163,9 +164,12 @@ def init_head(key: jax.Array, cfg: ModelConfig, head: str, dtype=jnp.float32) ->
 
 
 def cast_params(params: Params, dtype) -> Params:
-    """Store floating params in `dtype` (e.g. bfloat16 for a frozen base)."""
+    """Store floating params in `dtype` (e.g. bfloat16 for a frozen base); quantized weights
+    (`models.quant`) are kept as they are."""
     return jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+        params,
+        is_leaf=is_quantized,
     )
 
 
@@ -196,6 +200,17 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
+def read_kernel(weights: Params, dtype=None) -> jax.Array:
+    """The one door to a frozen kernel: `weights["kernel"]` as a dense [..., in, out] array in
+    `dtype`, dequantized here (inside the step) when it is a `models.quant.QuantizedArray`."""
+    return dense(weights["kernel"], dtype)
+
+
+def kernel_shape(weights: Params) -> tuple[int, ...]:
+    """The logical shape [..., in, out] of `weights["kernel"]`, dense or quantized."""
+    return tuple(weights["kernel"].shape)
+
+
 def linear(
     x: jax.Array,
     weights: Params,
@@ -205,8 +220,7 @@ def linear(
     dropout_rng: jax.Array | None = None,
 ) -> jax.Array:
     """`x·W (+b)`, plus the unmerged LoRA term `s·(dropout(x)·A)·B` when an adapter is given."""
-    kernel = weights["kernel"]
-    y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
+    y = jnp.einsum("...i,io->...o", x, read_kernel(weights, x.dtype))
     if "bias" in weights:
         y = y + weights["bias"].astype(y.dtype)
     if lora is not None:
@@ -408,7 +422,7 @@ def route(router_logits: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Ar
 
 def _expert_linear_dense(x_en, w, lora, lora_scale):
     """Every expert on every token: x [E, N, in] · W [E, in, out] (+ LoRA) -> [E, N, out]."""
-    y = jnp.einsum("eni,eio->eno", x_en, w["kernel"].astype(x_en.dtype))
+    y = jnp.einsum("eni,eio->eno", x_en, read_kernel(w, x_en.dtype))
     if lora is not None:
         xa = jnp.einsum("eni,eir->enr", x_en, lora["lora_A"].astype(x_en.dtype))
         y = y + jnp.einsum("enr,ero->eno", xa, lora["lora_B"].astype(x_en.dtype)) * lora_scale
@@ -417,7 +431,7 @@ def _expert_linear_dense(x_en, w, lora, lora_scale):
 
 def _expert_linear_ragged(x_sorted, w, lora, lora_scale, group_sizes):
     """Rows sorted by expert, each through its own expert: `jax.lax.ragged_dot` (+ LoRA)."""
-    y = jax.lax.ragged_dot(x_sorted, w["kernel"].astype(x_sorted.dtype), group_sizes)
+    y = jax.lax.ragged_dot(x_sorted, read_kernel(w, x_sorted.dtype), group_sizes)
     if lora is not None:
         a, bb = (lora[n].astype(x_sorted.dtype) for n in ("lora_A", "lora_B"))
         xa = jax.lax.ragged_dot(x_sorted, a, group_sizes)
@@ -442,7 +456,7 @@ def moe_mlp(
     logits = jnp.einsum(
         "nd,de->ne",
         tokens,
-        layer["router"]["kernel"].astype(x.dtype),
+        read_kernel(layer["router"], x.dtype),
         preferred_element_type=jnp.float32,
     )
     weights, chosen = route(logits, cfg)
@@ -557,7 +571,7 @@ def backbone(
     t = input_ids.shape[1]
     if positions is None:
         positions = positions_from_mask(attention_mask)
-    x = params["embed"].astype(dtype)[input_ids]
+    x = take_rows(params["embed"], input_ids, dtype)
     if cfg.embed_scale:  # Gemma: sqrt(D), rounded to the compute dtype as transformers does
         x = x * jnp.asarray(np.sqrt(cfg.hidden_size), dtype)
     window = None
@@ -668,8 +682,9 @@ def head_weights(params: Params, lora: Params | None, name: str) -> Params:
 
 
 def lm_kernel(params: Params) -> jax.Array:
-    """The output projection [D, V]: the tied embedding's transpose or the lm_head."""
-    return params["embed"].T if "lm_head" not in params else params["lm_head"]["kernel"]
+    """The output projection [D, V]: the tied embedding's transpose or the lm_head (dense;
+    a quantized one is dequantized here)."""
+    return dense(params["embed"]).T if "lm_head" not in params else read_kernel(params["lm_head"])
 
 
 def lm_logits(
