@@ -523,7 +523,12 @@ def make_update_fn(
 
 
 def init_trainable(
-    cfg: GroupRolloutTraining, *, key: jax.Array, base: Any, model_cfg: ModelConfig, reward_model: Any
+    cfg: GroupRolloutTraining,
+    *,
+    key: jax.Array,
+    base: Any,
+    model_cfg: ModelConfig,
+    reward_model: Any,
 ) -> tuple[Any, None]:
     """The policy: a fresh adapter over the shared base (LoRA) or a float32 copy of the base
     (full fine-tuning; the frozen base stays as the reference). No critic."""

@@ -88,7 +88,8 @@ class ReinforcePPConfig(GroupRolloutTraining):
         if not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
         if self.reward_clip_range is not None and (
-            len(self.reward_clip_range) != 2 or self.reward_clip_range[0] > self.reward_clip_range[1]
+            len(self.reward_clip_range) != 2
+            or self.reward_clip_range[0] > self.reward_clip_range[1]
         ):
             raise ValueError(
                 f"reward_clip_range must be [min, max] with min <= max, got "
@@ -111,7 +112,13 @@ def make_prepare_fn(
         if cfg.mask_truncated_completions:
             resp = resp * finished[:, None].astype(resp.dtype)
         old, _ = policy_logprobs(
-            trainable, frozen, ids, mask, prompt_len, model_cfg=model_cfg, lora_cfg=cfg.lora,
+            trainable,
+            frozen,
+            ids,
+            mask,
+            prompt_len,
+            model_cfg=model_cfg,
+            lora_cfg=cfg.lora,
             cfg=cfg,
         )
         if cfg.kl_coef > 0:

@@ -62,7 +62,8 @@ class RLOOConfig(GroupRolloutTraining):
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.reward_clip_range is not None and (
-            len(self.reward_clip_range) != 2 or self.reward_clip_range[0] > self.reward_clip_range[1]
+            len(self.reward_clip_range) != 2
+            or self.reward_clip_range[0] > self.reward_clip_range[1]
         ):
             raise ValueError(
                 f"reward_clip_range must be [min, max] with min <= max, got "
@@ -87,7 +88,13 @@ def make_prepare_fn(
         old = ref = None
         if cfg.beta > 0 or cfg.use_old_logprobs:
             old, _ = policy_logprobs(
-                trainable, frozen, ids, mask, prompt_len, model_cfg=model_cfg, lora_cfg=cfg.lora,
+                trainable,
+                frozen,
+                ids,
+                mask,
+                prompt_len,
+                model_cfg=model_cfg,
+                lora_cfg=cfg.lora,
                 cfg=cfg,
             )
         if cfg.beta > 0:

@@ -39,6 +39,9 @@ class PreferenceAlgorithm:
     data before training when `precompute_reference(cfg)`; the arrays ride along in every
     batch (by pair index)."""
     precompute_reference: Callable[[Any], bool] = lambda cfg: False
+    prepare_rows: Callable[[Any, list], list] | None = None
+    """`(cfg, rows) -> rows`: rewrites the loaded rows (train and eval) into preference
+    pairs before tokenization (KTO: unpaired feedback → (completion, KL completion) pairs)."""
     summary_keys: tuple[str, ...] = ("loss",)
     """Eval metrics printed before and after training."""
     bar_keys: tuple[str, ...] = ("loss",)

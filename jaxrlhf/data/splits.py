@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from jaxrlhf.data.buckets import default_buckets
@@ -44,14 +45,24 @@ def _split_source(source: Any) -> tuple[Any, Any]:
 
 
 def load_preferences(
-    cfg: PreferenceDataConfig, tokenizer: Any, *, seed: int, source: Any = None, log=print
+    cfg: PreferenceDataConfig,
+    tokenizer: Any,
+    *,
+    seed: int,
+    source: Any = None,
+    log=print,
+    prepare_rows: Callable[[list], list] | None = None,
 ) -> PreferenceSplits:
-    """Tokenized train/eval pairs from `cfg.train` (or an in-memory `source`)."""
+    """Tokenized train/eval pairs from `cfg.train` (or an in-memory `source`);
+    `prepare_rows` rewrites each split's loaded rows into pairs first (e.g. KTO's)."""
     source, eval_source = _split_source(source)
 
     def tokenize(rows):
+        rows = load_rows(rows)
+        if prepare_rows is not None:
+            rows = load_rows(prepare_rows(rows))
         return tokenize_preferences(
-            load_rows(rows),
+            rows,
             tokenizer,
             max_length=cfg.max_length,
             max_prompt_length=cfg.max_prompt_length,
