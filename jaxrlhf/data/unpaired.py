@@ -35,7 +35,9 @@ def unpaired_rows(rows: Any) -> list[dict]:
     if {"chosen", "rejected"} <= columns and "completion" not in columns:
         if "prompt" not in columns:
             raise ValueError("paired KTO rows need a 'prompt' column to unpair them")
-        return unpair(rows["prompt"], rows["chosen"], rows["rejected"])
+        return unpair(
+            [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows]
+        )
     missing = [c for c in ("prompt", *UNPAIRED_COLUMNS) if c not in columns]
     if missing:
         raise ValueError(
