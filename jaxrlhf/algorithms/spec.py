@@ -1,7 +1,8 @@
 """What an algorithm hands its driver: one small frozen record of functions per algorithm.
 
-A preference algorithm (`reward_model`, `dpo`) is run by `jaxrlhf.train.preference`; an
-online one (`ppo`, `grpo`) by `jaxrlhf.train.online`. The record names only what is the
+A preference algorithm (`reward_model`, `dpo`, `kto`, `orpo`, `cpo`) is run by
+`jaxrlhf.train.preference`; an online one (`ppo`, `grpo`, `rloo`, `reinforce_pp`) by
+`jaxrlhf.train.online`. The record names only what is the
 algorithm's own — its config class (which is also the static hyperparameters of its steps),
 its trainable layout, its compiled steps and its metrics; the driver does the rest (data,
 mesh, batches, loop, evaluation, checkpoints, export). Adding an algorithm is one module
