@@ -447,7 +447,7 @@ def test_resume_after_sigterm_is_exact(tmp_path, monkeypatch):
     assert [r["step"] for r in _records(tmp_path / "b")] == [1, 2]
     resumed = run_grpo(_cfg(tmp_path / "b", *common), source=rows, resume=True)
 
-    a, b = jax.device_get((full["state"], resumed["state"]))
+    a, b = jax.device_get((full["state"].train, resumed["state"].train))
     assert int(a.step) == int(b.step) == 4 * 2 * 2
     for x, y in zip(
         jax.tree.leaves((a.trainable, a.opt_state, a.rng)),
