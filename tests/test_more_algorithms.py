@@ -10,9 +10,11 @@ import random
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers.tasks import case_preference_rows
+from test_grpo import setup  # noqa: F401  (the fixture: a tiny model and one real rollout)
 
 from jaxrlhf import config as C
 from jaxrlhf import data as D
@@ -259,3 +261,137 @@ def test_online_resume_after_sigterm_is_exact(tmp_path, monkeypatch, name):
         strict=True,
     ):
         np.testing.assert_array_equal(x, y)
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+@pytest.fixture(scope="module")
+def pair_setup():
+    """The tiny model, a random adapter (policy ≠ base) and 6 tokenized case pairs."""
+    from test_dpo import random_adapter
+
+    from jaxrlhf.models.base import load_base
+
+    cfg = _cfg("orpo", "/tmp/unused")
+    model_cfg, base, tok = load_base(cfg.model, seed=0)
+    base = jax.tree.map(jnp.asarray, base)
+    prefs, _ = D.tokenize_preferences(case_preference_rows(6, seed=3), tok, max_length=64)
+    return cfg, model_cfg, base, random_adapter(cfg, model_cfg, base), prefs
+
+
+def _naive_chosen_tokens(params, lora, scale, model_cfg, prefs):
+    """Per pair: Σ log p and counts over the chosen prompt tokens (after the first) and the
+    chosen completion tokens, from full logits and a plain log-softmax, one row per pair."""
+    from jaxrlhf.models.transformer import forward
+
+    out = []
+    for i in range(len(prefs)):
+        p, c = prefs.prompt_ids[i], prefs.chosen_ids[i]
+        ids = np.concatenate([p, c])[None].astype(np.int32)
+        logits = forward(params, ids, np.ones_like(ids), cfg=model_cfg, lora=lora, lora_scale=scale)
+        lp = np.take_along_axis(
+            np.asarray(jax.nn.log_softmax(logits[0, :-1], -1)), ids[0, 1:, None], -1
+        )[:, 0]
+        n_p = len(p)
+        out.append((lp[: n_p - 1].sum(), n_p - 1, lp[n_p - 1 :].sum(), len(c)))
+    return np.array(out, np.float64)
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_orpo_and_cpo_nll_terms_match_a_plain_log_softmax(pair_setup, share_prompt):
+    """ORPO's NLL covers the chosen prompt and completion, CPO's the completion only (as TRL
+    builds their labels); packed and unshared batches give the naive numbers."""
+    from jaxrlhf.algorithms import cpo, orpo
+
+    cfg, model_cfg, base, lora, prefs = pair_setup
+    batch = D.pair_batch(
+        prefs,
+        np.arange(len(prefs)),
+        pad_id=0,
+        buckets=(64,),
+        batch_size=8,  # two padding pairs, which must count nowhere
+        share_prompt=share_prompt,
+    )
+    naive = _naive_chosen_tokens(base, lora, cfg.lora.scale, model_cfg, prefs)
+    o = orpo.orpo_outputs(lora, base, batch, cfg=cfg, model_cfg=model_cfg)
+    np.testing.assert_allclose(np.asarray(o[2])[:6], -(naive[:, 0] + naive[:, 2]), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(o[3]), [*(naive[:, 1] + naive[:, 3]), 0, 0])
+    np.testing.assert_allclose(np.asarray(o[0])[:6], naive[:, 2] / naive[:, 3], rtol=1e-5)
+    c_cfg = _cfg("cpo", "/tmp/unused")
+    c = cpo.cpo_outputs(lora, base, batch, cfg=c_cfg, model_cfg=model_cfg)
+    np.testing.assert_allclose(np.asarray(c[2])[:6], -naive[:, 2], rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(c[3]), [*naive[:, 3], 0, 0])
+    np.testing.assert_allclose(np.asarray(c[0])[:6], naive[:, 2], rtol=1e-5)  # summed
+
+
+def test_kto_precomputed_reference_gives_the_same_steps(tmp_path, one_device):
+    rows = case_preference_rows(16, seed=4)
+    common = ("data.eval_fraction=0.0", "batch_size=8", "max_steps=2")
+    for sub, extra in (("live", ()), ("pre", ("precompute_ref_logps=true",))):
+        run_algorithm("kto", _cfg("kto", tmp_path / sub, *common, *extra), source=rows)
+    live, pre = _train_records(tmp_path / "live"), _train_records(tmp_path / "pre")
+    for a, b in zip(live, pre, strict=True):
+        for key in ("loss", "kl", "rewards/chosen", "rewards/rejected"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+def _online_prepare(setup, module, cfg):  # noqa: F811
+    fn = module.make_prepare_fn(
+        cfg, model_cfg=setup["model_cfg"], prompt_len=setup["prompts"]["input_ids"].shape[1]
+    )
+    args = (setup["policy"], setup["base"], setup["rollout_in"], jnp.asarray(setup["scores"]))
+    return jax.jit(fn)(*args, jnp.float32(0.05))
+
+
+def _online_cfg(cls, **kw):
+    from test_grpo import G_SIZE, LORA, LOWER, MAX_NEW, N_PROMPTS
+
+    return cls(
+        lora=LORA,
+        reward_funcs=(LOWER,),
+        num_generations=G_SIZE,
+        prompts_per_iteration=N_PROMPTS,
+        generation=C.GenerationConfig(max_new_tokens=MAX_NEW, temperature=1.0),
+        share_prompt=False,
+        **kw,
+    )
+
+
+def test_rloo_prepare_gives_leave_one_out_advantages(setup):  # noqa: F811
+    """A fresh adapter is the reference, so the folded-in KL is exactly 0 and the advantage is
+    r_i − mean of the other k − 1 (= k/(k − 1)·(r_i − group mean)); clipping comes first."""
+    from test_grpo import G_SIZE
+
+    scores = np.asarray(setup["scores"], np.float64)
+    for clip in (None, (0.0, 0.2)):
+        batch, metrics = _online_prepare(
+            setup, rloo, _online_cfg(rloo.RLOOConfig, beta=0.05, reward_clip_range=clip)
+        )
+        r = scores if clip is None else np.clip(scores, *clip)
+        g = r.reshape(-1, G_SIZE)
+        want = (g - (g.sum(1, keepdims=True) - g) / (G_SIZE - 1)).reshape(-1)
+        np.testing.assert_allclose(np.asarray(batch["advantages"]), want, rtol=1e-5, atol=1e-6)
+        assert float(metrics["kl"]) == 0.0
+        assert float(metrics["reward"]) == pytest.approx(scores.mean(), rel=1e-6)
+        assert "old_logprobs" not in batch  # one optimizer step per batch: π_old = π
+
+
+def test_reinforce_pp_prepare_normalises_returns_over_the_batch(setup):  # noqa: F811
+    """KL 0 (fresh adapter), γ = 1: every response token's return is its sequence's
+    (baselined) score; the advantage is that, normalised over all response tokens."""
+    from test_grpo import G_SIZE
+
+    scores = np.asarray(setup["scores"], np.float64)
+    resp = np.asarray(setup["rollout_in"]["response_mask"]).astype(bool)
+    cfg = _online_cfg(
+        reinforce_pp.ReinforcePPConfig, advantage_estimator="reinforce_baseline", kl_coef=0.05
+    )
+    batch, metrics = _online_prepare(setup, reinforce_pp, cfg)
+    g = scores.reshape(-1, G_SIZE)
+    s = (g - g.mean(1, keepdims=True)).reshape(-1)
+    returns = np.broadcast_to(s[:, None], resp.shape)[resp]
+    want = np.zeros(resp.shape)
+    want[resp] = (returns - returns.mean()) / returns.std()  # population std, as OpenRLHF
+    np.testing.assert_allclose(np.asarray(batch["advantages"]), want, rtol=1e-4, atol=1e-5)
+    assert float(metrics["kl"]) == 0.0
