@@ -55,6 +55,16 @@ from jaxrlhf.rollout import (
 from jaxrlhf.sharding import MeshConfig, make_mesh
 from jaxrlhf.train.online import train_online
 from jaxrlhf.train.preference import train_preference
-from jaxrlhf.train.runs import run_dpo, run_grpo, run_ppo, run_rm
+from jaxrlhf.train.runs import (
+    run_cpo,
+    run_dpo,
+    run_grpo,
+    run_kto,
+    run_orpo,
+    run_ppo,
+    run_reinforce_pp,
+    run_rloo,
+    run_rm,
+)
 
 __version__ = "0.1.0"

@@ -73,6 +73,7 @@ from jaxrlhf.data.tokenize import (
     tokenize_preferences,
     tokenize_prompts,
 )
+from jaxrlhf.data.unpaired import kto_pairs, unpaired_rows
 
 __all__ = [
     "PreferenceData",
@@ -85,6 +86,7 @@ __all__ = [
     "check_buckets",
     "default_buckets",
     "epoch_order",
+    "kto_pairs",
     "load_preferences",
     "load_prompts",
     "load_rows",
@@ -99,4 +101,5 @@ __all__ = [
     "tokenize_preferences",
     "tokenize_prompts",
     "train_eval_split",
+    "unpaired_rows",
 ]

@@ -12,6 +12,7 @@ are computed once over the data and attached to every batch by pair index.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -71,8 +72,16 @@ def train_preference(
     `data.train` (rows or a `datasets.Dataset`). Returns a summary dict."""
     start = start_run(cfg, resume=resume)
     mesh, model_cfg = start.mesh, start.model_cfg
+    prepare_rows = None
+    if algo.prepare_rows is not None:
+        prepare_rows = functools.partial(algo.prepare_rows, cfg)
     splits = D.load_preferences(
-        cfg.data, start.tokenizer, seed=cfg.run.seed, source=source, log=log
+        cfg.data,
+        start.tokenizer,
+        seed=cfg.run.seed,
+        source=source,
+        log=log,
+        prepare_rows=prepare_rows,
     )
     n_train = len(splits.train)
     # Computed once: the per-step batch order reads it for every pair of the train set.
