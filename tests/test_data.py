@@ -194,11 +194,16 @@ BAD_ROWS = [
     ),
     (
         {"prompt": [user("hello")], "chosen": [{"role": "assistant"}], "rejected": [bot("bad")]},
-        "field 'chosen' message 0 has no string 'content'",
+        "field 'chosen' message 1 has no string 'content'",  # messages count from 1
     ),
     (
         {"prompt": [user("hello")], "chosen": ["fine"], "rejected": [bot("bad")]},
-        "field 'chosen' message 0 is not a dict",
+        "field 'chosen' message 1 is not a dict",
+    ),
+    (
+        {"prompt": [user("hello")], "chosen": [{"role": "robot", "content": "x"}], "rejected": []},
+        "field 'chosen' message 1 has the unknown role 'robot'; use one of system, developer, "
+        "user, assistant, tool, function, ipython",
     ),
     (
         {"prompt": "hello", "chosen": "fine", "rejected": [bot("bad")]},

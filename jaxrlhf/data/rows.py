@@ -246,6 +246,11 @@ def _json_problem(path: Path) -> str | None:
     return None
 
 
+# The roles chat templates know (OpenAI's and Llama 3's); another role is a typo more often
+# than a template feature, and most templates would render it silently.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+
+
 class RowError(Exception):
     """A problem with one row; the caller adds "row i: " or records it as a skip reason."""
 
@@ -291,11 +296,16 @@ def row_field(row: Mapping, name: str) -> Any:
         for j, msg in enumerate(value):
             if not isinstance(msg, Mapping):
                 raise RowError(
-                    f"field {name!r} message {j} is not a dict with 'role' and 'content'"
+                    f"field {name!r} message {j + 1} is not a dict with 'role' and 'content'"
                 )
             for key in ("role", "content"):
                 if not isinstance(msg.get(key), str):
-                    raise RowError(f"field {name!r} message {j} has no string {key!r}")
+                    raise RowError(f"field {name!r} message {j + 1} has no string {key!r}")
+            if msg["role"] not in CHAT_ROLES:
+                raise RowError(
+                    f"field {name!r} message {j + 1} has the unknown role {msg['role']!r}; "
+                    f"use one of {', '.join(CHAT_ROLES)}"
+                )
         return list(value)
     raise RowError(
         f"field {name!r} must be a string or a list of messages, got {type(value).__name__}"
