@@ -244,6 +244,13 @@ def from_dict(cls: type, raw: dict, where: str = "") -> Any:
         return cls(**kwargs)
     except TypeError as e:
         raise ValueError(f"Invalid config{' for ' + where if where else ''}: {e}") from e
+    except ValueError as e:
+        # A section's own check names its class ("LoraConfig.r ..."); say the option
+        # the user wrote instead ("lora.r ...", "value_lora.r ...").
+        prefix = f"{cls.__name__}."
+        if where and str(e).startswith(prefix):
+            raise ValueError(f"{where}.{str(e)[len(prefix) :]}") from e
+        raise
 
 
 def _field_default(field: dataclasses.Field) -> Any:

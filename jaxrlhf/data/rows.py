@@ -210,40 +210,85 @@ def _kind(value: Any) -> str:
     )
 
 
-def _json_problem(path: Path) -> str | None:
-    """What is wrong with a JSON or JSON-lines file, with its 1-based line, or None.
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (write null or a number)")
 
-    JSON lines when the first non-blank line is an object on its own; else one document."""
+
+def _parse_json(text: str) -> Any:
+    """`json.loads` without Python's NaN/Infinity extension (Arrow refuses them too)."""
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+def _json_error(err: ValueError) -> str:
+    if isinstance(err, json.JSONDecodeError):
+        return f"invalid JSON ({err.msg} at column {err.colno})"
+    return str(err)
+
+
+def _is_json_lines(path: Path, lines: list[str]) -> bool:
+    """A .jsonl file is JSON lines; a .json file is when it does not open with "[" and some
+    non-blank line is an object on its own."""
+    if path.suffix.lower() == ".jsonl":
+        return True
+    body = [line for line in lines if line.strip()]
+    if body[0].lstrip().startswith("["):
+        return False
+    for line in body:
+        try:
+            if isinstance(_parse_json(line), dict):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def _json_problem(path: Path) -> str | None:
+    """What is wrong with a JSON or JSON-lines file, with its 1-based line, or None."""
     problem = _empty_or_not_utf8(path)
     if problem is not None:
         return problem
-    lines = path.read_text(encoding="utf-8").splitlines()
-    first = next(n for n, line in enumerate(lines) if line.strip())
-    try:
-        json_lines = isinstance(json.loads(lines[first]), dict)
-    except json.JSONDecodeError:
-        json_lines = False
-    if not json_lines:
+    lines = path.read_text(encoding="utf-8").split("\n")  # lines as `wc -l` and editors count
+    if not _is_json_lines(path, lines):
         try:
-            doc = json.loads("\n".join(lines))
+            doc = _parse_json("\n".join(lines))
         except json.JSONDecodeError as e:
-            return f"line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})"
+            return f"line {e.lineno}: {_json_error(e)}"
+        except ValueError as e:
+            return str(e)
         if not isinstance(doc, list):
             return f"expected JSON lines or a list of objects, got {_kind(doc)}"
         for i, item in enumerate(doc):
             if not isinstance(item, dict):
                 return f"item {i + 1} of the list is {_kind(item)}, not an object"
+            if _too_big(item):
+                return f"item {i + 1} of the list holds an integer beyond 64 bits"
         return None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            return f"line {n}: invalid JSON ({e.msg} at column {e.colno})"
+            value = _parse_json(line)
+        except ValueError as e:
+            return f"line {n}: {_json_error(e)}"
         if not isinstance(value, dict):
             return f"line {n}: expected a JSON object {{...}}, got {_kind(value)}"
+        big = next((k for k, v in value.items() if _too_big(v)), None)
+        if big is not None:
+            return (
+                f"line {n}: field {big!r} holds an integer beyond 64 bits, which Arrow cannot store"
+            )
     return None
+
+
+def _too_big(value: Any) -> bool:
+    """An integer Arrow cannot store (beyond int64 / uint64), anywhere inside `value`."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return not -(2**63) <= value < 2**64
+    if isinstance(value, dict):
+        return any(_too_big(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_too_big(v) for v in value)
+    return False
 
 
 # The roles chat templates know (OpenAI's and Llama 3's); another role is a typo more often
