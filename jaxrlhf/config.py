@@ -94,7 +94,7 @@ class RunConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PreferenceDataConfig:
-    train: str = ""
+    train: str | None = None
     """Preference pairs: a .json/.jsonl/.parquet/.csv file, a `save_to_disk` folder, a folder
     of data files, or a dataset id (`datasets.load_dataset`; offline: its cache)."""
     eval: str | None = None
@@ -322,7 +322,7 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PromptDataConfig:
-    train: str = ""
+    train: str | None = None
     """Prompts (plain strings or chat messages): a .json/.jsonl/.parquet/.csv file, a
     `save_to_disk` folder, a folder of data files, or a dataset id."""
     field: str = "prompt"

@@ -60,6 +60,8 @@ def _tokenize_source(tokenize, rows: Any, label: str | None):
 def _configured(cfg: Any, option: str, split: str | None):
     """(rows, label) of `data.train` or `data.eval` at `split`."""
     location = getattr(cfg, option)
+    if location is None or not location.strip():
+        raise ValueError(f"data.{option} is not set: give a file, a folder or a dataset id")
     rows = load_rows(location, split=split, config=cfg.config, name=f"data.{option}")
     return rows, f"data.{option} {location}" + (f" (split {split})" if split else "")
 
