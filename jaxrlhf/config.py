@@ -99,10 +99,19 @@ class RunConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PreferenceDataConfig:
-    train: str = ""
-    """A local .json/.jsonl/.parquet/.csv file of preference pairs."""
+    train: str | None = None
+    """Preference pairs: a .json/.jsonl/.parquet/.csv file, a `save_to_disk` folder, a folder
+    of data files, or a dataset id (`datasets.load_dataset`; offline: its cache)."""
     eval: str | None = None
-    """A separate eval file; otherwise `eval_fraction` of `train` is held out."""
+    """A separate eval source (same forms); otherwise `eval_split` of `train` if set, else
+    `eval_fraction` of `train` is held out."""
+    config: str | None = None
+    """The dataset's configuration name (TRL's `dataset_config`)."""
+    split: str | None = None
+    """The split of `train` (TRL's `dataset_train_split`; default "train"; may slice, e.g.
+    "train[:1000]", where `datasets.load_dataset` reads)."""
+    eval_split: str | None = None
+    """The split of `eval`, or of `train` when `eval` is not set (TRL's `dataset_test_split`)."""
     eval_fraction: float = 0.1
     max_length: int = 512
     max_prompt_length: int | None = None
@@ -121,6 +130,14 @@ class PreferenceDataConfig:
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         _check_length_buckets(self.length_buckets, self.max_length)
+        _check_splits(self)
+
+
+def _check_splits(data: Any) -> None:
+    for name in ("config", "split", "eval_split"):
+        value = getattr(data, name)
+        if value is not None and not value.strip():
+            raise ValueError(f"data.{name} must be a non-empty string or null, got {value!r}")
 
 
 def _check_length_buckets(buckets: tuple[int, ...] | None, max_length: int) -> None:
@@ -232,6 +249,13 @@ def from_dict(cls: type, raw: dict, where: str = "") -> Any:
         return cls(**kwargs)
     except TypeError as e:
         raise ValueError(f"Invalid config{' for ' + where if where else ''}: {e}") from e
+    except ValueError as e:
+        # A section's own check names its class ("LoraConfig.r ..."); say the option
+        # the user wrote instead ("lora.r ...", "value_lora.r ...").
+        prefix = f"{cls.__name__}."
+        if where and str(e).startswith(prefix):
+            raise ValueError(f"{where}.{str(e)[len(prefix) :]}") from e
+        raise
 
 
 def _field_default(field: dataclasses.Field) -> Any:
@@ -303,10 +327,18 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PromptDataConfig:
-    train: str = ""
-    """A local .json/.jsonl/.parquet/.csv file of prompts (plain strings or chat messages)."""
+    train: str | None = None
+    """Prompts (plain strings or chat messages): a .json/.jsonl/.parquet/.csv file, a
+    `save_to_disk` folder, a folder of data files, or a dataset id."""
     field: str = "prompt"
     eval: str | None = None
+    """A separate eval source; otherwise `eval_split` of `train` if set, else `eval_size`."""
+    config: str | None = None
+    """The dataset's configuration name (TRL's `dataset_config`)."""
+    split: str | None = None
+    """The split of `train` (TRL's `dataset_train_split`; default "train")."""
+    eval_split: str | None = None
+    """The split of `eval`, or of `train` when `eval` is not set (TRL's `dataset_test_split`)."""
     eval_size: int = 0
     """Held-out prompts taken from `train` when there is no `eval` file (0: no evaluation)."""
     max_prompt_length: int = 128
@@ -319,6 +351,7 @@ class PromptDataConfig:
         if self.eval_size < 0:
             raise ValueError(f"data.eval_size must be >= 0, got {self.eval_size}")
         _check_length_buckets(self.length_buckets, self.max_prompt_length)
+        _check_splits(self)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -194,11 +194,16 @@ BAD_ROWS = [
     ),
     (
         {"prompt": [user("hello")], "chosen": [{"role": "assistant"}], "rejected": [bot("bad")]},
-        "field 'chosen' message 0 has no string 'content'",
+        "field 'chosen' message 1 has no string 'content'",  # messages count from 1
     ),
     (
         {"prompt": [user("hello")], "chosen": ["fine"], "rejected": [bot("bad")]},
-        "field 'chosen' message 0 is not a dict",
+        "field 'chosen' message 1 is not a dict",
+    ),
+    (
+        {"prompt": [user("hello")], "chosen": [{"role": "robot", "content": "x"}], "rejected": []},
+        "field 'chosen' message 1 has the unknown role 'robot'; use one of system, developer, "
+        "user, assistant, tool, function, ipython",
     ),
     (
         {"prompt": "hello", "chosen": "fine", "rejected": [bot("bad")]},
@@ -252,13 +257,13 @@ def test_bad_row_errors_name_row_and_field(tok, row, message):
         good["margin"] = 1.0
     if "prompt" not in row:
         good.pop("prompt")
-    with pytest.raises(ValueError, match="^row 1: " + message.replace("(", r"\(")):
+    with pytest.raises(ValueError, match="^row 2: " + message.replace("(", r"\(")):
         D.tokenize_preferences([good, row], tok, max_length=32)
 
 
 def test_prompt_without_room_is_an_error(tok):
     rows = [{"prompt": "one two three four five", "chosen": "six", "rejected": "seven"}]
-    with pytest.raises(ValueError, match="^row 0: field 'prompt' leaves no room for a response"):
+    with pytest.raises(ValueError, match="^row 1: field 'prompt' leaves no room for a response"):
         D.tokenize_preferences(rows, tok, max_length=4, max_prompt_length=4)
 
 
@@ -268,7 +273,7 @@ def test_non_prefix_stable_template_is_an_error():
         "{% if add_generation_prompt %}<|assistant|> {% endif %}"
     )
     rows = [{"prompt": [user("hello")], "chosen": [bot("fine")], "rejected": [bot("bad")]}]
-    with pytest.raises(ValueError, match="^row 0: field 'chosen': the chat template"):
+    with pytest.raises(ValueError, match="^row 1: field 'chosen': the chat template"):
         D.tokenize_preferences(rows, tok, max_length=32)
 
 
@@ -283,7 +288,7 @@ def test_chat_template_problems():
         {"prompt": [user("hello"), user("hello")], "chosen": [bot("a")], "rejected": [bot("b")]}
     ]
     with pytest.raises(
-        ValueError, match="^row 0: field 'prompt': the chat template failed: roles must alternate"
+        ValueError, match="^row 1: field 'prompt': the chat template failed: roles must alternate"
     ):
         D.tokenize_preferences(rows, strict, max_length=32)
     no_template = make_tokenizer()
@@ -302,9 +307,10 @@ def test_skip_bad_rows_counts(tok):
     ]
     data, report = D.tokenize_preferences(rows, tok, max_length=32, skip_bad_rows=True)
     assert (report.n_rows, report.n_kept, report.n_skipped) == (5, 3, 2)
+    # Row numbers count from 1 (row 2 is line 2 of a .jsonl); row_index stays 0-based.
     assert report.skipped == (
-        (1, "field 'chosen' is empty"),
-        (3, "field 'chosen' must be a string or a list of messages, got int"),
+        (2, "field 'chosen' is empty"),
+        (4, "field 'chosen' must be a string or a list of messages, got int"),
     )
     assert data.row_index.tolist() == [0, 2, 4]
     assert data.chosen_ids[2].tolist() == [*ids(tok, "two"), EOS]
@@ -317,7 +323,7 @@ def test_skip_bad_rows_counts(tok):
         max_prompt_length=4,
         skip_bad_rows=True,
     )
-    assert report.skipped[0][0] == 0 and "leaves no room" in report.skipped[0][1]
+    assert report.skipped[0][0] == 1 and "leaves no room" in report.skipped[0][1]
     assert data.row_index.tolist() == [1]
 
 
@@ -345,7 +351,7 @@ def test_tokenize_prompts(tok):
         {"prompt": "one two three four five six seven", "answer": "seven"},
     ]
     data, report = D.tokenize_prompts(rows, tok, max_prompt_length=4, skip_bad_rows=True)
-    assert report.skipped == ((2, "field 'prompt' is empty"),)
+    assert report.skipped == ((3, "field 'prompt' is empty"),)
     assert report.n_truncated == 2  # the rendered chat prompt is 7 tokens, too
     assert data.row_index.tolist() == [0, 1, 3]
     assert data.prompt_ids[0].tolist() == [BOS, *ids(tok, "what is one")]
@@ -359,7 +365,7 @@ def test_tokenize_prompts(tok):
     picked = data.select([2, 0])
     assert picked.extras == {"answer": ("seven", "one")} and picked.row_index.tolist() == [3, 0]
     assert picked.prompt_text[1] == "what is one"
-    with pytest.raises(ValueError, match="^row 2: field 'prompt' is empty"):
+    with pytest.raises(ValueError, match="^row 3: field 'prompt' is empty"):
         D.tokenize_prompts(rows, tok, max_prompt_length=4)
     with pytest.raises(ValueError, match="rows have no 'question' column"):
         D.tokenize_prompts(rows, tok, max_prompt_length=4, field="question")
@@ -425,8 +431,9 @@ def test_load_rows_other_sources_and_errors(tmp_path):
         D.load_rows(tmp_path / "nope.jsonl")
     with pytest.raises(ValueError, match=r"unknown data file extension '\.txt'"):
         D.load_rows(tmp_path / "pairs.txt")
-    with pytest.raises(ValueError, match="pass split="):
-        D.load_rows(datasets.DatasetDict({"train": ds}))
+    assert len(D.load_rows(datasets.DatasetDict({"train": ds}))) == 2  # split: "train"
+    with pytest.raises(ValueError, match=r"has no split 'train'; its splits are \['test'\]"):
+        D.load_rows(datasets.DatasetDict({"test": ds}))
     with pytest.raises(TypeError, match="source must be"):
         D.load_rows(42)
 

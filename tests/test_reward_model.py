@@ -441,7 +441,7 @@ def test_bad_row_is_named_or_skipped(tmp_path, capsys):
     rows = [dict(r) for r in ROWS[:41]]
     rows[5]["chosen"] = ""
     cfg = rm_config(tmp_path, "max_steps=2", "data.eval_fraction=0", "run.save_every=100")
-    with pytest.raises(ValueError, match=r"row 5: field 'chosen' is empty"):
+    with pytest.raises(ValueError, match=r"row 6: field 'chosen' is empty"):
         run(cfg, rows)
     out = run(
         rm_config(

@@ -3,9 +3,10 @@
 Everything here is numpy and plain Python; the training code puts arrays on devices.
 
 Rows
-    `load_rows` turns an in-memory `datasets.Dataset`, a list of dicts or a local
-    .json/.jsonl/.parquet/.csv file into a `datasets.Dataset`. The tokenizers below also
-    take a plain list of dicts directly.
+    `load_rows` turns an in-memory `datasets.Dataset`, a list of dicts, a local
+    .json/.jsonl/.parquet/.csv file, a `save_to_disk` folder, a folder of data files or a
+    dataset id into a `datasets.Dataset`; a file it cannot read is one ValueError naming the
+    file and, for JSON, the line. The tokenizers below also take a plain list of dicts.
 
 Preference pairs (reward model, DPO) come in two forms, as in TRL:
 
@@ -28,7 +29,7 @@ Tokens
     Truncation keeps the prompt's END (left-truncation to max_prompt_length, BOS kept) and
     the response's START (right-truncation so prompt + response <= max_length; a truncated
     response loses its EOS). A bad row raises `ValueError("row 17: field 'chosen' is
-    empty")`, or with skip_bad_rows=True is skipped and listed in the `TokenizeReport`.
+    empty")` (rows count from 1: row 17 is line 17 of a .jsonl), or with skip_bad_rows=True is skipped and listed in the `TokenizeReport`.
 
 Batches
     Sequences are padded to a length bucket (`default_buckets`: powers of two from 16, the

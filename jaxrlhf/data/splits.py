@@ -1,11 +1,15 @@
 """Train/eval splits as a run loads them: tokenized pairs or prompts from the data section
-(`data.train`, `data.eval` or a held-out share of train) and the run's length buckets."""
+(`data.train` at `data.split`; `data.eval`, `data.eval_split` or a held-out share of train)
+and the run's length buckets. An error in the data names its source ("data.train
+pairs.jsonl: row 3: field 'chosen' is empty")."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+import datasets
 
 from jaxrlhf.data.buckets import default_buckets
 from jaxrlhf.data.order import train_eval_split
@@ -44,19 +48,51 @@ def _split_source(source: Any) -> tuple[Any, Any]:
     return source, None
 
 
+def _tokenize_source(tokenize, rows: Any, label: str | None):
+    """`tokenize(rows)`, its errors prefixed with where the rows came from (`label`)."""
+    try:
+        return tokenize(rows)
+    except ValueError as err:
+        if label is None:
+            raise
+        raise ValueError(f"{label}: {err}") from err
+
+
+def _configured(cfg: Any, option: str, split: str | None):
+    """(rows, label) of `data.train` or `data.eval` at `split`."""
+    location = getattr(cfg, option)
+    if location is None or not location.strip():
+        raise ValueError(f"data.{option} is not set: give a file, a folder or a dataset id")
+    rows = load_rows(location, split=split, config=cfg.config, name=f"data.{option}")
+    return rows, f"data.{option} {location}" + (f" (split {split})" if split else "")
+
+
 def _train_and_eval(cfg: Any, source: Any, tokenize, *, seed: int, log, what: str, **held_out):
-    """(train, eval or None) tokenized from `source` or `cfg.train`, the eval set from the
-    in-memory eval rows, `cfg.eval`, or held out of train (`held_out`: eval_fraction= or
-    eval_size=, when non-zero)."""
+    """(train, eval or None) tokenized from `source` or `cfg.train` (at `cfg.split`), the
+    eval set from the in-memory eval rows, `cfg.eval`, `cfg.train` at `cfg.eval_split`, or
+    held out of train (`held_out`: eval_fraction= or eval_size=, when non-zero)."""
     source, eval_source = _split_source(source)
-    train, report = tokenize(load_rows(source if source is not None else cfg.train))
+    if source is not None:
+        dict_split = cfg.split if isinstance(source, datasets.DatasetDict) else None
+        rows, label = load_rows(source, split=dict_split), None
+    else:
+        rows, label = _configured(cfg, "train", cfg.split)
+    train, report = _tokenize_source(tokenize, rows, label)
     if report.n_skipped:
         log(
             f"data: skipped {report.n_skipped} bad {what}rows of {report.n_rows} "
             f"(first: {report.skipped[:3]})"
         )
-    if eval_source is not None or cfg.eval:
-        evaluation, _ = tokenize(load_rows(eval_source if eval_source is not None else cfg.eval))
+    if eval_source is not None:
+        rows, label = load_rows(eval_source), None
+    elif cfg.eval:
+        rows, label = _configured(cfg, "eval", cfg.eval_split)
+    elif cfg.eval_split and source is None:
+        rows, label = _configured(cfg, "train", cfg.eval_split)
+    else:
+        rows = None
+    if rows is not None:
+        evaluation, _ = _tokenize_source(tokenize, rows, label)
         return train, evaluation, report
     if any(held_out.values()) and len(train) > 1:
         tr, ev = train_eval_split(len(train), seed=seed, **held_out)

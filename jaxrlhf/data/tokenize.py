@@ -30,7 +30,8 @@ class TokenizeReport:
     n_kept: int
     n_skipped: int
     skipped: tuple[tuple[int, str], ...] = ()
-    """(row_index, reason) for each skipped row, e.g. (17, "field 'chosen' is empty")."""
+    """(row number, reason) for each skipped row, 1-based as in the error messages (row 3 is
+    line 3 of a .jsonl), e.g. (17, "field 'chosen' is empty")."""
     n_truncated: int = 0
     """Kept rows where the prompt or a response lost tokens."""
 
@@ -266,9 +267,11 @@ def _response_tokens(ids: list[int], eos: int | None, room: int) -> tuple[list[i
 
 
 def _raise_or_skip(skip: bool, index: int, reason: str, skipped: list) -> None:
+    """Raise or record the problem of the row at 0-based `index`, which messages call row
+    index + 1 (row 3 is the third row, line 3 of a .jsonl)."""
     if not skip:
-        raise ValueError(f"row {index}: {reason} (pass skip_bad_rows=True to skip such rows)")
-    skipped.append((index, reason))
+        raise ValueError(f"row {index + 1}: {reason} (pass skip_bad_rows=True to skip such rows)")
+    skipped.append((index + 1, reason))
 
 
 def _finish_report(n_rows: int, n_kept: int, skipped: list, n_truncated: int) -> TokenizeReport:

@@ -29,6 +29,7 @@ import numpy as np
 from jaxrlhf.models.config import ModelConfig, RopeScaling, config_from_hf, to_hf_dict
 from jaxrlhf.models.hf_names import params_from_state_dict, state_dict_from_params
 from jaxrlhf.models.quant import GGUF_KINDS, gguf_blocks, is_quantized
+from jaxrlhf.models.validate import check_hf_config, check_safetensors_header
 
 DEFAULT_MODEL_NAMES = ("smollm2-135m-instruct", "default")
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -60,6 +61,7 @@ def load_hf_folder(
         raw_config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{config_file} is not valid JSON: {e}") from e
+    check_hf_config(raw_config, config_file)
     cfg = config_from_hf(raw_config, **dict(config_overrides or {}))
 
     np_dtype = np.dtype(jnp.dtype(dtype))
@@ -136,6 +138,7 @@ def read_safetensors(file: str | Path) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError, safe_open
 
     file = Path(file)
+    check_safetensors_header(file)  # before any data is read
     out: dict[str, np.ndarray] = {}
     try:
         with safe_open(str(file), framework="numpy") as f:
