@@ -100,7 +100,7 @@ def _generate(gen, params, ids, mask, key, lora, scale) -> None:
 
 
 def decode_thunks(cfg, params: dict[str, dict], lora, lora_cfg, batch: int) -> dict:
-    from jaxrlhf.sampling import SamplingConfig, make_generate_fn
+    from jaxrlhf.rollout.sampling import SamplingConfig, make_generate_fn
 
     thunks = {}
     key = jax.random.PRNGKey(0)

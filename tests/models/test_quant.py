@@ -18,13 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jaxrlhf.sampling import SamplingConfig, make_generate_fn
 
 from jaxrlhf.lora import LoraConfig, init_lora, merge, trainable_summary, tree_bytes, tree_size
 from jaxrlhf.models import loading
 from jaxrlhf.models import quant as Q
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.transformer import forward, init_params, sequence_logprobs
+from jaxrlhf.rollout.sampling import SamplingConfig, make_generate_fn
 from jaxrlhf.sharding import MeshConfig, make_mesh, per_device_bytes, put_tree, tree_shardings
 
 CFG = ModelConfig(
