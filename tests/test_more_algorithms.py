@@ -4,6 +4,7 @@ scratch (held-out metric), resumes exactly after SIGTERM, and refuses bad option
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -314,12 +315,16 @@ def test_orpo_and_cpo_nll_terms_match_a_plain_log_softmax(pair_setup, share_prom
         share_prompt=share_prompt,
     )
     naive = _naive_chosen_tokens(base, lora, cfg.lora.scale, model_cfg, prefs)
-    o = orpo.orpo_outputs(lora, base, batch, cfg=cfg, model_cfg=model_cfg)
+    o = jax.jit(functools.partial(orpo.orpo_outputs, cfg=cfg, model_cfg=model_cfg))(
+        lora, base, batch
+    )
     np.testing.assert_allclose(np.asarray(o[2])[:6], -(naive[:, 0] + naive[:, 2]), rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(o[3]), [*(naive[:, 1] + naive[:, 3]), 0, 0])
     np.testing.assert_allclose(np.asarray(o[0])[:6], naive[:, 2] / naive[:, 3], rtol=1e-5)
     c_cfg = _cfg("cpo", "/tmp/unused")
-    c = cpo.cpo_outputs(lora, base, batch, cfg=c_cfg, model_cfg=model_cfg)
+    c = jax.jit(functools.partial(cpo.cpo_outputs, cfg=c_cfg, model_cfg=model_cfg))(
+        lora, base, batch
+    )
     np.testing.assert_allclose(np.asarray(c[2])[:6], -naive[:, 2], rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(c[3]), [*naive[:, 3], 0, 0])
     np.testing.assert_allclose(np.asarray(c[0])[:6], naive[:, 2], rtol=1e-5)  # summed
