@@ -143,6 +143,7 @@ def test_bad_option_combinations_name_the_option():
         ("cpo", ["loss_type=kto"], "loss_type"),
         ("kto", ["loss_type=sigmoid"], "loss_type"),
         ("kto", ["desirable_weight=0"], "desirable_weight"),
+        ("kto", ["batch_size=1"], "batch_size must be >= 2"),
         ("orpo", ["lora.modules_to_save=[score]"], "modules_to_save"),
     ]
     for name, overrides, message in pref:
