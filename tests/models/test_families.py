@@ -21,7 +21,7 @@ import pytest
 import torch
 import transformers
 
-from jaxrlhf.lora import LoraConfig, init_lora, merge, unmerge
+from jaxrlhf.lora import LoraConfig, all_targets, init_lora, merge, targeted_modules, unmerge
 from jaxrlhf.models.config import config_from_hf
 from jaxrlhf.models.loading import load_hf_folder, save_hf_folder
 from jaxrlhf.models.transformer import (
@@ -652,3 +652,12 @@ def test_hub_style_configs_read_as_transformers_reads_them():
     g3 = config_from_hf({**TINY, **hub["gemma3_text"]})
     assert g3.sliding_layers == (True, True, False, True, True, False)
     assert (g3.rope_theta, g3.local_rope_theta, g3.rope_scaling.factor) == (1e6, 1e4, 8.0)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_all_targets_adapts_every_projection(family, tmp_path_factory):
+    _, _, cfg, _ = built(family, tmp_path_factory)
+    chosen = targeted_modules(LoraConfig(target_modules=all_targets(cfg)), cfg)
+    assert chosen == cfg.projections
+    if family == "mixtral":
+        assert all_targets(cfg)[-3:] == ("w1", "w3", "w2")
