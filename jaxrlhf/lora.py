@@ -129,7 +129,10 @@ def all_targets(model_cfg: ModelConfig) -> tuple[str, ...]:
 def targeted_modules(cfg: LoraConfig, model_cfg: ModelConfig) -> tuple[str, ...]:
     """The projections the adapter covers (our names: `model_cfg.projections`). Every block
     (and every expert) must be matched alike, since blocks and experts are stacked; a name
-    or regex that matches nothing is an error."""
+    or regex that matches nothing is an error. The default (Llama's seven names) means every
+    projection of the family (`all_targets`: Phi-3's fused ones, Mixtral's experts)."""
+    if cfg.target_modules == PROJECTIONS:
+        cfg = dataclasses.replace(cfg, target_modules=all_targets(model_cfg))
     chosen = []
     for proj in model_cfg.projections:
         per_layer = [

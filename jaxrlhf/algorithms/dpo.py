@@ -128,7 +128,13 @@ def sequence_logps(
         )
         # Response tokens only: the vocabulary projection never runs on prompt slots.
         prev = jnp.take_along_axis(hidden, batch["packed_response_prev"][..., None], axis=1)
-        lp, _ = token_logprobs(params, prev, batch["packed_response_ids"], chunk_size=chunk_size)
+        lp, _ = token_logprobs(
+            params,
+            prev,
+            batch["packed_response_ids"],
+            chunk_size=chunk_size,
+            logit_softcap=model_cfg.final_logit_softcap,
+        )
         return (
             _reduce(lp, batch["packed_response_chosen"], average),
             _reduce(lp, batch["packed_response_rejected"], average),
@@ -138,7 +144,13 @@ def sequence_logps(
     mask = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
     response = jnp.concatenate([batch["chosen_response_mask"], batch["rejected_response_mask"]])
     hidden, _ = backbone(params, ids, mask, cfg=model_cfg, lora=lora, lora_scale=scale, **extra)
-    lp, _ = token_logprobs(params, hidden[:, :-1], ids[:, 1:], chunk_size=chunk_size)
+    lp, _ = token_logprobs(
+        params,
+        hidden[:, :-1],
+        ids[:, 1:],
+        chunk_size=chunk_size,
+        logit_softcap=model_cfg.final_logit_softcap,
+    )
     logps = _reduce(lp, response[:, 1:], average)
     return logps[:n], logps[n:]
 

@@ -299,6 +299,7 @@ def response_logprobs(
         temperature=temperature,
         chunk_size=chunk_size,
         with_entropy=with_entropy,
+        logit_softcap=model_cfg.final_logit_softcap,
     )
 
 

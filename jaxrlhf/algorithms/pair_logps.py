@@ -53,13 +53,23 @@ def pair_token_logps(
             **extra,
         )
         prev = jnp.take_along_axis(hidden, batch["packed_response_prev"][..., None], axis=1)
-        lp, _ = token_logprobs(params, prev, batch["packed_response_ids"], chunk_size=chunk_size)
+        lp, _ = token_logprobs(
+            params,
+            prev,
+            batch["packed_response_ids"],
+            chunk_size=chunk_size,
+            logit_softcap=model_cfg.final_logit_softcap,
+        )
         out["chosen"] = out["rejected"] = lp
         out["chosen_mask"] = batch["packed_response_chosen"] * pair
         out["rejected_mask"] = batch["packed_response_rejected"] * pair
         if with_prompt:
             out["prompt"], _ = token_logprobs(
-                params, hidden[:, :-1], ids[:, 1:], chunk_size=chunk_size
+                params,
+                hidden[:, :-1],
+                ids[:, 1:],
+                chunk_size=chunk_size,
+                logit_softcap=model_cfg.final_logit_softcap,
             )
             in_prompt = (batch["packed_segment_ids"][:, 1:] == 0) & (
                 batch["packed_attention_mask"][:, 1:] != 0
@@ -70,7 +80,13 @@ def pair_token_logps(
     ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     mask = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
     hidden, _ = backbone(params, ids, mask, cfg=model_cfg, lora=lora, lora_scale=scale, **extra)
-    lp, _ = token_logprobs(params, hidden[:, :-1], ids[:, 1:], chunk_size=chunk_size)
+    lp, _ = token_logprobs(
+        params,
+        hidden[:, :-1],
+        ids[:, 1:],
+        chunk_size=chunk_size,
+        logit_softcap=model_cfg.final_logit_softcap,
+    )
     out["chosen"], out["rejected"] = lp[:n], lp[n:]
     out["chosen_mask"] = batch["chosen_response_mask"][:, 1:] * pair
     out["rejected_mask"] = batch["rejected_response_mask"][:, 1:] * pair

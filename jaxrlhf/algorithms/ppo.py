@@ -156,6 +156,7 @@ def policy_outputs(
         temperature=cfg.generation.temperature,
         chunk_size=cfg.logprob_chunk,
         with_entropy=with_entropy,
+        logit_softcap=model_cfg.final_logit_softcap,
     )
     out = {"logprobs": logprobs, "entropy": entropy}
     if cfg.value_model == "shared":
@@ -214,6 +215,7 @@ def reference_logprobs(
         input_ids[:, prompt_len:],
         temperature=cfg.generation.temperature,
         chunk_size=cfg.logprob_chunk,
+        logit_softcap=model_cfg.final_logit_softcap,
     )
     return lp
 
