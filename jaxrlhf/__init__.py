@@ -18,6 +18,14 @@ from jaxrlhf.lora import (
 from jaxrlhf.models.base import load_base
 from jaxrlhf.models.config import ModelConfig, config_from_hf, tiny_config
 from jaxrlhf.models.loading import load_gguf, load_hf_folder, load_model, save_hf_folder
+from jaxrlhf.models.quant import (
+    QuantConfig,
+    QuantizedArray,
+    dequantize,
+    dequantize_params,
+    load_quantized,
+    quantize_params,
+)
 from jaxrlhf.models.transformer import (
     KVCache,
     backbone,
@@ -27,6 +35,8 @@ from jaxrlhf.models.transformer import (
     init_head,
     init_params,
     lm_logits,
+    load_balancing_loss,
+    router_aux_loss,
     score_head,
     sequence_logprobs,
     token_logprobs,
@@ -45,6 +55,16 @@ from jaxrlhf.rollout import (
 from jaxrlhf.sharding import MeshConfig, make_mesh
 from jaxrlhf.train.online import train_online
 from jaxrlhf.train.preference import train_preference
-from jaxrlhf.train.runs import run_dpo, run_grpo, run_ppo, run_rm
+from jaxrlhf.train.runs import (
+    run_cpo,
+    run_dpo,
+    run_grpo,
+    run_kto,
+    run_orpo,
+    run_ppo,
+    run_reinforce_pp,
+    run_rloo,
+    run_rm,
+)
 
 __version__ = "0.1.0"

@@ -17,6 +17,11 @@ def _setup_env() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("NPROC", "16")
+    # stderr carries errors (one line each) and the run's own progress bars, not the
+    # `datasets` loader's.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
 
 
 def build_parser() -> argparse.ArgumentParser:

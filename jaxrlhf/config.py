@@ -85,8 +85,13 @@ class RunConfig:
     resume_from: int | None = None
     """With `--resume`: the newest checkpoint at or before this step (null: the newest that
     restores). `--resume-from STEP` on the command line sets it."""
+    on_nonfinite: Literal["stop", "skip_step"] = "stop"
+    """A non-finite loss, gradient or parameter: `stop` the run at that step (its state is
+    never saved, the newest checkpoint stays the last good one) or `skip_step` (the update
+    is dropped, `optax.apply_if_finite`, and counted as `nonfinite_skipped`)."""
 
     def __post_init__(self) -> None:
+        check_literal(self, "on_nonfinite", ("stop", "skip_step"))
         for name in ("log_every", "eval_every", "save_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")
@@ -380,10 +385,20 @@ class RewardModelSection:
     base: str | None = None
     """The reward model's base when it is not the policy's (an HF folder, .gguf, default)."""
     weight: float = 1.0
+    ensemble: Literal["mean", "mean_minus_std", "min"] = "mean"
+    """With an ensemble (`jaxrlhf rm ensemble_size=K`: `path` holds ensemble.json), how the K
+    scores make one: their mean, mean − ensemble_coef·std (uncertainty-penalised), or min
+    (the most pessimistic member) — conservative rewards against over-optimisation."""
+    ensemble_coef: float = 1.0
     append_eos: bool = False
     """Score a response cut at max_new_tokens as if it ended with EOS (one EOS is appended
     before the reward model reads its score), as `jaxrlhf rm` trains (`data.add_eos`, on by
     default) and evaluates it. Off: read at the cut response's last sampled token."""
+
+    def __post_init__(self) -> None:
+        check_literal(self, "ensemble", ("mean", "mean_minus_std", "min"))
+        if self.ensemble_coef < 0:
+            raise ValueError(f"reward_model.ensemble_coef must be >= 0, got {self.ensemble_coef}")
 
 
 # ----------------------------------------------------------------------------- training bases
@@ -414,9 +429,18 @@ class PreferenceTraining:
     max_steps: int | None = None
     share_prompt: bool = True
     """Run the shared prompt of a chosen/rejected pair once (packed, block-masked)."""
+    ensemble_size: int = 1
+    """K > 1: K adapters (and heads) stacked and trained at once in one compiled step on the
+    one frozen base (`jax.vmap` over the adapter axis), each with its own initialisation
+    (seed run.seed + k) and data order; exported one PEFT folder each plus the stack."""
 
     def __post_init__(self) -> None:
-        _check_min(self, ("batch_size", "eval_batch_size", "max_steps"))
+        _check_min(self, ("batch_size", "eval_batch_size", "max_steps", "ensemble_size"))
+        if self.ensemble_size > 1 and self.lora is None:
+            raise ValueError(
+                "ensemble_size > 1 stacks LoRA adapters on one frozen base; it needs lora "
+                "(K full copies of the model are what it avoids)"
+            )
         if self.num_epochs <= 0:
             raise ValueError(f"num_epochs must be > 0, got {self.num_epochs}")
         if self.batch_size % self.optim.grad_accum_steps:
@@ -449,8 +473,16 @@ class OnlineTraining:
     missing_eos_penalty: float | None = None
     """Subtracted from the reward of a completion that hit max_new_tokens without EOS."""
     eval_prompts_batch: int = 32
+    kl_budget: float | None = None
+    """Nats per sequence: the KL coefficient (PPO's kl_coef, GRPO's beta) is steered by the
+    adaptive controller so the rollouts' KL to the reference stays at this budget; each
+    iteration (and evaluation) reports `kl_budget_exceeded`. null: a fixed coefficient."""
 
     def __post_init__(self) -> None:
+        if self.kl_budget is not None and self.kl_budget <= 0:
+            raise ValueError(
+                f"kl_budget must be > 0 nats per sequence or null, got {self.kl_budget}"
+            )
         if self.reward_model is None and not self.reward_funcs:
             raise ValueError(
                 f"{self.command.upper()} needs a reward: set reward_model.path and/or reward_funcs"

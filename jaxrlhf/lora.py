@@ -29,7 +29,14 @@ import jax.numpy as jnp
 
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.hf_names import module_path
-from jaxrlhf.models.transformer import PROJECTIONS, init_head
+from jaxrlhf.models.quant import is_quantized, logical_size
+from jaxrlhf.models.transformer import (
+    PROJECTIONS,
+    init_head,
+    is_expert_projection,
+    kernel_shape,
+    read_kernel,
+)
 
 Params = dict[str, Any]
 HEADS = ("score", "value")
@@ -95,34 +102,57 @@ def _matches(cfg: LoraConfig, full_name: str) -> bool:
     return any(full_name == t or full_name.endswith("." + t) for t in cfg.target_modules)
 
 
+def _module_names(model_cfg: ModelConfig, proj: str, layer: int) -> list[str]:
+    """HF module names of a projection in one block: one, or one per expert (PEFT's names,
+    e.g. `model.layers.0.block_sparse_moe.experts.3.w1` for a Mixtral expert's gate)."""
+    if not is_expert_projection(model_cfg, proj):
+        return [f"model.layers.{layer}.{module_path(proj)}"]
+    return [
+        f"model.layers.{layer}.{module_path(proj, model_cfg, expert=e)}"
+        for e in range(model_cfg.num_experts)
+    ]
+
+
+def target_name(model_cfg: ModelConfig, proj: str) -> str:
+    """The name PEFT's `target_modules` uses for a projection (Mixtral's experts: w1/w3/w2)."""
+    if not is_expert_projection(model_cfg, proj):
+        return proj
+    return module_path(proj, model_cfg, expert=0).rsplit(".", 1)[-1]
+
+
 def targeted_modules(cfg: LoraConfig, model_cfg: ModelConfig) -> tuple[str, ...]:
-    """The projections the adapter covers. Every block must be matched alike, since blocks
-    are stacked; a name or regex that matches nothing is an error."""
+    """The projections the adapter covers (our names: `model_cfg.projections`). Every block
+    (and every expert) must be matched alike, since blocks and experts are stacked; a name
+    or regex that matches nothing is an error."""
     chosen = []
-    for proj in PROJECTIONS:
-        hits = [
-            _matches(cfg, f"model.layers.{i}.{module_path(proj)}")
+    for proj in model_cfg.projections:
+        per_layer = [
+            [_matches(cfg, n) for n in _module_names(model_cfg, proj, i)]
             for i in range(model_cfg.num_layers)
         ]
-        if all(hits):
+        if all(all(hits) for hits in per_layer):
             chosen.append(proj)
-        elif any(hits):
-            layers = [i for i, h in enumerate(hits) if h]
+        elif any(any(hits) for hits in per_layer):
+            layers = [i for i, hits in enumerate(per_layer) if any(hits)]
+            where = f"layers {layers}" if len(layers) < len(per_layer) else "some experts"
             raise ValueError(
-                f"LoraConfig.target_modules matches {proj} in layers {layers} only; jaxrlhf "
-                f"adapts a projection in every layer (its blocks are stacked)"
+                f"LoraConfig.target_modules matches {proj} in {where} only; jaxrlhf adapts a "
+                f"projection in every layer (and expert): they are stacked"
             )
     if not chosen:
         raise ValueError(
-            f"LoraConfig.target_modules={cfg.target_modules!r} matches no module; choose from "
-            f"{', '.join(PROJECTIONS)} (or a regex over names like model.layers.0.self_attn.q_proj)"
+            f"LoraConfig.target_modules={cfg.target_modules!r} matches no module of this "
+            f"{model_cfg.model_type} model; choose from "
+            f"{', '.join(target_name(model_cfg, p) for p in model_cfg.projections)} "
+            f"(or a regex over names like model.layers.0.self_attn.q_proj)"
         )
     if not isinstance(cfg.target_modules, str):
         # The same suffix rule as `_matches`, so a partial name like "attn.q_proj" is flagged.
         full_names = [
-            f"model.layers.{i}.{module_path(p)}"
+            n
             for i in range(model_cfg.num_layers)
-            for p in PROJECTIONS
+            for p in model_cfg.projections
+            for n in _module_names(model_cfg, p, i)
         ]
         unused = [
             t
@@ -131,8 +161,9 @@ def targeted_modules(cfg: LoraConfig, model_cfg: ModelConfig) -> tuple[str, ...]
         ]
         if unused:
             raise ValueError(
-                f"LoraConfig.target_modules: {unused} match no module; choose from "
-                f"{', '.join(PROJECTIONS)}"
+                f"LoraConfig.target_modules: {unused} match no module of this "
+                f"{model_cfg.model_type} model; choose from "
+                f"{', '.join(target_name(model_cfg, p) for p in model_cfg.projections)}"
             )
     return tuple(chosen)
 
@@ -144,20 +175,27 @@ def init_lora(
     copies of the `modules_to_save` heads (freshly initialised if the base has none)."""
     layers = params["layers"]
     tree: Params = {"layers": {}}
-    keys = jax.random.split(key, len(PROJECTIONS) + len(HEADS))
+    n_proj = len(model_cfg.projections)
+    keys = jax.random.split(key, n_proj + len(HEADS))
     for k, proj in zip(keys, targeted_modules(cfg, model_cfg), strict=False):
-        n_layers, fan_in, fan_out = layers[proj]["kernel"].shape
+        expert = is_expert_projection(model_cfg, proj)
+        # [L, in, out], or [L, E, in, out] for an expert stack: A and B stack alike.
+        *lead, fan_in, fan_out = kernel_shape((layers["experts"] if expert else layers)[proj])
         if cfg.init == "kaiming":
             # torch's kaiming_uniform_(a=sqrt(5)) on a [r, in] weight: bound = 1/sqrt(in).
             bound = 1.0 / math.sqrt(fan_in)
-            a = jax.random.uniform(k, (n_layers, fan_in, cfg.r), jnp.float32, -bound, bound)
+            a = jax.random.uniform(k, (*lead, fan_in, cfg.r), jnp.float32, -bound, bound)
         else:
-            a = jax.random.normal(k, (n_layers, fan_in, cfg.r), jnp.float32) / cfg.r
-        tree["layers"][proj] = {
+            a = jax.random.normal(k, (*lead, fan_in, cfg.r), jnp.float32) / cfg.r
+        factors = {
             "lora_A": a.astype(dtype),
-            "lora_B": jnp.zeros((n_layers, cfg.r, fan_out), dtype),
+            "lora_B": jnp.zeros((*lead, cfg.r, fan_out), dtype),
         }
-    for k, head in zip(keys[len(PROJECTIONS) :], cfg.modules_to_save, strict=False):
+        if expert:
+            tree["layers"].setdefault("experts", {})[proj] = factors
+        else:
+            tree["layers"][proj] = factors
+    for k, head in zip(keys[n_proj:], cfg.modules_to_save, strict=False):
         if head in params:
             tree[head] = jax.tree.map(lambda x: jnp.array(x, dtype), params[head])
         else:
@@ -166,22 +204,30 @@ def init_lora(
 
 
 def delta(lora_layer: Params, scale: float) -> jax.Array:
-    """s·A·B for one stacked projection: [L, in, out] in float32."""
+    """s·A·B for one stacked projection: [L, in, out] (or [L, E, in, out]) in float32."""
     return scale * jnp.einsum(
-        "lir,lro->lio",
+        "...ir,...ro->...io",
         lora_layer["lora_A"].astype(jnp.float32),
         lora_layer["lora_B"].astype(jnp.float32),
     )
 
 
-def _fold(params: Params, lora: Params, scale: float, sign: float, with_heads: bool) -> Params:
-    layers = dict(params["layers"])
-    for proj, ab in lora.get("layers", {}).items():
+def _fold_layers(layers: Params, lora_layers: Params, scale: float, sign: float) -> Params:
+    layers = dict(layers)
+    for proj, ab in lora_layers.items():
+        if proj == "experts":
+            layers[proj] = _fold_layers(layers[proj], ab, scale, sign)
+            continue
+        # A quantized kernel is never merged into: the merged weight is dense float32.
         w = layers[proj]["kernel"]
-        layers[proj] = {
-            **layers[proj],
-            "kernel": (w.astype(jnp.float32) + sign * delta(ab, scale)).astype(w.dtype),
-        }
+        out_dtype = jnp.float32 if is_quantized(w) else w.dtype
+        merged = read_kernel(layers[proj], jnp.float32) + sign * delta(ab, scale)
+        layers[proj] = {**layers[proj], "kernel": merged.astype(out_dtype)}
+    return layers
+
+
+def _fold(params: Params, lora: Params, scale: float, sign: float, with_heads: bool) -> Params:
+    layers = _fold_layers(params["layers"], lora.get("layers", {}), scale, sign)
     out = {**params, "layers": layers}
     if with_heads:
         for head in HEADS:
@@ -213,16 +259,28 @@ def pad_rank(lora: Params, max_rank: int) -> Params:
                 f"recompile the sampler with a larger max_rank"
             )
         extra = max_rank - r
+        lead = [(0, 0)] * (ab["lora_A"].ndim - 2)
         return {
-            "lora_A": jnp.pad(ab["lora_A"], ((0, 0), (0, 0), (0, extra))),
-            "lora_B": jnp.pad(ab["lora_B"], ((0, 0), (0, extra), (0, 0))),
+            "lora_A": jnp.pad(ab["lora_A"], (*lead, (0, 0), (0, extra))),
+            "lora_B": jnp.pad(ab["lora_B"], (*lead, (0, extra), (0, 0))),
         }
 
-    return {**lora, "layers": {k: pad(v) for k, v in lora.get("layers", {}).items()}}
+    def pad_layers(layers: Params) -> Params:
+        return {k: pad_layers(v) if k == "experts" else pad(v) for k, v in layers.items()}
+
+    return {**lora, "layers": pad_layers(lora.get("layers", {}))}
+
+
+def lora_factors(lora: Params) -> list[Params]:
+    """Every {lora_A, lora_B} pair of an adapter, the expert stacks' included."""
+    layers = lora.get("layers", {})
+    return [v for k, v in layers.items() if k != "experts"] + list(
+        layers.get("experts", {}).values()
+    )
 
 
 def lora_rank(lora: Params) -> int:
-    ranks = {v["lora_A"].shape[-1] for v in lora.get("layers", {}).values()}
+    ranks = {v["lora_A"].shape[-1] for v in lora_factors(lora)}
     if len(ranks) != 1:
         raise ValueError(f"adapter has mixed ranks {sorted(ranks)}")
     return ranks.pop()
@@ -232,11 +290,13 @@ def lora_rank(lora: Params) -> int:
 
 
 def tree_bytes(tree: Any) -> int:
+    """Resident bytes: a quantized weight counts its packed codes and scales."""
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
 
 
 def tree_size(tree: Any) -> int:
-    return sum(x.size for x in jax.tree.leaves(tree) if hasattr(x, "size"))
+    """Number of parameters (a quantized weight by its logical shape, not its bytes)."""
+    return logical_size(tree)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,3 +359,14 @@ def split_trainable(
         if head not in trainable:
             trainable[head] = init_head(jax.random.fold_in(key, i), model_cfg, head)
     return trainable, None
+
+
+def stack_adapters(adapters: list[Any]) -> Any:
+    """K adapters of one shape as one tree with a leading adapter axis [K, ...]: trained in
+    one compiled step (`jax.vmap` over the axis; the frozen base is shared, read once)."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *adapters)
+
+
+def adapter_member(stacked: Any, k: int) -> Any:
+    """Adapter k of a stacked tree (`stack_adapters`)."""
+    return jax.tree.map(lambda x: x[k], stacked)

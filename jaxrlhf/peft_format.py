@@ -20,6 +20,17 @@ it by the same scheme as `base_model.model.value.{weight,bias}`. PEFT cannot put
 transformers model (`PeftModel.from_pretrained` skips those keys without a word), but
 `load_peft` reads it back.
 
+Mixture-of-experts models (`qwen3_moe`, `mixtral`): transformers 5 keeps a block's experts as
+two 3-D parameters (`mlp.experts.gate_up_proj: [E, 2F, D]`, `mlp.experts.down_proj:
+[E, D, F]`), which PEFT adapts through `target_parameters` (its `ParamWrapper`): per
+parameter one `lora_A.weight: [r·E, in]` and `lora_B.weight: [out, r·E]`, expert e's delta
+being `B.reshape(out, r, E)[:, :, e] @ A.reshape(E, r, in)[e]`. When both are targeted the
+wrappers nest in definition order: gate_up's factors are saved under
+`mlp.experts.base_layer.lora_*`, down's under `mlp.experts.lora_*`. Our tree keeps gate and up
+apart, so a PEFT gate_up adapter imports exactly (gate and up share its A), and an export
+stacks gate's and up's factors block-diagonally: rank 2r, with every other factor zero-padded
+to 2r and `lora_alpha` rescaled so `alpha / r` (or `alpha / sqrt(r)`) is unchanged.
+
 `load_peft` also accepts keys that carry an adapter name (`lora_A.default.weight`,
 `score.modules_to_save.default.weight`), as a raw `PeftModel.state_dict()` has them.
 Only `.safetensors` is read: a pickled `adapter_model.bin` is refused (convert it with
@@ -42,11 +53,11 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
-from jaxrlhf.lora import HEADS, LoraConfig, merge, targeted_modules
-from jaxrlhf.models.config import ModelConfig, to_hf_dict
-from jaxrlhf.models.hf_names import expected_shapes, module_path, state_dict_from_params
+from jaxrlhf.lora import HEADS, LoraConfig, merge, target_name, targeted_modules
+from jaxrlhf.models.config import ARCHITECTURES, ModelConfig, to_hf_dict
+from jaxrlhf.models.hf_names import module_path, state_dict_from_params
 from jaxrlhf.models.loading import read_safetensors
-from jaxrlhf.models.transformer import PROJECTIONS
+from jaxrlhf.models.transformer import is_expert_projection, projection_shapes
 
 Params = dict[str, Any]
 CONFIG_NAME = "adapter_config.json"
@@ -54,9 +65,15 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 _LORA_KEY = re.compile(
-    r"^model\.layers\.(?P<layer>\d+)\.(?P<path>(?:self_attn|mlp)\.(?P<proj>\w+))"
+    r"^model\.layers\.(?P<layer>\d+)\.(?P<path>(?:self_attn|mlp|block_sparse_moe)\.[\w.]+?)"
     r"\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$"
 )
+_EXPERT_KEY = re.compile(
+    r"^model\.layers\.(?P<layer>\d+)\.mlp\.experts\.(?P<inner>base_layer\.)?"
+    r"lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$"
+)
+# PEFT's `target_parameters` for transformers 5's fused experts, in nesting order (inner first).
+EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 _HEAD_KEY = re.compile(
     r"^(?P<head>score|value)(?:\.modules_to_save(?:\.(?P<adapter>[^.]+))?)?\.(?P<leaf>weight|bias)$"
 )
@@ -73,7 +90,6 @@ _UNSUPPORTED = {
     "layer_replication": "layer_replication",
     "trainable_token_indices": "trainable_token_indices",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
-    "target_parameters": "target_parameters",
     "use_bdlora": "block-diagonal LoRA (use_bdlora)",
     "use_qalora": "QALoRA",
     "arrow_config": "Arrow routing (arrow_config)",
@@ -89,14 +105,26 @@ _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 def _proj_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """Projection -> HF weight shape `[out, in]`."""
-    shapes = expected_shapes(model_cfg)
-    return {p: shapes[f"model.layers.0.{module_path(p)}.weight"] for p in PROJECTIONS}
+    """Projection -> HF weight shape `[out, in]` (one expert's, for an expert stack)."""
+    return {p: (o, i) for p, (i, o) in projection_shapes(model_cfg).items()}
+
+
+def _flat_factors(lora: Params) -> dict[str, Params]:
+    """Projection -> {lora_A, lora_B}, the expert stacks' included."""
+    layers = lora.get("layers", {})
+    return {**{k: v for k, v in layers.items() if k != "experts"}, **layers.get("experts", {})}
+
+
+def _module_paths(model_cfg: ModelConfig, proj: str) -> list[tuple[int | None, str]]:
+    """(expert or None, HF module path inside a block) of a projection."""
+    if not is_expert_projection(model_cfg, proj):
+        return [(None, module_path(proj))]
+    return [(e, module_path(proj, model_cfg, expert=e)) for e in range(model_cfg.num_experts)]
 
 
 def _check_tree(lora: Params, lora_cfg: LoraConfig, model_cfg: ModelConfig) -> tuple[str, ...]:
     targets = targeted_modules(lora_cfg, model_cfg)
-    layers = lora.get("layers", {})
+    layers = _flat_factors(lora)
     if set(layers) != set(targets):
         raise ValueError(
             f"The adapter tree has projections {sorted(layers)} but lora_cfg targets "
@@ -105,9 +133,12 @@ def _check_tree(lora: Params, lora_cfg: LoraConfig, model_cfg: ModelConfig) -> t
     shapes = _proj_shapes(model_cfg)
     for proj in targets:
         out_dim, in_dim = shapes[proj]
+        lead = (model_cfg.num_layers,)
+        if is_expert_projection(model_cfg, proj):
+            lead = (model_cfg.num_layers, model_cfg.num_experts)
         want = {
-            "lora_A": (model_cfg.num_layers, in_dim, lora_cfg.r),
-            "lora_B": (model_cfg.num_layers, lora_cfg.r, out_dim),
+            "lora_A": (*lead, in_dim, lora_cfg.r),
+            "lora_B": (*lead, lora_cfg.r, out_dim),
         }
         for leaf, shape in want.items():
             got = tuple(layers[proj][leaf].shape)
@@ -139,6 +170,133 @@ def _alpha_json(alpha: float) -> int | float:
     return int(alpha) if float(alpha).is_integer() else float(alpha)
 
 
+def _expert_targets(lora_cfg: LoraConfig, model_cfg: ModelConfig) -> tuple[str, ...]:
+    return tuple(
+        p for p in targeted_modules(lora_cfg, model_cfg) if is_expert_projection(model_cfg, p)
+    )
+
+
+def _peft_parameters(lora_cfg: LoraConfig, model_cfg: ModelConfig) -> list[str]:
+    """The `target_parameters` an export writes: gate_up if gate or up is adapted, down if
+    down is."""
+    experts = _expert_targets(lora_cfg, model_cfg)
+    wanted = [bool({"gate_proj", "up_proj"} & set(experts)), "down_proj" in experts]
+    return [p for p, w in zip(EXPERT_PARAMETERS, wanted, strict=True) if w]
+
+
+def _peft_rank(lora_cfg: LoraConfig, model_cfg: ModelConfig) -> int:
+    """The rank written to PEFT: 2r when gate and up are stacked into one gate_up factor."""
+    gate_up = EXPERT_PARAMETERS[0] in _peft_parameters(lora_cfg, model_cfg)
+    return 2 * lora_cfg.r if gate_up else lora_cfg.r
+
+
+def _peft_alpha(lora_cfg: LoraConfig, model_cfg: ModelConfig) -> float:
+    """lora_alpha for the written rank, so the scale alpha/r (alpha/sqrt(r)) is unchanged."""
+    ratio = _peft_rank(lora_cfg, model_cfg) / lora_cfg.r
+    return lora_cfg.alpha * (ratio**0.5 if lora_cfg.use_rslora else ratio)
+
+
+def _pad_rank(a: np.ndarray, b: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Zero columns of A [..., in, r] and rows of B [..., r, out] up to `rank`: A·B unchanged."""
+    extra = rank - a.shape[-1]
+    lead = [(0, 0)] * (a.ndim - 2)
+    return np.pad(a, (*lead, (0, 0), (0, extra))), np.pad(b, (*lead, (0, extra), (0, 0)))
+
+
+def _expert_state_dict(
+    factors: dict[str, Params], lora_cfg: LoraConfig, model_cfg: ModelConfig
+) -> dict[str, np.ndarray]:
+    """PEFT `target_parameters` tensors of the expert factors ([L, E, in, r] / [L, E, r, out])."""
+    experts = _expert_targets(lora_cfg, model_cfg)
+    params = _peft_parameters(lora_cfg, model_cfg)
+    n_layers, n_exp, r = model_cfg.num_layers, model_cfg.num_experts, lora_cfg.r
+    d, f = model_cfg.hidden_size, model_cfg.intermediate_size
+    out: dict[str, np.ndarray] = {}
+    stacked: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if EXPERT_PARAMETERS[0] in params:
+        # gate_up = [gate | up] on the outputs: A = [A_gate | A_up], B = diag(B_gate, B_up).
+        zero = (np.zeros((n_layers, n_exp, d, r), np.float32), np.zeros((n_layers, n_exp, r, f)))
+        ga, gb = (
+            (_np(factors["gate_proj"][k]) for k in ("lora_A", "lora_B"))
+            if ("gate_proj" in experts)
+            else zero
+        )
+        ua, ub = (
+            (_np(factors["up_proj"][k]) for k in ("lora_A", "lora_B"))
+            if ("up_proj" in experts)
+            else zero
+        )
+        a = np.concatenate([ga, ua], axis=-1)
+        b = np.zeros((n_layers, n_exp, 2 * r, 2 * f), np.float32)
+        b[..., :r, :f], b[..., r:, f:] = gb, ub
+        stacked[EXPERT_PARAMETERS[0]] = (a, b)
+    if EXPERT_PARAMETERS[1] in params:
+        dn = factors["down_proj"]
+        stacked[EXPERT_PARAMETERS[1]] = _pad_rank(
+            _np(dn["lora_A"]), _np(dn["lora_B"]), _peft_rank(lora_cfg, model_cfg)
+        )
+    for param, (a, b) in stacked.items():
+        inner = len(params) == 2 and param == EXPERT_PARAMETERS[0]
+        for i in range(n_layers):
+            name = f"{PREFIX}model.layers.{i}.mlp.experts.{'base_layer.' if inner else ''}"
+            # A [E, in, r] -> [E·r, in] (expert-major rows); B [E, r, out] -> [out, r·E].
+            out[f"{name}lora_A.weight"] = np.ascontiguousarray(
+                a[i].transpose(0, 2, 1).reshape(-1, a.shape[-2])
+            )
+            out[f"{name}lora_B.weight"] = np.ascontiguousarray(
+                b[i].transpose(2, 1, 0).reshape(b.shape[-1], -1)
+            )
+    return out
+
+
+def _expert_factors_from_peft(
+    tensors: dict[tuple[int, bool, str], np.ndarray],
+    parameters: list[str],
+    model_cfg: ModelConfig,
+    r: int,
+    source: str,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Our expert factors (gate/up/down, [L, E, in, r] / [L, E, r, out]) from PEFT's
+    `target_parameters` tensors, keyed (layer, under base_layer?, 'A'|'B')."""
+    unknown = sorted(set(parameters) - set(EXPERT_PARAMETERS))
+    if unknown:
+        raise ValueError(
+            f"{source}: target_parameters {unknown} are not supported; jaxrlhf adapts the "
+            f"expert parameters {list(EXPERT_PARAMETERS)}"
+        )
+    n_layers, n_exp = model_cfg.num_layers, model_cfg.num_experts
+    d, f = model_cfg.hidden_size, model_cfg.intermediate_size
+    shapes = {EXPERT_PARAMETERS[0]: (d, 2 * f), EXPERT_PARAMETERS[1]: (f, d)}
+    ordered = [p for p in EXPERT_PARAMETERS if p in parameters]
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for param in ordered:
+        inner = len(ordered) == 2 and param == EXPERT_PARAMETERS[0]
+        fan_in, fan_out = shapes[param]
+        a_layers, b_layers = [], []
+        for i in range(n_layers):
+            key = f"{PREFIX}model.layers.{i}.mlp.experts.{'base_layer.' if inner else ''}lora_"
+            for ab, want in (("A", (r * n_exp, fan_in)), ("B", (fan_out, r * n_exp))):
+                if (i, inner, ab) not in tensors:
+                    raise ValueError(f"{source}: missing tensor {key}{ab}.weight for {param}")
+                got = tuple(tensors[(i, inner, ab)].shape)
+                if got != want:
+                    raise ValueError(
+                        f"{source}: tensor {key}{ab}.weight has shape {got}; r={r}, "
+                        f"{n_exp} experts and the model config imply {want} for {param}"
+                    )
+            a = tensors[(i, inner, "A")].astype(np.float32).reshape(n_exp, r, fan_in)
+            b = tensors[(i, inner, "B")].astype(np.float32).reshape(fan_out, r, n_exp)
+            a_layers.append(a.transpose(0, 2, 1))  # [E, in, r]
+            b_layers.append(b.transpose(2, 1, 0))  # [E, r, out]
+        a, b = np.stack(a_layers), np.stack(b_layers)
+        if param == EXPERT_PARAMETERS[0]:  # gate first, then up, on the outputs
+            out["gate_proj"] = {"lora_A": a, "lora_B": b[..., :f]}
+            out["up_proj"] = {"lora_A": a, "lora_B": b[..., f:]}
+        else:
+            out["down_proj"] = {"lora_A": a, "lora_B": b}
+    return out
+
+
 def adapter_config_dict(
     lora_cfg: LoraConfig, model_cfg: ModelConfig, *, base_model_name_or_path: str | None = None
 ) -> dict[str, Any]:
@@ -147,7 +305,11 @@ def adapter_config_dict(
     if isinstance(lora_cfg.target_modules, str):
         target_modules: str | list[str] = lora_cfg.target_modules
     else:
-        target_modules = list(targeted_modules(lora_cfg, model_cfg))
+        target_modules = [
+            target_name(model_cfg, p)
+            for p in targeted_modules(lora_cfg, model_cfg)
+            if not is_expert_projection(model_cfg, p)
+        ]
     return {
         "alpha_pattern": {},
         "auto_mapping": None,
@@ -159,16 +321,21 @@ def adapter_config_dict(
         "layers_pattern": None,
         "layers_to_transform": None,
         "loftq_config": {},
-        "lora_alpha": _alpha_json(lora_cfg.alpha),
+        "lora_alpha": _alpha_json(_peft_alpha(lora_cfg, model_cfg)),
         "lora_dropout": lora_cfg.dropout,
         "megatron_config": None,
         "megatron_core": "megatron.core",
         "modules_to_save": list(lora_cfg.modules_to_save) or None,
         "peft_type": "LORA",
-        "r": lora_cfg.r,
+        "r": _peft_rank(lora_cfg, model_cfg),
         "rank_pattern": {},
         "revision": None,
-        "target_modules": target_modules,
+        "target_modules": target_modules or None,
+        **(
+            {"target_parameters": _peft_parameters(lora_cfg, model_cfg)}
+            if _expert_targets(lora_cfg, model_cfg)
+            else {}
+        ),
         "task_type": lora_cfg.task_type,
         "use_dora": False,
         "use_rslora": lora_cfg.use_rslora,
@@ -181,12 +348,19 @@ def adapter_state_dict(
     """PEFT-named tensors in torch layout, as stored in `adapter_model.safetensors`."""
     targets = _check_tree(lora, lora_cfg, model_cfg)
     out: dict[str, np.ndarray] = {}
+    factors = _flat_factors(lora)
+    rank = _peft_rank(lora_cfg, model_cfg)
+    out.update(_expert_state_dict(factors, lora_cfg, model_cfg))
     for proj in targets:
-        a, b = _np(lora["layers"][proj]["lora_A"]), _np(lora["layers"][proj]["lora_B"])
+        if is_expert_projection(model_cfg, proj):
+            continue
+        a, b = _pad_rank(_np(factors[proj]["lora_A"]), _np(factors[proj]["lora_B"]), rank)
         for i in range(model_cfg.num_layers):
-            name = f"{PREFIX}model.layers.{i}.{module_path(proj)}"
-            out[f"{name}.lora_A.weight"] = np.ascontiguousarray(a[i].T)  # [r, in]
-            out[f"{name}.lora_B.weight"] = np.ascontiguousarray(b[i].T)  # [out, r]
+            for e, path in _module_paths(model_cfg, proj):
+                a_i, b_i = (a[i], b[i]) if e is None else (a[i, e], b[i, e])
+                name = f"{PREFIX}model.layers.{i}.{path}"
+                out[f"{name}.lora_A.weight"] = np.ascontiguousarray(a_i.T)  # [r, in]
+                out[f"{name}.lora_B.weight"] = np.ascontiguousarray(b_i.T)  # [out, r]
     for head in lora_cfg.modules_to_save:
         out[f"{PREFIX}{head}.weight"] = np.ascontiguousarray(_np(lora[head]["kernel"]).T)
         if "bias" in lora[head]:
@@ -217,7 +391,9 @@ def export_peft(
 # ----------------------------------------------------------------------------- import
 
 
-def _lora_config_from_peft(raw: dict[str, Any], heads: set[str], source: str) -> LoraConfig:
+def _lora_config_from_peft(
+    raw: dict[str, Any], heads: set[str], source: str, expert_targets: tuple[str, ...] = ()
+) -> LoraConfig:
     if raw.get("peft_type") != "LORA":
         raise ValueError(
             f"{source}: peft_type={raw.get('peft_type')!r}; only 'LORA' adapters can be loaded"
@@ -265,6 +441,13 @@ def _lora_config_from_peft(raw: dict[str, Any], heads: set[str], source: str) ->
         )
     modules_to_save = tuple(listed) + tuple(h for h in HEADS if h in heads and h not in listed)
     target = raw.get("target_modules")
+    if expert_targets:  # adapted through target_parameters: our per-expert projection names
+        if isinstance(target, str):
+            raise ValueError(
+                f"{source}: a regex target_modules together with target_parameters is not "
+                f"supported; list the module names"
+            )
+        target = [*(target or ()), *expert_targets]
     if not target:
         raise ValueError(f"{source}: target_modules is empty")
     if not isinstance(raw.get("r"), int):
@@ -309,21 +492,32 @@ def load_peft(
     tensors = read_safetensors(weights_path)
 
     # Sort every tensor into LoRA factors and heads, refusing anything else.
-    factors: dict[str, dict[str, dict[int, np.ndarray]]] = {}
+    paths = {
+        path: (proj, e)
+        for proj in model_cfg.projections
+        for e, path in _module_paths(model_cfg, proj)
+    }
+    factors: dict[str, dict[str, dict[tuple, np.ndarray]]] = {}
+    expert_tensors: dict[tuple[int, bool, str], np.ndarray] = {}
     head_tensors: dict[str, dict[str, np.ndarray]] = {}
     adapter_names: set[str] = set()
     for key, value in tensors.items():
         name = key.removeprefix(PREFIX)
         m = _LORA_KEY.match(name) if name != key else None
         h = _HEAD_KEY.match(name) if name != key else None
-        if m and m["proj"] in PROJECTIONS and m["path"] == module_path(m["proj"]):
+        x = _EXPERT_KEY.match(name) if name != key and model_cfg.num_experts else None
+        if x:
+            adapter_names.add(x["adapter"] or "")
+            expert_tensors[(int(x["layer"]), bool(x["inner"]), x["ab"])] = value
+        elif m and m["path"] in paths:
             if int(m["layer"]) >= model_cfg.num_layers:
                 raise ValueError(
                     f"{weights_path}: tensor {key!r} is for block {m['layer']}, but "
                     f"the model has {model_cfg.num_layers} blocks"
                 )
             adapter_names.add(m["adapter"] or "")
-            factors.setdefault(m["proj"], {}).setdefault(m["ab"], {})[int(m["layer"])] = value
+            proj, e = paths[m["path"]]
+            factors.setdefault(proj, {}).setdefault(m["ab"], {})[(int(m["layer"]), e)] = value
         elif h:
             adapter_names.add(h["adapter"] or "")
             head_tensors.setdefault(h["head"], {})[h["leaf"]] = value
@@ -339,7 +533,23 @@ def load_peft(
             f"{weights_path}: tensors of several adapters ({names}); save one adapter per folder"
         )
 
-    lora_cfg = _lora_config_from_peft(raw, set(head_tensors), cfg_path)
+    expert_factors = {}
+    if raw.get("target_parameters") or expert_tensors:
+        if not isinstance(raw.get("r"), int):
+            raise ValueError(f"{cfg_path}: r must be an integer rank, got {raw.get('r')!r}")
+        expert_factors = _expert_factors_from_peft(
+            expert_tensors,
+            list(raw.get("target_parameters") or ()),
+            model_cfg,
+            raw["r"],
+            weights_path,
+        )
+    lora_cfg = _lora_config_from_peft(
+        raw,
+        set(head_tensors),
+        cfg_path,
+        tuple(target_name(model_cfg, p) for p in expert_factors),
+    )
     try:
         targets = targeted_modules(lora_cfg, model_cfg)
     except ValueError as e:
@@ -356,27 +566,38 @@ def load_peft(
     r = lora_cfg.r
     tree: Params = {"layers": {}}
     for proj in targets:
+        if proj in expert_factors:
+            tree["layers"].setdefault("experts", {})[proj] = {
+                k: jnp.asarray(v, dtype) for k, v in expert_factors[proj].items()
+            }
+            continue
         out_dim, in_dim = shapes[proj]
         stacked = {}
         for ab, want in (("A", (r, in_dim)), ("B", (out_dim, r))):
             per_layer = factors.get(proj, {}).get(ab, {})
             blocks = []
             for i in range(model_cfg.num_layers):
-                key = f"{PREFIX}model.layers.{i}.{module_path(proj)}.lora_{ab}.weight"
-                if i not in per_layer:
-                    raise ValueError(
-                        f"{weights_path}: missing tensor {key!r}; jaxrlhf adapts {proj} in every "
-                        f"block, so each block needs lora_A and lora_B"
-                    )
-                got = tuple(per_layer[i].shape)
-                if got != want:
-                    raise ValueError(
-                        f"{weights_path}: tensor {key!r} has shape {got}; r={r} and the model "
-                        f"config imply {want}"
-                    )
-                blocks.append(per_layer[i].astype(np.float32).T)
+                per_expert = []
+                for e, path in _module_paths(model_cfg, proj):
+                    key = f"{PREFIX}model.layers.{i}.{path}.lora_{ab}.weight"
+                    if (i, e) not in per_layer:
+                        raise ValueError(
+                            f"{weights_path}: missing tensor {key!r}; jaxrlhf adapts {proj} in "
+                            f"every block (and expert), so each needs lora_A and lora_B"
+                        )
+                    got = tuple(per_layer[(i, e)].shape)
+                    if got != want:
+                        raise ValueError(
+                            f"{weights_path}: tensor {key!r} has shape {got}; r={r} and the "
+                            f"model config imply {want}"
+                        )
+                    per_expert.append(per_layer[(i, e)].astype(np.float32).T)
+                blocks.append(per_expert[0] if e is None else np.stack(per_expert))
             stacked[f"lora_{ab}"] = jnp.asarray(np.stack(blocks), dtype)
-        tree["layers"][proj] = stacked
+        if is_expert_projection(model_cfg, proj):
+            tree["layers"].setdefault("experts", {})[proj] = stacked
+        else:
+            tree["layers"][proj] = stacked
 
     d = model_cfg.hidden_size
     head_shapes = {
@@ -406,18 +627,6 @@ def load_peft(
 
 
 # ----------------------------------------------------------------------------- merged export
-
-
-_CAUSAL_LM = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-}
-_SEQ_CLS = {
-    "llama": "LlamaForSequenceClassification",
-    "mistral": "MistralForSequenceClassification",
-    "qwen2": "Qwen2ForSequenceClassification",
-}
 
 
 def export_merged(
@@ -460,12 +669,12 @@ def export_merged(
                 "transformers model finds the last token of each row by it)"
             )
         state.pop("lm_head.weight", None)
-        hf_cfg["architectures"] = [_SEQ_CLS[model_cfg.model_type]]
+        hf_cfg["architectures"] = [ARCHITECTURES[model_cfg.model_type][1]]
         hf_cfg["id2label"] = {str(i): f"LABEL_{i}" for i in range(model_cfg.num_labels)}
         hf_cfg["label2id"] = {f"LABEL_{i}": i for i in range(model_cfg.num_labels)}
     else:
         state.pop("score.weight", None)
-        hf_cfg["architectures"] = [_CAUSAL_LM[model_cfg.model_type]]
+        hf_cfg["architectures"] = [ARCHITECTURES[model_cfg.model_type][0]]
     if model_cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     os.makedirs(out_dir, exist_ok=True)

@@ -20,6 +20,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxrlhf.models import quant
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -32,6 +34,9 @@ RULES: dict[str, Any] = {
     "layers": None,
     "lora_rank": None,
     "labels": None,
+    # Expert parallelism: the experts of a MoE block are split over "fsdp" (an expert kernel's
+    # own embed axis then stays whole, as a mesh axis shards one dimension only).
+    "expert": "fsdp",
     "batch": BATCH_AXES,
     "cache_batch": BATCH_AXES,
     "cache_heads": "tensor",
@@ -46,6 +51,9 @@ _PROJ_AXES = {
     "gate_proj": ("embed", "mlp"),
     "up_proj": ("embed", "mlp"),
     "down_proj": ("mlp", "embed"),
+    "qkv_proj": ("embed", "heads"),
+    "gate_up_proj": ("embed", "mlp"),
+    "router": ("embed", None),
 }
 
 # Logical axes of the sampler's KV cache (`models.transformer.KVCache`): k and v are
@@ -123,7 +131,12 @@ def logical_axes_for(names: list[str], ndim: int) -> tuple[str | None, ...]:
     leaf = names[-1] if names else ""
     parent = names[-2] if len(names) > 1 else ""
     axes: tuple[str | None, ...]
-    if leaf == "embed":
+    if leaf in quant.QUANT_FIELDS and parent in ("kernel", "embed"):
+        # A stored array of a quantized weight (`models.quant`): its kernel's axes, in torch
+        # layout (kernels are stored transposed, the embedding table is not).
+        kernel_axes = logical_axes_for(names[:-1], ndim + quant.KERNEL_NDIM_OFFSET[leaf])
+        axes = quant.leaf_axes(kernel_axes, leaf, transposed=parent == "kernel")
+    elif leaf == "embed":
         axes = ("vocab", "embed")
     elif parent in _PROJ_AXES:
         i, o = _PROJ_AXES[parent]
@@ -133,6 +146,10 @@ def logical_axes_for(names: list[str], ndim: int) -> tuple[str | None, ...]:
             "lora_A": ("layers", i, "lora_rank"),
             "lora_B": ("layers", "lora_rank", o),
         }.get(leaf, (None,) * ndim)
+        if "experts" in names:  # [L, E, in, out] stacks: the expert axis after the layers
+            axes = (axes[0], "expert", *axes[1:])
+    elif parent in ("q_norm", "k_norm") and leaf == "scale":
+        axes = ("layers", None) if ndim == 2 else (None,)
     elif leaf == "scale":
         axes = ("layers", "embed") if ndim == 2 else ("embed",)
     elif parent == "lm_head" and leaf == "kernel":
@@ -263,7 +280,8 @@ class ShardedStep:
     derived from each batch (one compiled program per bucket shape, as jit would anyway).
 
     `arg_shardings[i]` is a sharding tree for argument i, or the string "batch" (split over
-    the batch axes) / "micro_batch" ([micro, B, ...], split on axis 1)."""
+    the batch axes) / "micro_batch" ([micro, B, ...], split on axis 1) / "stacked_micro_batch"
+    ([K adapters, micro, B, ...], split on axis 2)."""
 
     def __init__(
         self,
@@ -285,6 +303,8 @@ class ShardedStep:
                 out.append(batch_shardings(arg, self._mesh, 0))
             elif spec == "micro_batch":
                 out.append(batch_shardings(arg, self._mesh, 1))
+            elif spec == "stacked_micro_batch":
+                out.append(batch_shardings(arg, self._mesh, 2))
             else:
                 out.append(spec)
         return tuple(out)
@@ -292,7 +312,7 @@ class ShardedStep:
     def jitted(self, *args):
         key = tuple(
             jax.tree.map(lambda x: (np.shape(x), str(getattr(x, "dtype", type(x)))), a)
-            if s in ("batch", "micro_batch")
+            if s in ("batch", "micro_batch", "stacked_micro_batch")
             else None
             for s, a in zip(self._args, args, strict=True)
         )

@@ -194,6 +194,68 @@ def test_group_advantages_of_a_rollout_match_numpy(setup):
     assert float(metrics["frac_reward_zero_std"]) == pytest.approx(1 / N_PROMPTS)
 
 
+def test_trl_reward_options_in_prepare(setup):
+    """scale_rewards group|batch|none, mask_truncated_completions, overlong_buffer (DAPO's soft
+    overlong punishment) and dynamic_sampling, each against numpy on a real rollout."""
+    scores = np.asarray(setup["scores"], np.float64)
+    grouped = scores.reshape(N_PROMPTS, G_SIZE)
+    centred = (grouped - grouped.mean(1, keepdims=True)).reshape(-1)
+    for scale, want in (
+        ("group", _numpy_group_advantages(scores, G_SIZE, True)[0]),
+        ("batch", centred / (scores.std(ddof=1) + 1e-4)),  # PPO Lite: one std for the batch
+        ("none", centred),
+    ):
+        batch, _ = _prepare(setup, _hyper(scale_rewards=scale))
+        np.testing.assert_allclose(np.asarray(batch["advantages"]), want, rtol=1e-5, atol=1e-6)
+
+    resp = np.asarray(setup["rollout_in"]["response_mask"])
+    finished = np.asarray(setup["rollout_in"]["finished"])
+    batch, _ = _prepare(setup, _hyper(mask_truncated_completions=True))
+    np.testing.assert_array_equal(np.asarray(batch["response_mask"]), resp * finished[:, None])
+
+    # L = MAX_NEW = 6, C = 3: 0 up to 3 tokens, then (3 − n)/3 down to −1 at 6 tokens.
+    lengths = resp.sum(-1)
+    penalty = np.where(lengths <= 3, 0.0, (3 - lengths) / 3)
+    batch, metrics = _prepare(setup, _hyper(overlong_buffer=3, scale_rewards="none"))
+    shaped = (scores + penalty).reshape(N_PROMPTS, G_SIZE)
+    want = (shaped - shaped.mean(1, keepdims=True)).reshape(-1)
+    np.testing.assert_allclose(np.asarray(batch["advantages"]), want, rtol=1e-5, atol=1e-6)
+    assert float(metrics["rewards/soft_overlong_punishment"]) == pytest.approx(penalty.mean())
+
+    tied = scores.copy()
+    tied[G_SIZE : 2 * G_SIZE] = 0.25  # group 1 ties; the others keep their spread
+    assert all(np.ptp(g) > 0 for i, g in enumerate(scores.reshape(N_PROMPTS, G_SIZE)) if i != 1)
+    batch, metrics = _prepare(setup, _hyper(dynamic_sampling=True), scores=tied)
+    keep = np.repeat(np.arange(N_PROMPTS) != 1, G_SIZE)
+    np.testing.assert_array_equal(np.asarray(batch["response_mask"]), resp * keep[:, None])
+    assert float(metrics["dynamic_sampling/dropped_groups"]) == 1.0
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo"])
+def test_global_token_losses_are_independent_of_micro_batching(setup, loss_type):
+    """dapo and cispo normalise by the tokens of the whole optimizer step: splitting it into
+    two micro-batches with different token counts gives the same gradient (bnpo, a mean per
+    micro-batch, does not — the check is not vacuous)."""
+    batch, _ = _prepare(setup, _hyper())
+    mask = np.asarray(batch["response_mask"]).copy()
+    mask[: N_PROMPTS * G_SIZE // 2, 2:] = 0  # the first micro-batch gets far fewer tokens
+    batch = {**batch, "response_mask": jnp.asarray(mask)}
+    opt = make_optimizer(C.OptimConfig(), 10)
+    state = init_train_state(setup["policy"], opt, jax.random.PRNGKey(0))
+    p_len = setup["prompts"]["input_ids"].shape[1]
+    idx = jnp.arange(N_PROMPTS * G_SIZE)
+
+    def grad_norm(kind, micro_batches):
+        hyper = _hyper(micro_batches=micro_batches, loss_type=kind, epsilon_high=5.0)
+        update = G.make_update_fn(
+            hyper, model_cfg=setup["model_cfg"], optimizer=opt, prompt_len=p_len
+        )
+        return float(jax.jit(update)(state, setup["base"], batch, idx)[1]["grad_norm"])
+
+    assert grad_norm(loss_type, 2) == pytest.approx(grad_norm(loss_type, 1), rel=1e-5)
+    assert grad_norm("bnpo", 2) != pytest.approx(grad_norm("bnpo", 1), rel=1e-3)
+
+
 def _count_backbone_calls(monkeypatch):
     """Record, at trace time, every backbone pass the GRPO steps make: True for a pass with
     an adapter (the policy), False for one without (the reference)."""
@@ -385,7 +447,7 @@ def test_resume_after_sigterm_is_exact(tmp_path, monkeypatch):
     assert [r["step"] for r in _records(tmp_path / "b")] == [1, 2]
     resumed = run_grpo(_cfg(tmp_path / "b", *common), source=rows, resume=True)
 
-    a, b = jax.device_get((full["state"], resumed["state"]))
+    a, b = jax.device_get((full["state"].train, resumed["state"].train))
     assert int(a.step) == int(b.step) == 4 * 2 * 2
     for x, y in zip(
         jax.tree.leaves((a.trainable, a.opt_state, a.rng)),

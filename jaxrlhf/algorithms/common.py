@@ -48,11 +48,16 @@ def model_views(trainable: Any, frozen: Any, lora_cfg: LoraConfig | None) -> tup
 
 def apply_update(
     state: TrainState, grads: Any, optimizer: optax.GradientTransformation
-) -> tuple[TrainState, jax.Array]:
+) -> tuple[TrainState, dict]:
+    """One optimizer step; metrics `grad_norm` and `param_norm` (of the updated trainable
+    tree: the run's guard reads both, so a non-finite update is caught at its step)."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
-    return new_state, optax.global_norm(grads)
+    return new_state, {
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(trainable),
+    }
 
 
 def packed_hidden(
@@ -124,8 +129,8 @@ def make_batch_step(loss_fn: Callable, optimizer: optax.GradientTransformation):
         grads, metrics = accumulate_gradients(
             loss_fn, state.trainable, micro_batches, frozen, step_rng
         )
-        new_state, grad_norm = apply_update(state.replace(rng=rng), grads, optimizer)
-        return new_state, {**metrics, "grad_norm": grad_norm}
+        new_state, norms = apply_update(state.replace(rng=rng), grads, optimizer)
+        return new_state, {**metrics, **norms}
 
     return step
 
@@ -148,7 +153,7 @@ def make_minibatch_update(
         if scale_micro_batches is not None:
             mb = scale_micro_batches(mb)
         grads, metrics = accumulate_gradients(loss_fn, state.trainable, mb, frozen)
-        state, grad_norm = apply_update(state, grads, optimizer)
-        return state, {**metrics, "grad_norm": grad_norm}
+        state, norms = apply_update(state, grads, optimizer)
+        return state, {**metrics, **norms}
 
     return update

@@ -31,30 +31,50 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxrlhf.advantages import group_advantages
+from jaxrlhf.advantages import (
+    SCALE_REWARDS,
+    dynamic_sampling_keep_mask,
+    group_advantages,
+    soft_overlong_punishment,
+)
 from jaxrlhf.algorithms.common import make_minibatch_update, model_views
 from jaxrlhf.algorithms.spec import IterationPlan, KLControlSettings, OnlineAlgorithm
 from jaxrlhf.config import GenerationConfig, OnlineTraining, check_literal
 from jaxrlhf.data.packing import pack_groups
 from jaxrlhf.lora import LoraConfig, split_trainable
-from jaxrlhf.losses import GRPO_LOSS_ALIASES, grpo_loss, masked_mean
+from jaxrlhf.losses import (
+    GRPO_LOSS_ALIASES,
+    GRPO_TOKEN_SUM_LOSS_TYPES,
+    IMPORTANCE_SAMPLING_LEVELS,
+    grpo_loss,
+    masked_mean,
+)
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.transformer import backbone, token_logprobs
 
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "sequence-mean", "token-mean")
+GRPO_LOSS_TYPES = (
+    "grpo",
+    "bnpo",
+    "dr_grpo",
+    "dapo",
+    "cispo",
+    "sapo",
+    "sequence-mean",
+    "token-mean",
+)
+# Normalised by the tokens of the whole optimizer batch (see `make_update_fn`).
+GLOBAL_TOKEN_LOSS_TYPES = ("dapo", "cispo")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class GRPOConfig(OnlineTraining):
-    """`jaxrlhf grpo`: Group Relative Policy Optimization (Shao et al., 2024), as TRL's
-    GRPOTrainer: no critic; each prompt is sampled `num_generations` times and a completion's
-    advantage is its reward relative to its group's. Names and defaults follow TRL's
-    GRPOConfig where it has the option.
+class GroupRolloutTraining(OnlineTraining):
+    """What the critic-free online algorithms share (`grpo`, `rloo`, `reinforce_pp`): each
+    prompt is sampled `num_generations` times (consecutive rows), and an iteration is
+    `prompts_per_iteration` prompts × `num_generations` completions → rewards → advantages →
+    `num_iterations` (μ) passes of `mini_batch_size` optimizer steps. The option names are
+    TRL's (GRPOConfig / RLOOConfig)."""
 
-    One iteration: `prompts_per_iteration` prompts × `num_generations` completions → rewards
-    → group advantages → `num_iterations` (μ) passes of `mini_batch_size` optimizer steps."""
-
-    command: ClassVar[str] = "grpo"
+    min_generations: ClassVar[int] = 2
 
     lora: LoraConfig | None = dataclasses.field(default_factory=lambda: LoraConfig(r=32, alpha=64))
     """The policy adapter (RL favours higher ranks than SFT); `null` for full fine-tuning
@@ -74,20 +94,19 @@ class GRPOConfig(OnlineTraining):
     rollout time (1: strictly on-policy, as TRL's default)."""
     mini_batch_size: int | None = None
     """Completions per optimizer step (null: the whole generation batch, one step per pass)."""
-    beta: float = 0.0
-    """KL coefficient (k3 estimator) against the reference; 0 skips the reference pass."""
     epsilon: float = 0.2
     epsilon_high: float | None = None
     """Upper clip bound (DAPO's clip-higher, e.g. 0.28); null: `epsilon`."""
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "sequence-mean", "token-mean"] = "dapo"
-    scale_rewards: bool = True
-    """Divide advantages by the group's reward std (false: Dr. GRPO)."""
+    mask_truncated_completions: bool = False
+    """Leave completions that hit max_new_tokens without an EOS out of the loss (DAPO)."""
     log_entropy: bool = True
     """Compute the policy's mean token entropy in the update (one softmax over the vocabulary)."""
     share_prompt: bool = True
     """Run each prompt once for its group of completions in the log-prob passes (packed:
     the G completions attend to one copy of the prompt). Same numbers, fewer tokens;
     mini-batches and micro-batches then hold whole groups."""
+    logprob_chunk: int = 128
+    """Tokens per chunk of the vocabulary projection in the log-prob passes (memory bound)."""
 
     @property
     def generation_batch_size(self) -> int:
@@ -96,9 +115,6 @@ class GRPOConfig(OnlineTraining):
     @property
     def effective_mini_batch_size(self) -> int:
         return self.mini_batch_size or self.generation_batch_size
-
-    logprob_chunk: int = 128
-    """Tokens per chunk of the vocabulary projection in the log-prob passes (memory bound)."""
 
     @property
     def use_old_logprobs(self) -> bool:
@@ -110,11 +126,10 @@ class GRPOConfig(OnlineTraining):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_literal(self, "loss_type", GRPO_LOSS_TYPES)
-        if self.num_generations < 2:
+        if self.num_generations < self.min_generations:
             raise ValueError(
-                f"num_generations must be >= 2 (advantages are relative to the "
-                f"group of a prompt's completions), got {self.num_generations}"
+                f"num_generations must be >= {self.min_generations} (advantages are relative "
+                f"to the group of a prompt's completions), got {self.num_generations}"
             )
         for name in ("prompts_per_iteration", "max_steps", "num_iterations"):
             if getattr(self, name) < 1:
@@ -138,8 +153,6 @@ class GRPOConfig(OnlineTraining):
                 f"optim.grad_accum_steps = {micro}) must be a multiple of num_generations "
                 f"({self.num_generations}); change them or set share_prompt: false"
             )
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.epsilon <= 0:
             raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
         if self.epsilon_high is not None and self.epsilon_high <= 0:
@@ -147,14 +160,96 @@ class GRPOConfig(OnlineTraining):
         if self.lora is not None:
             if self.lora.modules_to_save:
                 raise ValueError(
-                    f"lora.modules_to_save={list(self.lora.modules_to_save)}: GRPO "
-                    f"has no critic or score head; set it to []"
+                    f"lora.modules_to_save={list(self.lora.modules_to_save)}: "
+                    f"{self.command.upper()} has no critic or score head; set it to []"
                 )
             if self.lora.dropout:
                 raise ValueError(
-                    "lora.dropout must be 0 for GRPO: the importance ratio compares "
-                    "deterministic passes of the policy"
+                    f"lora.dropout must be 0 for {self.command.upper()}: the importance ratio "
+                    "compares deterministic passes of the policy"
                 )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GRPOConfig(GroupRolloutTraining):
+    """`jaxrlhf grpo`: Group Relative Policy Optimization (Shao et al., 2024), as TRL's
+    GRPOTrainer: no critic; each prompt is sampled `num_generations` times and a completion's
+    advantage is its reward relative to its group's. Names and defaults follow TRL's
+    GRPOConfig where it has the option.
+
+    One iteration: `prompts_per_iteration` prompts × `num_generations` completions → rewards
+    → group advantages → `num_iterations` (μ) passes of `mini_batch_size` optimizer steps."""
+
+    command: ClassVar[str] = "grpo"
+
+    beta: float = 0.0
+    """KL coefficient (k3 estimator) against the reference; 0 skips the reference pass."""
+
+    loss_type: Literal[
+        "grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "sequence-mean", "token-mean"
+    ] = "dapo"
+    """The objective and its aggregation (`jaxrlhf.losses.grpo_loss`): clipped surrogate
+    ("grpo", "bnpo", "dr_grpo", "dapo"), CISPO (clipped, detached weight × log π) or SAPO
+    (soft sigmoid gate)."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """`sequence`: one weight per completion, exp of the mean token log-ratio (GSPO); only
+    with the per-sequence aggregations "grpo" and "sapo"."""
+    delta: float | None = None
+    """Upper cap on the unclipped ratio (INTELLECT-2's two-sided clipping, > 1 + epsilon);
+    null disables it. Not for "cispo"/"sapo"."""
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    """SAPO's gate temperatures for positive / negative advantages."""
+    scale_rewards: bool | Literal["group", "batch", "none"] = True
+    """Divide advantages by a reward std: "group" (true) the group's, "batch" the whole
+    batch's, "none" (false) not at all (Dr. GRPO)."""
+    overlong_buffer: int | None = None
+    """DAPO's soft overlong punishment (TRL's `get_soft_overlong_punishment` reward with
+    `soft_punish_cache` = this and `max_completion_len` = generation.max_new_tokens): the
+    reward falls linearly from 0 to −1 over the last `overlong_buffer` tokens. null: off."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling filter without refilling: groups whose rewards all tie are
+    left out of the loss (their response masks zeroed); their number is reported as
+    `dynamic_sampling/dropped_groups`."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.kl_budget is not None and self.beta == 0:
+            raise ValueError(
+                "kl_budget steers beta, the KL term's weight: set beta > 0 as its starting "
+                "value (e.g. beta=0.04)"
+            )
+        check_literal(self, "loss_type", GRPO_LOSS_TYPES)
+        check_literal(self, "importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS)
+        if not isinstance(self.scale_rewards, bool):
+            check_literal(self, "scale_rewards", SCALE_REWARDS)
+        loss_type = GRPO_LOSS_ALIASES.get(self.loss_type, self.loss_type)
+        if self.importance_sampling_level == "sequence" and loss_type in GRPO_TOKEN_SUM_LOSS_TYPES:
+            raise ValueError(
+                f"importance_sampling_level: sequence (GSPO) has no form for loss_type: "
+                f"{self.loss_type} (a token-sum aggregation weights sequences by length); use "
+                f"loss_type: grpo or sapo, or importance_sampling_level: token"
+            )
+        if self.delta is not None:
+            if loss_type in ("cispo", "sapo"):
+                raise ValueError(
+                    f"delta caps the unclipped ratio of the clipped losses; loss_type: "
+                    f"{self.loss_type} has none: set delta: null"
+                )
+            if self.delta <= 1.0:
+                raise ValueError(f"delta must be > 1 (a cap above ratio 1), got {self.delta}")
+        if self.overlong_buffer is not None and not (
+            0 < self.overlong_buffer <= self.generation.max_new_tokens
+        ):
+            raise ValueError(
+                f"overlong_buffer must be in [1, generation.max_new_tokens="
+                f"{self.generation.max_new_tokens}] or null, got {self.overlong_buffer}"
+            )
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 def response_logprobs(
@@ -216,7 +311,7 @@ def policy_logprobs(
     *,
     model_cfg: ModelConfig,
     lora_cfg: LoraConfig | None,
-    cfg: GRPOConfig,
+    cfg: GroupRolloutTraining,
     with_entropy: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
     """log π_θ of the response tokens: the frozen base + the unmerged adapter (LoRA) or the
@@ -244,7 +339,7 @@ def reference_logprobs(
     prompt_len: int,
     *,
     model_cfg: ModelConfig,
-    cfg: GRPOConfig,
+    cfg: GroupRolloutTraining,
 ) -> jax.Array:
     """log π_ref: the frozen base with no adapter (in full fine-tuning, the frozen copy)."""
     lp, _ = response_logprobs(
@@ -276,9 +371,26 @@ def make_prepare_fn(
     def prepare(trainable, frozen, rollout: dict, scores, kl_coef=None):
         ids, mask, resp = rollout["input_ids"], rollout["attention_mask"], rollout["response_mask"]
         scores = jnp.asarray(scores, jnp.float32)
+        length = jnp.sum(resp, axis=-1).astype(jnp.float32)
+        finished = rollout.get("finished", jnp.ones(ids.shape[:1], bool))
+        extra = {}
+        if cfg.overlong_buffer is not None:
+            penalty = soft_overlong_punishment(
+                length,
+                max_completion_len=cfg.generation.max_new_tokens,
+                soft_punish_cache=cfg.overlong_buffer,
+            )
+            scores = scores + penalty
+            extra["rewards/soft_overlong_punishment"] = jnp.mean(penalty)
         advantages, group_std = group_advantages(
-            scores, cfg.num_generations, scale_by_std=cfg.scale_rewards
+            scores, cfg.num_generations, scale_rewards=cfg.scale_rewards
         )
+        if cfg.mask_truncated_completions:
+            resp = resp * finished[:, None].astype(resp.dtype)
+        if cfg.dynamic_sampling:
+            keep, dropped = dynamic_sampling_keep_mask(scores, cfg.num_generations)
+            resp = resp * keep[:, None].astype(resp.dtype)
+            extra["dynamic_sampling/dropped_groups"] = dropped.astype(jnp.float32)
         batch = {
             "input_ids": ids,
             "attention_mask": mask,
@@ -296,12 +408,12 @@ def make_prepare_fn(
                 lora_cfg=lora_cfg,
                 cfg=cfg,
             )
+        if cfg.kl_budget is not None:  # the controller's β rides along, one per row
+            batch["beta"] = jnp.full(ids.shape[:1], kl_coef, jnp.float32)
         if cfg.beta > 0:
             batch["ref_logprobs"] = reference_logprobs(
                 frozen, ids, mask, prompt_len, model_cfg=model_cfg, cfg=cfg
             )
-        length = jnp.sum(resp, axis=-1).astype(jnp.float32)
-        finished = rollout.get("finished", jnp.ones(ids.shape[:1], bool))
         metrics = {
             "reward": jnp.mean(scores),
             # TRL's reward_std: the mean over groups of the within-group std.
@@ -309,6 +421,7 @@ def make_prepare_fn(
             "frac_reward_zero_std": jnp.mean((group_std <= 1e-8).astype(jnp.float32)),
             "completion_length": jnp.mean(length),
             "completions/clipped_ratio": 1.0 - jnp.mean(finished.astype(jnp.float32)),
+            **extra,
         }
         return jax.lax.stop_gradient(batch), jax.lax.stop_gradient(metrics)
 
@@ -346,12 +459,28 @@ def grpo_objective(
         resp,
         clip_eps=cfg.epsilon,
         clip_eps_high=cfg.epsilon_high,
-        beta=cfg.beta,
+        beta=jnp.mean(micro["beta"]) if "beta" in micro else cfg.beta,
         loss_type=cfg.loss_type,
         max_completion_length=cfg.generation.max_new_tokens,
+        importance_sampling_level=cfg.importance_sampling_level,
+        delta=cfg.delta,
+        sapo_temperature_pos=cfg.sapo_temperature_pos,
+        sapo_temperature_neg=cfg.sapo_temperature_neg,
     )
     loss = loss * micro["loss_scale"]
-    metrics = {"loss": loss, "kl": m["kl"], "clip_ratio": m["clip_ratio"], "ratio": m["ratio_mean"]}
+    metrics = {
+        "loss": loss,
+        "kl": m["kl"],
+        "clip_ratio": m["clip_ratio"],
+        "clip_ratio/low_mean": m["clip_ratio/low_mean"],
+        "clip_ratio/high_mean": m["clip_ratio/high_mean"],
+        "clip_ratio/region_mean": m["clip_ratio/region_mean"],
+        "ratio": m["ratio_mean"],
+    }
+    if "cispo_clip_ratio" in m:
+        metrics["cispo_clip_ratio"] = m["cispo_clip_ratio"]
+    # Σ_t KL_t / B: the mean KL of a sequence (the token mean times tokens per row).
+    metrics["kl_per_sequence"] = m["kl"] * jnp.sum(resp) / resp.shape[0]
     if cfg.log_entropy:
         metrics["entropy"] = masked_mean(entropy, resp)
     return loss, jax.lax.stop_gradient(metrics)
@@ -369,9 +498,9 @@ def make_update_fn(
     rows `indices` [m] of the prepared batch, split into optim.grad_accum_steps micro-batches
     for gradient accumulation (mean of the micro-batch gradients).
 
-    "dapo" normalises by the tokens of the whole optimizer batch, so each micro-batch's
-    token-mean loss is scaled by (its tokens × micro_batches / the batch's tokens); the
-    other loss types are already means over equal-sized micro-batches."""
+    "dapo" and "cispo" normalise by the tokens of the whole optimizer batch, so each
+    micro-batch's token-mean loss is scaled by (its tokens × micro_batches / the batch's
+    tokens); the other loss types are already means over equal-sized micro-batches."""
     loss_type = GRPO_LOSS_ALIASES.get(cfg.loss_type, cfg.loss_type)
     micro_batches = cfg.optim.grad_accum_steps
 
@@ -388,7 +517,7 @@ def make_update_fn(
 
     def loss_scales(mb: dict) -> dict:
         tokens = jnp.sum(mb["response_mask"], axis=(1, 2)).astype(jnp.float32)
-        if loss_type == "dapo":
+        if loss_type in GLOBAL_TOKEN_LOSS_TYPES:
             scale = tokens * micro_batches / jnp.maximum(jnp.sum(tokens), 1.0)
         else:
             scale = jnp.ones((micro_batches,), jnp.float32)
@@ -403,7 +532,12 @@ def make_update_fn(
 
 
 def init_trainable(
-    cfg: GRPOConfig, *, key: jax.Array, base: Any, model_cfg: ModelConfig, reward_model: Any
+    cfg: GroupRolloutTraining,
+    *,
+    key: jax.Array,
+    base: Any,
+    model_cfg: ModelConfig,
+    reward_model: Any,
 ) -> tuple[Any, None]:
     """The policy: a fresh adapter over the shared base (LoRA) or a float32 copy of the base
     (full fine-tuning; the frozen base stays as the reference). No critic."""
@@ -411,7 +545,7 @@ def init_trainable(
     return policy, None
 
 
-def plan(cfg: GRPOConfig) -> IterationPlan:
+def plan(cfg: GroupRolloutTraining) -> IterationPlan:
     return IterationPlan(
         prompts=cfg.prompts_per_iteration,
         group=cfg.num_generations,
@@ -420,6 +554,14 @@ def plan(cfg: GRPOConfig) -> IterationPlan:
         iterations=cfg.max_steps,
         whole_groups=cfg.share_prompt,  # each micro-batch packs its prompts
     )
+
+
+def kl_control(cfg: GRPOConfig) -> KLControlSettings:
+    """β fixed, or with `kl_budget` steered by the budget controller on the update's
+    per-sequence KL (`advantages.update_kl_budget`)."""
+    if cfg.kl_budget is None:
+        return KLControlSettings(initial=cfg.beta)
+    return KLControlSettings(initial=cfg.beta, budget=cfg.kl_budget, metric="kl_per_sequence")
 
 
 ALGORITHM = OnlineAlgorithm(
@@ -431,7 +573,7 @@ ALGORITHM = OnlineAlgorithm(
     policy=lambda trainable: trainable,
     make_prepare=make_prepare_fn,
     make_update=make_update_fn,
-    kl_control=lambda cfg: KLControlSettings(initial=cfg.beta),
+    kl_control=kl_control,
     bar_keys=("reward", "kl"),
     drop_metrics=("rewards/total",),
 )

@@ -28,7 +28,7 @@ from jaxrlhf.advantages import gae, whiten
 from jaxrlhf.algorithms.common import make_minibatch_update
 from jaxrlhf.algorithms.spec import IterationPlan, KLControlSettings, OnlineAlgorithm
 from jaxrlhf.config import OnlineTraining, check_literal
-from jaxrlhf.lora import LoraConfig, split_trainable
+from jaxrlhf.lora import LoraConfig, adapter_member, split_trainable
 from jaxrlhf.losses import kl_estimate, masked_mean, ppo_policy_loss, ppo_value_loss
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.transformer import backbone, token_logprobs, value_head
@@ -399,7 +399,7 @@ def init_trainable(
 
 def critic_from_reward_model(reward_model: Any, cfg: PPOConfig) -> tuple[Any, LoraConfig]:
     """The critic starts as the reward model: its adapter, and its score head as the value
-    head (bias 0), as InstructGPT and PE-RLHF do."""
+    head (bias 0), as InstructGPT and PE-RLHF do (an ensemble's first member)."""
     if reward_model is None or reward_model.lora is None:
         raise ValueError(
             "value_init_from_reward_model needs a LoRA reward model "
@@ -408,6 +408,8 @@ def critic_from_reward_model(reward_model: Any, cfg: PPOConfig) -> tuple[Any, Lo
     if cfg.value_lora is None:
         raise ValueError("value_init_from_reward_model needs value_lora (a LoRA critic)")
     rm_lora = jax.device_get(reward_model.lora)
+    if reward_model.members > 1:
+        rm_lora = adapter_member(rm_lora, 0)
     score = rm_lora["score"]["kernel"]
     if score.shape[-1] != 1:
         raise ValueError("value_init_from_reward_model needs a reward model with num_labels=1")
@@ -438,6 +440,16 @@ def stop_epochs(cfg: PPOConfig, epoch_metrics: list[dict]) -> bool:
     return approx > cfg.target_kl
 
 
+def kl_control(cfg: PPOConfig) -> KLControlSettings:
+    """TRL's adaptive controller (`adaptive_kl`, `kl_target`, `kl_horizon`), or with
+    `kl_budget` the budget controller (`advantages.update_kl_budget`)."""
+    if cfg.kl_budget is not None:
+        return KLControlSettings(initial=cfg.kl_coef, budget=cfg.kl_budget)
+    return KLControlSettings(
+        initial=cfg.kl_coef, adaptive=cfg.adaptive_kl, target=cfg.kl_target, horizon=cfg.kl_horizon
+    )
+
+
 ALGORITHM = OnlineAlgorithm(
     name="ppo",
     help="PPO with a LoRA policy and critic on one frozen base",
@@ -448,12 +460,7 @@ ALGORITHM = OnlineAlgorithm(
     make_prepare=make_experience_fn,
     make_update=make_update_fn,
     stop_epochs=stop_epochs,
-    kl_control=lambda cfg: KLControlSettings(
-        initial=cfg.kl_coef,
-        adaptive=cfg.adaptive_kl,
-        target=cfg.kl_target,
-        horizon=cfg.kl_horizon,
-    ),
+    kl_control=kl_control,
     epochs_metric="ppo_epochs_run",
     score_options=lambda cfg: {"score_clip": cfg.score_clip, "score_scaling": cfg.score_scaling},
     bar_keys=("objective/scores", "objective/kl"),

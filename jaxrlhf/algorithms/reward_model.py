@@ -178,10 +178,28 @@ class RewardModel:
     params: Any
     lora: Any
     lora_cfg: LoraConfig | None
+    members: int = 1
+    """K > 1: `lora` is K stacked adapters (an ensemble), scored in one pass."""
 
     @property
     def scale(self) -> float:
         return 1.0 if self.lora_cfg is None else self.lora_cfg.scale
+
+
+def combine_ensemble(scores: jax.Array, *, rule: str, coef: float = 1.0) -> jax.Array:
+    """One reward [B] from K members' scores [K, B]:
+
+    mean            mean_k r_k
+    mean_minus_std  mean_k r_k − coef · std_k r_k   (population std)
+    min             min_k r_k
+    """
+    if rule == "mean":
+        return scores.mean(axis=0)
+    if rule == "mean_minus_std":
+        return scores.mean(axis=0) - coef * scores.std(axis=0)
+    if rule == "min":
+        return scores.min(axis=0)
+    raise ValueError(f"reward_model.ensemble={rule!r}; choose from mean, mean_minus_std, min")
 
 
 def reward_model_scores(
@@ -249,6 +267,10 @@ def load_reward_model(
     path = Path(section.path)
     if not path.exists():
         raise FileNotFoundError(f"reward_model.path not found: {path}")
+    if (path / "ensemble.json").is_file():
+        return _load_ensemble(
+            section, path, model_cfg=model_cfg, frozen=frozen, mesh=mesh, tokenizer=tokenizer
+        )
     if (path / "adapter_config.json").is_file():
         rm_cfg, params = model_cfg, frozen
         if section.base is not None:
@@ -283,3 +305,25 @@ def load_reward_model(
         lora=None,
         lora_cfg=None,
     )
+
+
+def _load_ensemble(section: RewardModelSection, path: Path, **where: Any) -> RewardModel:
+    """The members named in `path/ensemble.json` (PEFT adapters of one shape on one base),
+    stacked into one [K, ...] adapter tree."""
+    import json
+
+    from jaxrlhf.lora import stack_adapters
+
+    names = json.loads((path / "ensemble.json").read_text()).get("members") or []
+    if not names:
+        raise ValueError(f"{path / 'ensemble.json'} lists no members")
+    models = [
+        load_reward_model(dataclasses.replace(section, path=str(path / n)), **where) for n in names
+    ]
+    if any(m.lora is None for m in models) or len({m.lora_cfg for m in models}) != 1:
+        raise ValueError(
+            f"{path}: an ensemble's members must be LoRA adapters of one shape on one base"
+        )
+    lora = stack_adapters([jax.device_get(m.lora) for m in models])
+    first = models[0]
+    return dataclasses.replace(first, lora=put_tree(lora, where["mesh"]), members=len(models))

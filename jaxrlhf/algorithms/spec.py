@@ -1,7 +1,8 @@
 """What an algorithm hands its driver: one small frozen record of functions per algorithm.
 
-A preference algorithm (`reward_model`, `dpo`) is run by `jaxrlhf.train.preference`; an
-online one (`ppo`, `grpo`) by `jaxrlhf.train.online`. The record names only what is the
+A preference algorithm (`reward_model`, `dpo`, `kto`, `orpo`, `cpo`) is run by
+`jaxrlhf.train.preference`; an online one (`ppo`, `grpo`, `rloo`, `reinforce_pp`) by
+`jaxrlhf.train.online`. The record names only what is the
 algorithm's own — its config class (which is also the static hyperparameters of its steps),
 its trainable layout, its compiled steps and its metrics; the driver does the rest (data,
 mesh, batches, loop, evaluation, checkpoints, export). Adding an algorithm is one module
@@ -42,6 +43,9 @@ class PreferenceAlgorithm:
     data before training when `precompute_reference(cfg)`; the arrays ride along in every
     batch (by pair index)."""
     precompute_reference: Callable[[Any], bool] = lambda cfg: False
+    prepare_rows: Callable[[Any, list], list] | None = None
+    """`(cfg, rows) -> rows`: rewrites the loaded rows (train and eval) into preference
+    pairs before tokenization (KTO: unpaired feedback → (completion, KL completion) pairs)."""
     summary_keys: tuple[str, ...] = ("loss",)
     """Eval metrics printed before and after training."""
     bar_keys: tuple[str, ...] = ("loss",)
@@ -87,6 +91,9 @@ class KLControlSettings:
     target: float = 6.0
     horizon: float = 10000.0
     metric: str = "objective/kl"
+    budget: float | None = None
+    """Hold the metric at or under this (`advantages.update_kl_budget`), instead of the
+    proportional controller."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -55,6 +55,7 @@ from jaxrlhf.data.batches import (
     pad_prompt_batch,
     padding_fraction,
     pair_batch,
+    stack_batches,
 )
 from jaxrlhf.data.buckets import bucket_length, check_buckets, default_buckets, packed_buckets
 from jaxrlhf.data.order import (
@@ -73,6 +74,7 @@ from jaxrlhf.data.tokenize import (
     tokenize_preferences,
     tokenize_prompts,
 )
+from jaxrlhf.data.unpaired import kto_pairs, unpaired_rows
 
 __all__ = [
     "PreferenceData",
@@ -85,6 +87,7 @@ __all__ = [
     "check_buckets",
     "default_buckets",
     "epoch_order",
+    "kto_pairs",
     "load_preferences",
     "load_prompts",
     "load_rows",
@@ -94,8 +97,10 @@ __all__ = [
     "padding_fraction",
     "pair_batch",
     "process_slice",
+    "stack_batches",
     "steps_per_epoch",
     "tokenize_preferences",
     "tokenize_prompts",
     "train_eval_split",
+    "unpaired_rows",
 ]

@@ -197,3 +197,22 @@ def as_step_dtype(x: Any) -> np.ndarray:
     if x.dtype == np.int64:
         return x.astype(np.int32)
     return x.astype(np.float32) if x.dtype == np.float64 else x
+
+
+def stack_batches(batches: list[dict[str, np.ndarray]], *, pad_id: int) -> dict[str, np.ndarray]:
+    """K batches of the same keys as one [K, ...] batch (one per stacked adapter, each from
+    its own data order). Each may have picked another length bucket: shorter ones are padded
+    on the right to the longest (token ids with `pad_id`, everything else with 0: masked)."""
+    out = {}
+    for key in batches[0]:
+        arrays = [b[key] for b in batches]
+        if arrays[0].ndim >= 2:
+            width = max(a.shape[1] for a in arrays)
+            fill = pad_id if key.endswith("input_ids") or key.endswith("response_ids") else 0
+            arrays = [
+                np.pad(a, [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2),
+                       constant_values=fill)
+                for a in arrays
+            ]  # fmt: skip
+        out[key] = np.stack(arrays)
+    return out

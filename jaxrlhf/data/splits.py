@@ -6,6 +6,7 @@ pairs.jsonl: row 3: field 'chosen' is empty")."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import datasets
@@ -100,11 +101,20 @@ def _train_and_eval(cfg: Any, source: Any, tokenize, *, seed: int, log, what: st
 
 
 def load_preferences(
-    cfg: PreferenceDataConfig, tokenizer: Any, *, seed: int, source: Any = None, log=print
+    cfg: PreferenceDataConfig,
+    tokenizer: Any,
+    *,
+    seed: int,
+    source: Any = None,
+    log=print,
+    prepare_rows: Callable[[list], list] | None = None,
 ) -> PreferenceSplits:
-    """Tokenized train/eval pairs from `cfg.train` (or an in-memory `source`)."""
+    """Tokenized train/eval pairs from `cfg.train` (or an in-memory `source`);
+    `prepare_rows` rewrites each split's loaded rows into pairs first (e.g. KTO's)."""
 
     def tokenize(rows):
+        if prepare_rows is not None:
+            rows = load_rows(prepare_rows(rows))
         return tokenize_preferences(
             rows,
             tokenizer,

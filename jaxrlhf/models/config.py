@@ -1,8 +1,20 @@
-"""`ModelConfig`: the architecture of a Llama-family decoder, built from a transformers config.
+"""`ModelConfig`: the architecture of one decoder family, built from a transformers config.
 
-Llama, Mistral, Qwen2 and SmolLM2 (a Llama) differ only in a few switches: q/k/v bias
-(Qwen2), tied embeddings, sliding windows (Mistral, unused at our lengths), rope scaling.
-Anything else is refused with an error that names the option, never silently ignored.
+The families are one decoder with a few switches, not copies of it:
+
+| switch                 | llama/mistral/qwen2 | qwen3   | gemma2/gemma3_text | phi3  | olmo2      | qwen3_moe/mixtral |
+|------------------------|---------------------|---------|--------------------|-------|------------|-------------------|
+| `norm_offset`          | 0 (`x·w`)           | 0       | 1 (`x·(1+w)`)      | 0     | 0          | 0                 |
+| `norm_placement`       | pre                 | pre     | sandwich           | pre   | post       | pre               |
+| `qk_norm`              | none                | head    | none / head (g3)   | none  | projection | head (qwen3_moe)  |
+| `embed_scale`          | no                  | no      | sqrt(hidden)       | no    | no         | no                |
+| `mlp_activation`       | silu                | silu    | gelu_tanh          | silu  | silu       | silu              |
+| `fused_qkv`/`_gate_up` | no                  | no      | no                 | yes   | no         | no                |
+| soft-caps, window      | window (mistral, qwen2) | window  | both (g2), window  | window| no         | window            |
+| `num_experts`          | 0                   | 0       | 0                  | 0     | 0          | E (top-k routed)  |
+
+Anything a config sets that the decoder does not implement is refused with an error that
+names the key, never silently ignored.
 """
 
 from __future__ import annotations
@@ -11,7 +23,34 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "olmo2",
+    "qwen3_moe",
+    "mixtral",
+)
+
+# model_type -> (causal LM class, sequence classification class) in transformers.
+ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification"),
+    "mistral": ("MistralForCausalLM", "MistralForSequenceClassification"),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
+    "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
+    "phi3": ("Phi3ForCausalLM", "Phi3ForSequenceClassification"),
+    "olmo2": ("Olmo2ForCausalLM", "Olmo2ForSequenceClassification"),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeForSequenceClassification"),
+    "mixtral": ("MixtralForCausalLM", "MixtralForSequenceClassification"),
+}
+_GEMMA = ("gemma2", "gemma3_text")
+_MOE = ("qwen3_moe", "mixtral")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -51,6 +90,43 @@ class ModelConfig:
     remat: Literal["none", "block"] = "none"
     """`block` recomputes each decoder block in the backward pass (less memory, ~1/3 more FLOPs)."""
 
+    # ---- family switches (defaults are Llama's) -----------------------------------------
+    norm_offset: float = 0.0
+    """RMSNorm multiplies by `offset + w`: 0 for Llama, 1 for Gemma's `(1 + w)`."""
+    norm_placement: Literal["pre", "sandwich", "post"] = "pre"
+    """`pre`: x + f(norm(x)) (Llama). `sandwich`: x + norm(f(norm(x))) (Gemma 2/3, four norms
+    a block). `post`: x + norm(f(x)) (OLMo 2)."""
+    qk_norm: Literal["none", "head", "projection"] = "none"
+    """RMSNorm on queries and keys before rope: per head over head_dim (Qwen3, Gemma 3) or
+    over the whole projection (OLMo 2)."""
+    embed_scale: bool = False
+    """Multiply the embeddings by sqrt(hidden_size) (Gemma)."""
+    mlp_activation: Literal["silu", "gelu_tanh"] = "silu"
+    query_pre_attn_scalar: float | None = None
+    """Attention scores are scaled by `query_pre_attn_scalar ** -0.5` (Gemma), else head_dim's."""
+    attn_logit_softcap: float | None = None
+    """scores <- cap · tanh(scores / cap) before masking (Gemma 2)."""
+    final_logit_softcap: float | None = None
+    """LM logits <- cap · tanh(logits / cap) (Gemma 2)."""
+    sliding_window: int | None = None
+    """A query sees the keys at most `sliding_window - 1` positions back, on the layers
+    `sliding_layers` marks (every layer when it is empty)."""
+    sliding_layers: tuple[bool, ...] = ()
+    local_rope_theta: float | None = None
+    """Rope base of the sliding layers, which then take no rope scaling (Gemma 3)."""
+    fused_qkv: bool = False
+    """One `qkv_proj` [D, q + 2·kv] instead of q/k/v (Phi-3)."""
+    fused_gate_up: bool = False
+    """One `gate_up_proj` [D, 2F] (gate first) instead of gate/up (Phi-3)."""
+    num_experts: int = 0
+    """> 0: every block's MLP is a mixture of experts of size `intermediate_size` each."""
+    num_experts_per_tok: int = 0
+    norm_topk_prob: bool = False
+    """Renormalise the top-k routing probabilities to sum to one (Mixtral always does)."""
+    router_aux_loss_coef: float = 0.0
+    moe_dispatch: Literal["dense", "ragged"] = "ragged"
+    """How the experts run as one batched computation (see `transformer.moe_mlp`)."""
+
     def __post_init__(self) -> None:
         for name in (
             "vocab_size",
@@ -74,6 +150,66 @@ class ModelConfig:
             )
         if self.remat not in ("none", "block"):
             raise ValueError(f"ModelConfig.remat must be 'none' or 'block', got {self.remat!r}")
+        choices = {
+            "norm_placement": ("pre", "sandwich", "post"),
+            "qk_norm": ("none", "head", "projection"),
+            "mlp_activation": ("silu", "gelu_tanh"),
+            "moe_dispatch": ("dense", "ragged"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"ModelConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"ModelConfig.sliding_window must be >= 1, got {self.sliding_window}")
+        if self.sliding_layers:
+            if len(self.sliding_layers) != self.num_layers:
+                raise ValueError(
+                    f"ModelConfig.sliding_layers has {len(self.sliding_layers)} entries for "
+                    f"{self.num_layers} layers"
+                )
+            if any(self.sliding_layers) and self.sliding_window is None:
+                raise ValueError(
+                    "ModelConfig.sliding_layers marks layers but sliding_window is None"
+                )
+            object.__setattr__(self, "sliding_layers", tuple(bool(b) for b in self.sliding_layers))
+        if self.num_experts < 0 or (
+            self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts
+        ):
+            raise ValueError(
+                f"ModelConfig.num_experts_per_tok must be in [1, num_experts={self.num_experts}], "
+                f"got {self.num_experts_per_tok}"
+            )
+        if self.num_experts and (self.fused_gate_up or self.mlp_activation != "silu"):
+            raise ValueError("ModelConfig: experts are SwiGLU with separate gate/up kernels")
+
+    @property
+    def layer_is_sliding(self) -> tuple[bool, ...]:
+        """Per layer: does it attend through the sliding window?"""
+        if self.sliding_window is None:
+            return (False,) * self.num_layers
+        return self.sliding_layers or (True,) * self.num_layers
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """Names of this family's projection kernels in a block (LoRA targets), HF's names."""
+        attn = ("qkv_proj",) if self.fused_qkv else ("q_proj", "k_proj", "v_proj")
+        mlp = ("gate_up_proj",) if self.fused_gate_up else ("gate_proj", "up_proj")
+        return (*attn, "o_proj", *mlp, "down_proj")
+
+    @property
+    def norm_names(self) -> tuple[str, ...]:
+        """The block's norms (our names): pre-attention, after attention, before/after the MLP."""
+        return {
+            "pre": ("input_norm", "post_attn_norm"),
+            "sandwich": ("input_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm"),
+            "post": ("post_attn_norm", "post_ffn_norm"),
+        }[self.norm_placement]
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def q_size(self) -> int:
@@ -91,7 +227,10 @@ class ModelConfig:
         attn = d * (self.q_size + 2 * self.kv_size) + self.q_size * d
         if self.attention_bias:
             attn += self.q_size + 2 * self.kv_size
-        layer = attn + 3 * d * f + 2 * d
+        if self.qk_norm != "none":
+            attn += 2 * self.head_dim if self.qk_norm == "head" else self.q_size + self.kv_size
+        mlp = 3 * d * f * max(self.num_experts, 1) + d * self.num_experts
+        layer = attn + mlp + len(self.norm_names) * d
         head = 0 if (self.tie_word_embeddings or not with_lm_head) else d * v
         return v * d + self.num_layers * layer + d + head
 
@@ -117,6 +256,74 @@ def _rope_scaling_from_hf(raw: dict | None) -> RopeScaling | None:
     )
 
 
+def _split_rope(raw: dict, model_type: str) -> tuple[dict | None, float, float | None]:
+    """(global rope scaling dict, global theta, local theta) from either spelling: the old
+    `rope_theta` / `rope_scaling` / `rope_local_base_freq` keys or transformers 5's
+    `rope_parameters` (per layer type for Gemma 3: {"full_attention": ..., "sliding_attention": ...})."""
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    local_theta = None
+    if "full_attention" in rope or "sliding_attention" in rope:
+        local = rope.get("sliding_attention") or {}
+        if local.get("rope_type", "default") != "default":
+            raise ValueError(
+                f"rope_parameters['sliding_attention'] rope_type={local['rope_type']!r} is not "
+                f"supported (the local layers take plain rope)"
+            )
+        local_theta = local.get("rope_theta")
+        rope = rope.get("full_attention") or {}
+    if model_type == "gemma3_text" and local_theta is None:
+        local_theta = raw.get("rope_local_base_freq", 10000.0)
+    default_theta = 1_000_000.0 if model_type == "gemma3_text" else 10000.0
+    theta = raw.get("rope_theta") or rope.get("rope_theta") or default_theta
+    factor = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    if factor != 1.0:
+        raise ValueError(f"Unsupported option partial_rotary_factor={factor} (only 1.0)")
+    return rope, float(theta), None if local_theta is None else float(local_theta)
+
+
+def _sliding_from_hf(raw: dict, model_type: str, num_layers: int) -> tuple[int | None, tuple]:
+    """(window, per-layer flags) as transformers applies them: Qwen-family configs only with
+    `use_sliding_window`; Gemma and the rest by `sliding_window` (+ `layer_types`)."""
+    window = raw.get("sliding_window")
+    if model_type in ("qwen2", "qwen3", "qwen3_moe") and not raw.get("use_sliding_window"):
+        window = None
+    if window is None:
+        return None, ()
+    types = raw.get("layer_types")
+    if types is None and model_type in ("qwen2", "qwen3"):
+        start = raw.get("max_window_layers", num_layers)
+        types = ["sliding_attention" if i >= start else "full_attention" for i in range(num_layers)]
+    if types is None and model_type in _GEMMA:
+        period = 2 if model_type == "gemma2" else raw.get("sliding_window_pattern", 6)
+        types = [
+            "sliding_attention" if (i + 1) % period else "full_attention" for i in range(num_layers)
+        ]
+    if types is None:
+        return int(window), ()
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown:
+        raise ValueError(f"Unsupported layer_types {unknown} (supported: sliding, full attention)")
+    if len(types) != num_layers:
+        raise ValueError(f"layer_types has {len(types)} entries for {num_layers} layers")
+    return int(window), tuple(t == "sliding_attention" for t in types)
+
+
+# Options that change what a model computes and that the decoder does not implement: a
+# config that sets one (to something other than the harmless value) is refused by name.
+_REFUSED_IF_SET = (
+    "mlp_bias",
+    "use_bidirectional_attention",
+    "clip_qkv",
+    "router_jitter_noise",
+    "shared_expert_intermediate_size",
+)
+
+
+def _key(raw: dict, key: str, default: Any) -> Any:
+    """raw[key] when the config has the key (None included: "off"), else the default."""
+    return raw[key] if key in raw else default
+
+
 def config_from_hf(hf: Any, **overrides: Any) -> ModelConfig:
     """Build a `ModelConfig` from a transformers config object or its `config.json` dict."""
     raw = hf if isinstance(hf, dict) else hf.to_dict()
@@ -124,43 +331,83 @@ def config_from_hf(hf: Any, **overrides: Any) -> ModelConfig:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"Unsupported architecture model_type={model_type!r}; jaxrlhf supports "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama-family decoders)"
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    act = raw.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"Unsupported hidden_act={act!r}: Llama-family models use 'silu'")
-    if raw.get("mlp_bias"):
-        raise ValueError("Unsupported option mlp_bias=True (no Llama-family checkpoint uses it)")
-    if model_type == "qwen2" and raw.get("use_sliding_window"):
-        raise ValueError("Unsupported option use_sliding_window=True for qwen2")
+    gemma = model_type in _GEMMA
+    g2 = model_type == "gemma2"
+    default_act = "gelu_pytorch_tanh" if gemma else "silu"
+    act = raw.get("hidden_activation") or raw.get("hidden_act") or default_act
+    activations = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+    if act not in activations:
+        raise ValueError(
+            f"Unsupported hidden_act={act!r} for {model_type} (supported: silu, gelu_pytorch_tanh)"
+        )
+    for key in _REFUSED_IF_SET:
+        if raw.get(key):
+            raise ValueError(f"Unsupported option {key}={raw[key]!r} for {model_type}")
+    if raw.get("mlp_only_layers") or raw.get("decoder_sparse_step", 1) != 1:
+        raise ValueError(
+            "Unsupported options mlp_only_layers / decoder_sparse_step != 1: jaxrlhf stacks "
+            "identical blocks, so every layer must be a mixture of experts"
+        )
     num_heads = int(raw["num_attention_heads"])
+    num_layers = int(raw["num_hidden_layers"])
     hidden = int(raw["hidden_size"])
     head_dim = raw.get("head_dim") or hidden // num_heads
     eos = raw.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (int(eos),))
     attention_bias = bool(raw.get("attention_bias", model_type == "qwen2"))
-    # Rope parameters moved to `rope_parameters` in recent transformers; accept both spellings.
-    rope = raw.get("rope_scaling") or raw.get("rope_parameters")
-    rope_theta = raw.get("rope_theta") or (rope or {}).get("rope_theta") or 10000.0
+    if attention_bias and model_type != "qwen2":
+        raise ValueError(
+            f"Unsupported option attention_bias=True for {model_type} (only Qwen2's q/k/v bias)"
+        )
+    rope, rope_theta, local_theta = _split_rope(raw, model_type)
+    window, sliding_layers = _sliding_from_hf(raw, model_type, num_layers)
+    num_experts = int(raw.get("num_experts") or raw.get("num_local_experts") or 0)
+    if model_type in _MOE and num_experts < 1:
+        raise ValueError(f"{model_type}: num_experts must be >= 1")
+    intermediate = (
+        raw["moe_intermediate_size"] if model_type == "qwen3_moe" else raw["intermediate_size"]
+    )
     kwargs: dict[str, Any] = dict(
         vocab_size=int(raw["vocab_size"]),
         hidden_size=hidden,
-        intermediate_size=int(raw["intermediate_size"]),
-        num_layers=int(raw["num_hidden_layers"]),
+        intermediate_size=int(intermediate),
+        num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
         head_dim=int(head_dim),
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope_theta),
+        rope_theta=rope_theta,
         rope_scaling=_rope_scaling_from_hf(rope),
         max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
         attention_bias=attention_bias,
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", gemma)),
         num_labels=int(raw.get("num_labels", len(raw.get("id2label") or {}) or 1)),
         model_type=model_type,
         pad_token_id=raw.get("pad_token_id"),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_id=eos_ids,
+        norm_offset=1.0 if gemma else 0.0,
+        norm_placement="sandwich" if gemma else ("post" if model_type == "olmo2" else "pre"),
+        qk_norm={"qwen3": "head", "qwen3_moe": "head", "gemma3_text": "head"}.get(
+            model_type, "projection" if model_type == "olmo2" else "none"
+        ),
+        embed_scale=gemma,
+        mlp_activation=activations[act],
+        query_pre_attn_scalar=float(raw.get("query_pre_attn_scalar") or 256) if gemma else None,
+        # transformers' defaults where a config omits them: Gemma 2 caps at 50 and 30.
+        attn_logit_softcap=_key(raw, "attn_logit_softcapping", 50.0 if g2 else None),
+        final_logit_softcap=_key(raw, "final_logit_softcapping", 30.0 if g2 else None),
+        sliding_window=window,
+        sliding_layers=sliding_layers,
+        local_rope_theta=local_theta,
+        fused_qkv=model_type == "phi3",
+        fused_gate_up=model_type == "phi3",
+        num_experts=num_experts,
+        num_experts_per_tok=int(raw.get("num_experts_per_tok") or 0) if num_experts else 0,
+        norm_topk_prob=bool(raw.get("norm_topk_prob", model_type == "mixtral")),
+        router_aux_loss_coef=float(raw.get("router_aux_loss_coef") or 0.0),
     )
     kwargs.update(overrides)
     return ModelConfig(**kwargs)
@@ -168,13 +415,8 @@ def config_from_hf(hf: Any, **overrides: Any) -> ModelConfig:
 
 def to_hf_dict(cfg: ModelConfig) -> dict:
     """The `config.json` contents transformers needs to load our exported weights."""
-    arch = {
-        "llama": "LlamaForCausalLM",
-        "mistral": "MistralForCausalLM",
-        "qwen2": "Qwen2ForCausalLM",
-    }
     out: dict[str, Any] = {
-        "architectures": [arch[cfg.model_type]],
+        "architectures": [ARCHITECTURES[cfg.model_type][0]],
         "model_type": cfg.model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
@@ -183,7 +425,7 @@ def to_hf_dict(cfg: ModelConfig) -> dict:
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
+        "hidden_act": "silu" if cfg.mlp_activation == "silu" else "gelu_pytorch_tanh",
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": cfg.rope_theta,
         "max_position_embeddings": cfg.max_position_embeddings,
@@ -197,15 +439,47 @@ def to_hf_dict(cfg: ModelConfig) -> dict:
     }
     if cfg.model_type == "llama":
         out["attention_bias"] = cfg.attention_bias
+    rope_scaling = None
     if cfg.rope_scaling is not None:
         rs = cfg.rope_scaling
-        out["rope_scaling"] = {"rope_type": rs.kind, "factor": rs.factor}
+        rope_scaling = {"rope_type": rs.kind, "factor": rs.factor}
         if rs.kind == "llama3":
-            out["rope_scaling"].update(
+            rope_scaling.update(
                 low_freq_factor=rs.low_freq_factor,
                 high_freq_factor=rs.high_freq_factor,
                 original_max_position_embeddings=rs.original_max_position_embeddings,
             )
+        out["rope_scaling"] = rope_scaling
+    if cfg.model_type in _GEMMA:
+        out["hidden_activation"] = out["hidden_act"]
+        scalar = cfg.query_pre_attn_scalar
+        out["query_pre_attn_scalar"] = int(scalar) if float(scalar).is_integer() else scalar
+        out["attn_logit_softcapping"] = cfg.attn_logit_softcap
+        out["final_logit_softcapping"] = cfg.final_logit_softcap
+    if cfg.model_type == "gemma3_text":
+        full = {"rope_type": "default", "rope_theta": cfg.rope_theta, **(rope_scaling or {})}
+        out.pop("rope_scaling", None)
+        out["rope_parameters"] = {
+            "full_attention": full,
+            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_rope_theta},
+        }
+    out["sliding_window"] = cfg.sliding_window
+    if cfg.sliding_window is not None:
+        out["use_sliding_window"] = True
+        out["layer_types"] = [
+            "sliding_attention" if s else "full_attention" for s in cfg.layer_is_sliding
+        ]
+        if cfg.model_type in ("mistral", "phi3", "mixtral"):
+            del out["layer_types"]  # one window on every layer; these configs take no layer_types
+    if cfg.num_experts:
+        out["num_experts_per_tok"] = cfg.num_experts_per_tok
+        out["router_aux_loss_coef"] = cfg.router_aux_loss_coef
+        if cfg.model_type == "mixtral":
+            out["num_local_experts"] = cfg.num_experts
+        else:
+            out["num_experts"] = cfg.num_experts
+            out["moe_intermediate_size"] = cfg.intermediate_size
+            out["norm_topk_prob"] = cfg.norm_topk_prob
     return out
 
 
@@ -228,12 +502,17 @@ def tiny_config(**overrides: Any) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def rope_inv_freq(cfg: ModelConfig):
-    """Inverse frequencies of the rotary embedding, with `rope_scaling` applied (numpy)."""
+def rope_inv_freq(cfg: ModelConfig, *, local: bool = False):
+    """Inverse frequencies of the rotary embedding, with `rope_scaling` applied (numpy);
+    `local=True`: those of the sliding-window layers (`local_rope_theta`, when set)."""
     import numpy as np
 
     inv = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
     rs = cfg.rope_scaling
+    if local:  # Gemma 3's sliding layers: their own base, no scaling
+        theta = cfg.local_rope_theta or cfg.rope_theta
+        inv = 1.0 / (theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
+        return inv.astype(np.float32) if cfg.local_rope_theta else rope_inv_freq(cfg)
     if rs is None:
         return inv.astype(np.float32)
     if rs.kind == "linear":

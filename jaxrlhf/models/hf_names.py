@@ -6,63 +6,92 @@ the decoder blocks on a leading axis. These two functions are each other's inver
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 
 import numpy as np
 
 from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.models.quant import is_quantized, stack
+from jaxrlhf.models.transformer import is_expert_projection, projection_shapes
 
-_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_NORMS = {
+    "input_norm": "input_layernorm",
+    "post_attn_norm": "post_attention_layernorm",
+    "pre_ffn_norm": "pre_feedforward_layernorm",
+    "post_ffn_norm": "post_feedforward_layernorm",
+    "q_norm": "self_attn.q_norm",
+    "k_norm": "self_attn.k_norm",
+}
+# Mixtral's checkpoints name the MoE block and its expert kernels in their own way.
+_MIXTRAL_EXPERT = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 
 
-def module_path(name: str) -> str:
-    """HF module path of a projection inside block `{i}`, e.g. `self_attn.q_proj`."""
-    return f"self_attn.{name}" if name in _ATTN else f"mlp.{name}"
+def _moe_block(cfg: ModelConfig | None) -> str:
+    return "block_sparse_moe" if cfg is not None and cfg.model_type == "mixtral" else "mlp"
 
 
-def layer_tensor_names(cfg: ModelConfig) -> dict[tuple[str, str], str]:
-    """(our module, leaf) -> HF name template with `{i}` for the block index."""
-    names = {
-        ("input_norm", "scale"): "model.layers.{i}.input_layernorm.weight",
-        ("post_attn_norm", "scale"): "model.layers.{i}.post_attention_layernorm.weight",
-    }
-    for proj in _ATTN + _MLP:
+def module_path(name: str, cfg: ModelConfig | None = None, expert: int | None = None) -> str:
+    """HF module path of a projection inside block `{i}`, e.g. `self_attn.q_proj`; of an
+    expert's projection with `expert=e`, e.g. `mlp.experts.3.gate_proj`."""
+    if name in _ATTN:
+        return f"self_attn.{name}"
+    if expert is not None:
+        leaf = _MIXTRAL_EXPERT[name] if cfg is not None and cfg.model_type == "mixtral" else name
+        return f"{_moe_block(cfg)}.experts.{expert}.{leaf}"
+    return f"mlp.{name}"
+
+
+def layer_tensor_names(cfg: ModelConfig) -> dict[tuple[str, ...], str]:
+    """Path in our block tree (modules..., leaf) -> HF name template with `{i}` for the
+    block index (and `{e}` for the expert index of an expert kernel)."""
+    norms = [*cfg.norm_names, *(("q_norm", "k_norm") if cfg.qk_norm != "none" else ())]
+    names = {(n, "scale"): f"model.layers.{{i}}.{_NORMS[n]}.weight" for n in norms}
+    for proj in cfg.projections:
+        if is_expert_projection(cfg, proj):
+            path = module_path(proj, cfg, expert=0).replace(".0.", ".{e}.")
+            names[("experts", proj, "kernel")] = f"model.layers.{{i}}.{path}.weight"
+            continue
         names[(proj, "kernel")] = f"model.layers.{{i}}.{module_path(proj)}.weight"
         if cfg.attention_bias and proj in ("q_proj", "k_proj", "v_proj"):
             names[(proj, "bias")] = f"model.layers.{{i}}.{module_path(proj)}.bias"
+    if cfg.num_experts:
+        names[("router", "kernel")] = f"model.layers.{{i}}.{_moe_block(cfg)}.gate.weight"
     return names
+
+
+def _tensor_shape(cfg: ModelConfig, path: tuple[str, ...]) -> tuple[int, ...]:
+    """HF (torch layout) shape of one block tensor, per expert for expert kernels."""
+    d = cfg.hidden_size
+    if path[-1] == "scale":
+        sizes = {"q_norm": cfg.q_size, "k_norm": cfg.kv_size}
+        return (
+            (cfg.head_dim,)
+            if cfg.qk_norm == "head" and path[0] in sizes
+            else (sizes.get(path[0], d),)
+        )
+    if path[0] == "router":
+        return (cfg.num_experts, d)
+    i, o = projection_shapes(cfg)[path[-2]]
+    return (o,) if path[-1] == "bias" else (o, i)
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> shape, for the backbone and lm head (not the optional heads)."""
-    d, f = cfg.hidden_size, cfg.intermediate_size
-    proj_shape = {
-        "q_proj": (cfg.q_size, d),
-        "k_proj": (cfg.kv_size, d),
-        "v_proj": (cfg.kv_size, d),
-        "o_proj": (d, cfg.q_size),
-        "gate_proj": (f, d),
-        "up_proj": (f, d),
-        "down_proj": (d, f),
-    }
     shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (cfg.vocab_size, d),
-        "model.norm.weight": (d,),
+        "model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
+        "model.norm.weight": (cfg.hidden_size,),
     }
     if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, d)
-    for (mod, leaf), tmpl in layer_tensor_names(cfg).items():
-        if leaf == "scale":
-            shape = (d,)
-        elif leaf == "bias":
-            shape = (proj_shape[mod][0],)
-        else:
-            shape = proj_shape[mod]
+        shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    for path, tmpl in layer_tensor_names(cfg).items():
+        shape = _tensor_shape(cfg, path)
         for i in range(cfg.num_layers):
-            shapes[tmpl.format(i=i)] = shape
+            for e in range(cfg.num_experts if "{e}" in tmpl else 1):
+                shapes[tmpl.format(i=i, e=e)] = shape
     return shapes
 
 
@@ -97,13 +126,24 @@ def params_from_state_dict(
             )
 
     def get(name: str, transpose: bool) -> np.ndarray:
+        if is_quantized(state_dict[name]):  # kept in torch layout, read as its transpose
+            return dataclasses.replace(state_dict[name], transposed=transpose)
         t = np.asarray(state_dict[name])
         return np.ascontiguousarray(t.T) if transpose else t
 
+    def block_tensor(tmpl: str, i: int, transpose: bool) -> np.ndarray:
+        if "{e}" not in tmpl:
+            return get(tmpl.format(i=i), transpose)
+        return stack([get(tmpl.format(i=i, e=e), transpose) for e in range(cfg.num_experts)])
+
     layers: dict = {}
-    for (mod, leaf), tmpl in layer_tensor_names(cfg).items():
-        stacked = np.stack([get(tmpl.format(i=i), leaf == "kernel") for i in range(cfg.num_layers)])
-        layers.setdefault(mod, {})[leaf] = stacked
+    for path, tmpl in layer_tensor_names(cfg).items():
+        transpose = path[-1] == "kernel"
+        stacked = stack([block_tensor(tmpl, i, transpose) for i in range(cfg.num_layers)])
+        node = layers
+        for key in path[:-2]:
+            node = node.setdefault(key, {})
+        node.setdefault(path[-2], {})[path[-1]] = stacked
     params: dict = {
         "embed": get("model.embed_tokens.weight", False),
         "layers": layers,
@@ -141,11 +181,16 @@ def state_dict_from_params(params: Mapping, cfg: ModelConfig) -> dict[str, np.nd
     }
     if "lm_head" in params:
         out["lm_head.weight"] = np.ascontiguousarray(np32(params["lm_head"]["kernel"]).T)
-    for (mod, leaf), tmpl in layer_tensor_names(cfg).items():
-        stacked = np32(params["layers"][mod][leaf])
+    for path, tmpl in layer_tensor_names(cfg).items():
+        node = params["layers"]
+        for key in path:
+            node = node[key]
+        stacked = np32(node)
         for i in range(cfg.num_layers):
-            t = stacked[i].T if leaf == "kernel" else stacked[i]
-            out[tmpl.format(i=i)] = np.ascontiguousarray(t)
+            for e in range(cfg.num_experts if "{e}" in tmpl else 1):
+                t = stacked[i, e] if "{e}" in tmpl else stacked[i]
+                t = t.T if path[-1] == "kernel" else t
+                out[tmpl.format(i=i, e=e)] = np.ascontiguousarray(t)
     if "score" in params:
         out["score.weight"] = np.ascontiguousarray(np32(params["score"]["kernel"]).T)
     if "value" in params:

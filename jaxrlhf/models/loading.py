@@ -28,6 +28,7 @@ import numpy as np
 
 from jaxrlhf.models.config import ModelConfig, RopeScaling, config_from_hf, to_hf_dict
 from jaxrlhf.models.hf_names import params_from_state_dict, state_dict_from_params
+from jaxrlhf.models.quant import GGUF_KINDS, gguf_blocks, is_quantized
 from jaxrlhf.models.validate import check_hf_config, check_safetensors_header
 
 DEFAULT_MODEL_NAMES = ("smollm2-135m-instruct", "default")
@@ -181,7 +182,11 @@ def _to_host(params: dict, dtype) -> dict:
     places each weight straight into its sharding (`sharding.put_tree` sends every device
     only its own shard) and a base larger than one device loads."""
     np_dtype = np.dtype(jnp.dtype(dtype))
-    return jax.tree.map(lambda x: np.asarray(x, dtype=np_dtype), params)
+    return jax.tree.map(
+        lambda x: x if is_quantized(x) else np.asarray(x, dtype=np_dtype),
+        params,
+        is_leaf=is_quantized,
+    )
 
 
 def save_hf_folder(
@@ -221,19 +226,35 @@ _GGUF_BLOCK = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Per-architecture additions and overrides (llama.cpp's `ffn_norm` is Gemma's pre-MLP norm).
+_GGUF_BLOCK_EXTRA = {
+    "qwen3": {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
+    "gemma3": {
+        "attn_q_norm": "self_attn.q_norm",
+        "attn_k_norm": "self_attn.k_norm",
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+}
 _GGUF_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 # GGUF `general.architecture` -> our model_type. Only llama.cpp's `llama` permutes q/k.
-_GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2"}
+_GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+# llama.cpp's Gemma 3 constants, which its GGUF files do not carry: every 6th layer global,
+# a 10000 rope base on the local ones.
+_GEMMA3_SWA_PATTERN = 6
+_GEMMA3_LOCAL_ROPE_BASE = 10000.0
 
 
-def gguf_tensor_name(name: str) -> str:
+def gguf_tensor_name(name: str, arch: str = "llama") -> str:
     """HF name of a llama.cpp tensor, e.g. `blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
     if name in _GGUF_GLOBAL:
         return _GGUF_GLOBAL[name]
+    block = {**_GGUF_BLOCK, **_GGUF_BLOCK_EXTRA.get(arch, {})}
     m = _GGUF_BLOCK_RE.match(name)
-    if m is None or m.group(2) not in _GGUF_BLOCK:
+    if m is None or m.group(2) not in block:
         raise KeyError(name)
-    return f"model.layers.{m.group(1)}.{_GGUF_BLOCK[m.group(2)]}.{m.group(3)}"
+    return f"model.layers.{m.group(1)}.{block[m.group(2)]}.{m.group(3)}"
 
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -243,13 +264,19 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: str | Path, *, dtype=jnp.float32) -> tuple[ModelConfig, dict, Any]:
+def load_gguf(
+    path: str | Path, *, dtype=jnp.float32, keep_quantized: bool = False
+) -> tuple[ModelConfig, dict, Any]:
     """`(config, params, tokenizer)` from a llama.cpp GGUF file, dequantized to `dtype`.
 
     Quantized tensors (Q4_0, Q4_1, Q8_0, …) are dequantized with `gguf.quants`, q/k are
     un-permuted, and the tokenizer is rebuilt from the file's vocabulary and merges as a
     `transformers.PreTrainedTokenizerFast` (left padding; pad token set), or is None when
     the file has no tokenizer.
+
+    `keep_quantized=True`: Q4_0 / Q4_1 / Q8_0 tensors stay the file's blocks, as
+    `models.quant.QuantizedArray`s (no dequantized copy is made); float tensors load as
+    usual, and a tensor of another quantized type is refused, naming it and its type.
     """
     import gguf
 
@@ -271,19 +298,23 @@ def load_gguf(path: str | Path, *, dtype=jnp.float32) -> tuple[ModelConfig, dict
                 f"{file}: tensor 'rope_freqs.weight' (llama3-style rope scaling "
                 f"factors) is not supported when loading a GGUF"
             )
+        arch = meta["general.architecture"]
         try:
-            hf_name = gguf_tensor_name(t.name)
+            hf_name = gguf_tensor_name(t.name, arch)
         except KeyError:
+            block = {**_GGUF_BLOCK, **_GGUF_BLOCK_EXTRA.get(arch, {})}
             raise ValueError(
                 f"{file}: unknown GGUF tensor name {t.name!r} (supported: "
-                f"{sorted(_GGUF_GLOBAL)} and blk.N.{{{','.join(_GGUF_BLOCK)}}})"
+                f"{sorted(_GGUF_GLOBAL)} and blk.N.{{{','.join(block)}}})"
             ) from None
-        w = _dequantize(t, file)
+        w = _kept_blocks(t, file) if keep_quantized else _dequantize(t, file)
+        if cfg.norm_offset and hf_name.endswith("norm.weight"):
+            w = w - cfg.norm_offset  # llama.cpp stores Gemma's norms as 1 + w
         if cfg.model_type == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             w = _checked_unpermute(w, cfg.num_heads, hf_name, file)
         elif cfg.model_type == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             w = _checked_unpermute(w, cfg.num_kv_heads, hf_name, file)
-        state_dict[hf_name] = w.astype(np_dtype, copy=False)
+        state_dict[hf_name] = w if is_quantized(w) else w.astype(np_dtype, copy=False)
     params = params_from_state_dict(state_dict, cfg, source=str(file))
     tokenizer = _gguf_tokenizer(meta, file)
     return cfg, _to_host(params, dtype), tokenizer
@@ -308,12 +339,29 @@ def _dequantize(t: Any, file: Path) -> np.ndarray:
         ) from e
 
 
-def _checked_unpermute(w: np.ndarray, n_heads: int, name: str, file: Path) -> np.ndarray:
+def _kept_blocks(t: Any, file: Path) -> Any:
+    """A tensor's own GGUF blocks (`QuantizedArray`), or the float tensor itself."""
+    import gguf
+
+    float_types = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+    if t.tensor_type in float_types or t.tensor_type.name == "BF16":
+        return _dequantize(t, file)
+    shape = tuple(int(n) for n in reversed(t.shape))
+    try:
+        return gguf_blocks(t.data, t.tensor_type.name, shape, name=t.name)
+    except ValueError as e:
+        supported = ", ".join(k.upper() for k in GGUF_KINDS)
+        raise ValueError(f"{file}: {e} (kept quantized: {supported}, F32, F16, BF16)") from e
+
+
+def _checked_unpermute(w: Any, n_heads: int, name: str, file: Path) -> Any:
     if w.shape[0] % (2 * n_heads):
         raise ValueError(
             f"Shape mismatch for tensor {name!r} in {file}: {w.shape[0]} rows "
             f"do not split into {n_heads} heads of even size"
         )
+    if is_quantized(w):  # rows are whole blocks: permute every stored array's rows alike
+        return w.map_arrays(lambda _, a: unpermute_qk(a, n_heads))
     return unpermute_qk(w, n_heads)
 
 
@@ -335,7 +383,7 @@ def _gguf_config(meta: dict[str, Any], reader: Any, file: Path) -> ModelConfig:
     if arch not in _GGUF_ARCHS:
         raise ValueError(
             f"{file}: unsupported GGUF architecture {arch!r}; jaxrlhf reads "
-            f"{', '.join(_GGUF_ARCHS)} (Llama-family decoders)"
+            f"{', '.join(_GGUF_ARCHS)}"
         )
 
     def need(key: str) -> Any:
@@ -360,6 +408,7 @@ def _gguf_config(meta: dict[str, Any], reader: Any, file: Path) -> ModelConfig:
     eos = meta.get("tokenizer.ggml.eos_token_id")
     pad = meta.get("tokenizer.ggml.padding_token_id", eos)
     return ModelConfig(
+        **_gguf_family(meta, arch, head_dim, hidden, num_heads),
         model_type=_GGUF_ARCHS[arch],
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -378,6 +427,33 @@ def _gguf_config(meta: dict[str, Any], reader: Any, file: Path) -> ModelConfig:
         bos_token_id=None if bos is None else int(bos),
         eos_token_id=() if eos is None else (int(eos),),
     )
+
+
+def _gguf_family(
+    meta: dict[str, Any], arch: str, head_dim: int, hidden: int, num_heads: int
+) -> dict[str, Any]:
+    """The family switches of a GGUF's architecture (as llama.cpp runs it)."""
+    if arch == "qwen3":
+        return {"qk_norm": "head"}
+    if arch != "gemma3":
+        return {}
+    layers = int(meta[f"{arch}.block_count"])
+    # llama.cpp scales queries by 1/sqrt(hidden / heads) for the 62-layer 27B, else by head_dim.
+    scalar = hidden / num_heads if layers == 62 else head_dim
+    window = meta.get(f"{arch}.attention.sliding_window")
+    return {
+        "norm_offset": 1.0,
+        "norm_placement": "sandwich",
+        "qk_norm": "head",
+        "embed_scale": True,
+        "mlp_activation": "gelu_tanh",
+        "query_pre_attn_scalar": float(scalar),
+        "sliding_window": None if window is None else int(window),
+        "sliding_layers": ()
+        if window is None
+        else tuple(bool((i + 1) % _GEMMA3_SWA_PATTERN) for i in range(layers)),
+        "local_rope_theta": _GEMMA3_LOCAL_ROPE_BASE,
+    }
 
 
 def _gguf_rope_scaling(meta: dict[str, Any], arch: str, file: Path) -> RopeScaling | None:

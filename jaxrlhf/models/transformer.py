@@ -29,6 +29,16 @@ the decode loop each weight is then read where it lies, not sliced out of the st
 step (on CPU that slice is a copy of every weight per generated token).
 
 Heads are separate functions so a reward or value pass never computes vocabulary logits.
+
+Families differ by the switches of `ModelConfig` (see `models/config.py`): extra norms
+(`pre_ffn_norm`, `post_ffn_norm`, `q_norm`, `k_norm` with `scale` leaves), fused kernels
+(`qkv_proj`, `gate_up_proj`), and for a mixture of experts
+
+    "layers": {..., "router": {"kernel": [L, D, E]},
+               "experts": {"gate_proj", "up_proj": {"kernel": [L, E, D, F]},
+                           "down_proj": {"kernel": [L, E, F, D]}}}
+
+whose LoRA factors stack along the same expert axis (`lora_A: [L, E, in, r]`).
 """
 
 from __future__ import annotations
@@ -40,9 +50,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf.models.config import ModelConfig, rope_inv_freq
+from jaxrlhf.models.quant import dense, is_quantized, take_rows
 
 Params = dict[str, Any]
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""Llama's projections, the default LoRA targets; a family's own are `cfg.projections`."""
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _MASK_VALUE = -1e30  # finite, so a fully masked row (a pad query) gives no NaN
 
 
@@ -69,38 +82,60 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache
 # ----------------------------------------------------------------------------- init
 
 
+def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) of every projection kernel of a block (an expert's, for MoE MLPs)."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    shapes = {
+        "q_proj": (d, cfg.q_size),
+        "k_proj": (d, cfg.kv_size),
+        "v_proj": (d, cfg.kv_size),
+        "qkv_proj": (d, cfg.q_size + 2 * cfg.kv_size),
+        "o_proj": (cfg.q_size, d),
+        "gate_proj": (d, f),
+        "up_proj": (d, f),
+        "gate_up_proj": (d, 2 * f),
+        "down_proj": (f, d),
+    }
+    return {name: shapes[name] for name in cfg.projections}
+
+
+def is_expert_projection(cfg: ModelConfig, name: str) -> bool:
+    """Whether projection `name` lives in the expert stack (`layers.experts`)."""
+    return cfg.num_experts > 0 and name in EXPERT_PROJECTIONS
+
+
 def init_params(
     key: jax.Array, cfg: ModelConfig, *, heads: tuple[str, ...] = ("lm",), dtype=jnp.float32
 ) -> Params:
     """Random parameters (normal, std 0.02; lm_head std 1/sqrt(D); norms at one), for tests
     and from-scratch runs."""
-    d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-    shapes = {
-        "q_proj": (d, cfg.q_size),
-        "k_proj": (d, cfg.kv_size),
-        "v_proj": (d, cfg.kv_size),
-        "o_proj": (cfg.q_size, d),
-        "gate_proj": (d, f),
-        "up_proj": (d, f),
-        "down_proj": (f, d),
-    }
-    keys = iter(jax.random.split(key, 16))
+    d, L = cfg.hidden_size, cfg.num_layers
+    keys = iter(jax.random.split(key, 32))
 
     def normal(shape):
         return (0.02 * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
 
-    layers: Params = {
-        "input_norm": {"scale": jnp.ones((L, d), dtype)},
-        "post_attn_norm": {"scale": jnp.ones((L, d), dtype)},
-    }
-    for name, (i, o) in shapes.items():
+    def norm(n):  # a norm that starts as the identity: offset + w = 1
+        return {"scale": jnp.full((L, n), 1.0 - cfg.norm_offset, dtype)}
+
+    layers: Params = {name: norm(d) for name in cfg.norm_names}
+    if cfg.qk_norm != "none":
+        per_head = cfg.qk_norm == "head"
+        layers["q_norm"] = norm(cfg.head_dim if per_head else cfg.q_size)
+        layers["k_norm"] = norm(cfg.head_dim if per_head else cfg.kv_size)
+    for name, (i, o) in projection_shapes(cfg).items():
+        if is_expert_projection(cfg, name):
+            layers.setdefault("experts", {})[name] = {"kernel": normal((L, cfg.num_experts, i, o))}
+            continue
         layers[name] = {"kernel": normal((L, i, o))}
         if cfg.attention_bias and name in ("q_proj", "k_proj", "v_proj"):
             layers[name]["bias"] = normal((L, o))
+    if cfg.num_experts:
+        layers["router"] = {"kernel": normal((L, d, cfg.num_experts))}
     params: Params = {
         "embed": normal((cfg.vocab_size, d)),
         "layers": layers,
-        "final_norm": {"scale": jnp.ones((d,), dtype)},
+        "final_norm": {"scale": jnp.full((d,), 1.0 - cfg.norm_offset, dtype)},
     }
     if not cfg.tie_word_embeddings:
         # std 1/sqrt(D): unit-variance logits from the RMS-normed hidden state, so the output
@@ -129,19 +164,29 @@ def init_head(key: jax.Array, cfg: ModelConfig, head: str, dtype=jnp.float32) ->
 
 
 def cast_params(params: Params, dtype) -> Params:
-    """Store floating params in `dtype` (e.g. bfloat16 for a frozen base)."""
+    """Store floating params in `dtype` (e.g. bfloat16 for a frozen base); quantized weights
+    (`models.quant`) are kept as they are."""
     return jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+        params,
+        is_leaf=is_quantized,
     )
 
 
 # ----------------------------------------------------------------------------- layers
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, offset: float = 0.0) -> jax.Array:
+    """x / sqrt(mean(x²) + eps) · (offset + scale), over the last axis, in float32
+    (offset 1 is Gemma's `(1 + w)`)."""
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (normed * scale.astype(jnp.float32)).astype(x.dtype)
+    return (normed * (offset + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap · tanh(x / cap) (Gemma's soft-capping); identity for cap None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
@@ -155,6 +200,17 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
+def read_kernel(weights: Params, dtype=None) -> jax.Array:
+    """The one door to a frozen kernel: `weights["kernel"]` as a dense [..., in, out] array in
+    `dtype`, dequantized here (inside the step) when it is a `models.quant.QuantizedArray`."""
+    return dense(weights["kernel"], dtype)
+
+
+def kernel_shape(weights: Params) -> tuple[int, ...]:
+    """The logical shape [..., in, out] of `weights["kernel"]`, dense or quantized."""
+    return tuple(weights["kernel"].shape)
+
+
 def linear(
     x: jax.Array,
     weights: Params,
@@ -164,8 +220,7 @@ def linear(
     dropout_rng: jax.Array | None = None,
 ) -> jax.Array:
     """`x·W (+b)`, plus the unmerged LoRA term `s·(dropout(x)·A)·B` when an adapter is given."""
-    kernel = weights["kernel"]
-    y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
+    y = jnp.einsum("...i,io->...o", x, read_kernel(weights, x.dtype))
     if "bias" in weights:
         y = y + weights["bias"].astype(y.dtype)
     if lora is not None:
@@ -234,11 +289,22 @@ def _attention(q, k, v, mask, cfg: ModelConfig):
     b, t, _, hd = q.shape
     groups = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, t, cfg.num_kv_heads, groups, hd)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32) / np.sqrt(hd)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32) * cfg.attention_scale
+    scores = softcap(scores, cfg.attn_logit_softcap)
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
     return out.reshape(b, t, cfg.num_heads * hd)
+
+
+def _pick(flag, full, local):
+    """`local` on a sliding layer, else `full`; `flag` is a Python bool (unrolled loop) or a
+    traced one (the scan over stacked layers)."""
+    if local is None:
+        return full
+    if isinstance(flag, bool):
+        return local if flag else full
+    return jnp.where(flag, local, full)
 
 
 def _block(
@@ -248,7 +314,8 @@ def _block(
     layer_lora: Params | None,
     lora_scale,
     positions,
-    mask,
+    masks,
+    sliding,
     kv: tuple | None,
     write_index,
     dropout_rate,
@@ -256,43 +323,220 @@ def _block(
 ):
     """One decoder block. With `kv` = (k cache, v cache, this block's index) — the stacked
     [L, B, S, KVH, hd] caches — new keys/values are written in place at `write_index` and
-    attention runs over this block's whole cache; the updated caches come back."""
+    attention runs over this block's whole cache; the updated caches come back.
+    `masks` = (full, sliding-window or None) and `sliding` says which one this layer uses.
+    Returns (x, new caches, router logits [B, T, E] or None)."""
     b, t, _ = x.shape
+    names = cfg.projections
     rngs = (
-        jax.random.split(dropout_rng, len(PROJECTIONS))
+        jax.random.split(dropout_rng, len(names))
         if dropout_rng is not None
-        else [None] * len(PROJECTIONS)
+        else [None] * len(names)
     )
-    rng_of = dict(zip(PROJECTIONS, rngs, strict=True))
+    rng_of = dict(zip(names, rngs, strict=True))
 
     def proj(name, h):
         sub = None if layer_lora is None else layer_lora.get(name)
         return linear(h, layer[name], sub, lora_scale, dropout_rate, rng_of[name])
 
-    h = rms_norm(x, layer["input_norm"]["scale"], cfg.rms_norm_eps)
-    q = proj("q_proj", h).reshape(b, t, cfg.num_heads, cfg.head_dim)
-    k = proj("k_proj", h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    v = proj("v_proj", h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    inv_freq = jnp.asarray(rope_inv_freq(cfg))
-    q = rope(q, positions, inv_freq)
-    k = rope(k, positions, inv_freq)
-    if kv is not None:
-        k_cache, v_cache, i = kv
-        at = (i, 0, write_index, 0, 0)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
-        k_all, v_all, new_kv = (
-            k_cache[i].astype(q.dtype),
-            v_cache[i].astype(q.dtype),
-            (k_cache, v_cache),
+    def norm(name, h):
+        return rms_norm(h, layer[name]["scale"], cfg.rms_norm_eps, cfg.norm_offset)
+
+    def attention(h):
+        if cfg.fused_qkv:
+            q, k, v = jnp.split(proj("qkv_proj", h), [cfg.q_size, cfg.q_size + cfg.kv_size], -1)
+        else:
+            q, k, v = proj("q_proj", h), proj("k_proj", h), proj("v_proj", h)
+        if cfg.qk_norm == "projection":  # OLMo 2: over the whole projection, before the split
+            q, k = norm("q_norm", q), norm("k_norm", k)
+        q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm == "head":  # Qwen3, Gemma 3: per head, over head_dim
+            q, k = norm("q_norm", q), norm("k_norm", k)
+        inv_freq = _pick(
+            sliding,
+            jnp.asarray(rope_inv_freq(cfg)),
+            jnp.asarray(rope_inv_freq(cfg, local=True)) if cfg.local_rope_theta else None,
         )
+        q = rope(q, positions, inv_freq)
+        k = rope(k, positions, inv_freq)
+        if kv is not None:
+            k_cache, v_cache, i = kv
+            at = (i, 0, write_index, 0, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
+            k_all, v_all, new_kv = (
+                k_cache[i].astype(q.dtype),
+                v_cache[i].astype(q.dtype),
+                (k_cache, v_cache),
+            )
+        else:
+            k_all, v_all, new_kv = k, v, None
+        mask = _pick(sliding, *masks)
+        return proj("o_proj", _attention(q, k_all, v_all, mask, cfg)), new_kv
+
+    def mlp(h):
+        if cfg.num_experts:
+            experts_lora = None if layer_lora is None else layer_lora.get("experts")
+            return moe_mlp(h, layer, experts_lora, lora_scale, cfg=cfg)
+        if cfg.fused_gate_up:
+            gate, up = jnp.split(proj("gate_up_proj", h), 2, axis=-1)
+        else:
+            gate, up = proj("gate_proj", h), proj("up_proj", h)
+        return proj("down_proj", _activation(cfg, gate) * up), None
+
+    # (norm before, norm after) each sub-layer: x + after(f(before(x))).
+    attn_norms, mlp_norms = {
+        "pre": (("input_norm", None), ("post_attn_norm", None)),
+        "sandwich": (("input_norm", "post_attn_norm"), ("pre_ffn_norm", "post_ffn_norm")),
+        "post": ((None, "post_attn_norm"), (None, "post_ffn_norm")),
+    }[cfg.norm_placement]
+    before, after = attn_norms
+    h, new_kv = attention(norm(before, x) if before else x)
+    x = x + (norm(after, h) if after else h)
+    before, after = mlp_norms
+    h, router_logits = mlp(norm(before, x) if before else x)
+    x = x + (norm(after, h) if after else h)
+    return x, new_kv, router_logits
+
+
+def _activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    if cfg.mlp_activation == "gelu_tanh":  # transformers' gelu_pytorch_tanh
+        return jax.nn.gelu(x, approximate=True)
+    return jax.nn.silu(x)
+
+
+# ----------------------------------------------------------------------------- experts
+
+
+def route(router_logits: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """Top-k routing [N, E] -> (weights [N, k] float32, expert ids [N, k]): the k largest
+    softmax probabilities, renormalised to sum to one with `norm_topk_prob`."""
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, cfg.num_experts_per_tok)
+    if cfg.norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, experts
+
+
+def _expert_linear_dense(x_en, w, lora, lora_scale):
+    """Every expert on every token: x [E, N, in] · W [E, in, out] (+ LoRA) -> [E, N, out]."""
+    y = jnp.einsum("eni,eio->eno", x_en, read_kernel(w, x_en.dtype))
+    if lora is not None:
+        xa = jnp.einsum("eni,eir->enr", x_en, lora["lora_A"].astype(x_en.dtype))
+        y = y + jnp.einsum("enr,ero->eno", xa, lora["lora_B"].astype(x_en.dtype)) * lora_scale
+    return y
+
+
+def _expert_linear_ragged(x_sorted, w, lora, lora_scale, group_sizes):
+    """Rows sorted by expert, each through its own expert: `jax.lax.ragged_dot` (+ LoRA)."""
+    y = jax.lax.ragged_dot(x_sorted, read_kernel(w, x_sorted.dtype), group_sizes)
+    if lora is not None:
+        a, bb = (lora[n].astype(x_sorted.dtype) for n in ("lora_A", "lora_B"))
+        xa = jax.lax.ragged_dot(x_sorted, a, group_sizes)
+        y = y + jax.lax.ragged_dot(xa, bb, group_sizes) * lora_scale
+    return y
+
+
+def moe_mlp(
+    x: jax.Array, layer: Params, experts_lora: Params | None, lora_scale, *, cfg: ModelConfig
+) -> tuple[jax.Array, jax.Array]:
+    """A mixture of SwiGLU experts on x [B, T, D]: y = Σ_{e in top-k(x)} w_e · down_e(silu(gate_e
+    x) · up_e x). Returns (y, router logits [B, T, E]). The experts run as one batched
+    computation, by `cfg.moe_dispatch`:
+
+    - `dense`: every expert on every token, weighted by the (mostly zero) routing weights;
+      E/k times the FLOPs, but plain einsums that shard on the `expert` axis.
+    - `ragged`: the N·k (token, expert) pairs sorted by expert and run through
+      `jax.lax.ragged_dot`, only the FLOPs of the chosen experts.
+    """
+    b, t, d = x.shape
+    tokens = x.reshape(b * t, d)
+    logits = jnp.einsum(
+        "nd,de->ne",
+        tokens,
+        read_kernel(layer["router"], x.dtype),
+        preferred_element_type=jnp.float32,
+    )
+    weights, chosen = route(logits, cfg)
+    experts = layer["experts"]
+    lora = experts_lora or {}
+    if cfg.moe_dispatch == "dense":
+        combine = jnp.sum(
+            jax.nn.one_hot(chosen, cfg.num_experts, dtype=jnp.float32) * weights[..., None], 1
+        )  # [N, E]
+        x_en = jnp.broadcast_to(tokens[None], (cfg.num_experts, *tokens.shape))
+        gate = _expert_linear_dense(x_en, experts["gate_proj"], lora.get("gate_proj"), lora_scale)
+        up = _expert_linear_dense(x_en, experts["up_proj"], lora.get("up_proj"), lora_scale)
+        out = _expert_linear_dense(
+            jax.nn.silu(gate) * up, experts["down_proj"], lora.get("down_proj"), lora_scale
+        )
+        y = jnp.einsum("end,ne->nd", out, combine.astype(out.dtype))
     else:
-        k_all, v_all, new_kv = k, v, None
-    attn = _attention(q, k_all, v_all, mask, cfg)
-    x = x + proj("o_proj", attn)
-    h = rms_norm(x, layer["post_attn_norm"]["scale"], cfg.rms_norm_eps)
-    x = x + proj("down_proj", jax.nn.silu(proj("gate_proj", h)) * proj("up_proj", h))
-    return x, new_kv
+        k = cfg.num_experts_per_tok
+        flat = chosen.reshape(-1)
+        order = jnp.argsort(flat, stable=True)
+        token_of = order // k
+        group_sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)
+        xs = tokens[token_of]
+
+        def run(name, h):
+            return _expert_linear_ragged(h, experts[name], lora.get(name), lora_scale, group_sizes)
+
+        out = run("down_proj", jax.nn.silu(run("gate_proj", xs)) * run("up_proj", xs))
+        w = weights.reshape(-1)[order].astype(out.dtype)
+        y = jnp.zeros_like(tokens).at[token_of].add(out * w[:, None])
+    return y.reshape(b, t, d), logits.reshape(b, t, -1)
+
+
+def load_balancing_loss(
+    router_logits: jax.Array, attention_mask: jax.Array, *, top_k: int
+) -> jax.Array:
+    """The Switch-Transformer auxiliary loss over real tokens, as transformers'
+    `load_balancing_loss_func`: with f_e the fraction of (token, slot) choices that went to
+    expert e and P_e its mean router probability, over every layer and real token,
+
+        loss = E · Σ_e f_e · P_e          (= k when routing is perfectly uniform)
+
+    router_logits [L, B, T, E] (from `backbone(..., with_router_logits=True)`)."""
+    num_experts = router_logits.shape[-1]
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    _, chosen = jax.lax.top_k(probs, top_k)
+    counts = jnp.sum(jax.nn.one_hot(chosen, num_experts, dtype=jnp.float32), axis=-2)
+    m = attention_mask.astype(jnp.float32)[None, :, :, None]
+    rows = router_logits.shape[0] * jnp.sum(attention_mask.astype(jnp.float32))
+    frac = jnp.sum(counts * m, axis=(0, 1, 2)) / rows
+    mean_prob = jnp.sum(probs * m, axis=(0, 1, 2)) / rows
+    return num_experts * jnp.sum(frac * mean_prob)
+
+
+def router_aux_loss(
+    params: Params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    cfg: ModelConfig,
+    lora: Params | None = None,
+    lora_scale: Any = 1.0,
+) -> jax.Array:
+    """`router_aux_loss_coef · load_balancing_loss` of a MoE model on a batch (a training
+    loss adds it; 0 for a dense model). To get it from the same forward as the hidden
+    states, call `backbone(..., with_router_logits=True)` and `load_balancing_loss`."""
+    if not cfg.num_experts:
+        return jnp.zeros((), jnp.float32)
+    _, _, logits = backbone(
+        params,
+        input_ids,
+        attention_mask,
+        cfg=cfg,
+        lora=lora,
+        lora_scale=lora_scale,
+        with_router_logits=True,
+    )
+    return cfg.router_aux_loss_coef * load_balancing_loss(
+        logits, attention_mask, top_k=cfg.num_experts_per_tok
+    )
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -313,8 +557,10 @@ def backbone(
     cache: KVCache | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
+    with_router_logits: bool = False,
 ) -> tuple[jax.Array, KVCache | None]:
-    """Final hidden states [B, T, D] (after the last norm) and the updated cache.
+    """Final hidden states [B, T, D] (after the last norm) and the updated cache
+    (and, with `with_router_logits`, a MoE model's router logits [L, B, T, E] third).
 
     input_ids, attention_mask: [B, T]. Without a cache, attention is causal over these T
     tokens. With a cache, the T tokens are written at `cache.index` and attend to every
@@ -325,53 +571,89 @@ def backbone(
     t = input_ids.shape[1]
     if positions is None:
         positions = positions_from_mask(attention_mask)
-    x = params["embed"].astype(dtype)[input_ids]
+    x = take_rows(params["embed"], input_ids, dtype)
+    if cfg.embed_scale:  # Gemma: sqrt(D), rounded to the compute dtype as transformers does
+        x = x * jnp.asarray(np.sqrt(cfg.hidden_size), dtype)
+    window = None
     if cache is None:
         slots = jnp.arange(t)
         mask = build_attention_mask(
             attention_mask.astype(bool), slots, slots, segment_ids, segment_ids
         )
         write_index = None
+        if cfg.sliding_window is not None:  # distance in positions: right for packed rows too
+            window = (positions[:, :, None] - positions[:, None, :]) < cfg.sliding_window
     else:
         write_index = cache.index
         valid = jax.lax.dynamic_update_slice_in_dim(
             cache.valid, attention_mask.astype(bool), write_index, 1
         )
         s = cache.valid.shape[1]
-        mask = build_attention_mask(valid, write_index + jnp.arange(t), jnp.arange(s))
+        q_slots = write_index + jnp.arange(t)
+        mask = build_attention_mask(valid, q_slots, jnp.arange(s))
+        if cfg.sliding_window is not None:  # a row's real tokens sit in consecutive slots
+            window = (q_slots[:, None] - jnp.arange(s)[None, :] < cfg.sliding_window)[None]
+    masks = (mask, None if window is None else mask & window)
+    flags = cfg.layer_is_sliding
+    mixed = any(flags) and not all(flags)
 
     layers = params["layers"]
     layer_lora = None if lora is None else lora.get("layers")
     layer_rngs = jax.random.split(dropout_rng, cfg.num_layers) if dropout_rng is not None else None
 
-    def block(x, layer, l_lora, kv, rng):
+    def block(x, layer, l_lora, kv, rng, sliding):
         return _block(
-            cfg, x, layer, l_lora, lora_scale, positions, mask, kv, write_index, dropout_rate, rng
+            cfg,
+            x,
+            layer,
+            l_lora,
+            lora_scale,
+            positions,
+            masks,
+            sliding,
+            kv,
+            write_index,
+            dropout_rate,
+            rng,
         )
 
     new_cache = None
+    router_logits = None
     if cache is None and not isinstance(layers, list):
-        step = lambda x, xs: block(x, *xs[:2], None, xs[2])  # noqa: E731
+
+        def step(x, xs):
+            sliding = xs[3] if mixed else all(flags)
+            x, _, logits = block(x, *xs[:2], None, xs[2], sliding)
+            return x, logits
+
         if cfg.remat == "block":
             step = jax.checkpoint(step, prevent_cse=False)
-        x, _ = jax.lax.scan(step, x, (layers, layer_lora, layer_rngs))
+        sliding_xs = jnp.asarray(flags) if mixed else None
+        x, router_logits = jax.lax.scan(step, x, (layers, layer_lora, layer_rngs, sliding_xs))
     else:  # the cached (sampling) forward: an unrolled loop over the blocks
         layers = layers if isinstance(layers, list) else unstack_layers(layers)
         if layer_lora is not None and not isinstance(layer_lora, list):
             layer_lora = unstack_layers(layer_lora)
         kv = None if cache is None else (cache.k, cache.v)
+        per_layer_logits = []
         for i, layer in enumerate(layers):
-            x, new_kv = block(
+            x, new_kv, logits = block(
                 x,
                 layer,
                 None if layer_lora is None else layer_lora[i],
                 None if kv is None else (*kv, i),
                 None if layer_rngs is None else layer_rngs[i],
+                flags[i],
             )
             kv = new_kv
+            per_layer_logits.append(logits)
+        if cfg.num_experts:
+            router_logits = jnp.stack(per_layer_logits)
         if cache is not None:
             new_cache = KVCache(k=kv[0], v=kv[1], valid=valid, index=write_index + t)
-    x = rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps)
+    x = rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps, cfg.norm_offset)
+    if with_router_logits:
+        return x, new_cache, router_logits
     return x, new_cache
 
 
@@ -400,18 +682,22 @@ def head_weights(params: Params, lora: Params | None, name: str) -> Params:
 
 
 def lm_kernel(params: Params) -> jax.Array:
-    """The output projection [D, V]: the tied embedding's transpose or the lm_head."""
-    return params["embed"].T if "lm_head" not in params else params["lm_head"]["kernel"]
+    """The output projection [D, V]: the tied embedding's transpose or the lm_head (dense;
+    a quantized one is dequantized here)."""
+    return dense(params["embed"]).T if "lm_head" not in params else read_kernel(params["lm_head"])
 
 
-def lm_logits(params: Params, hidden: jax.Array) -> jax.Array:
-    """Vocabulary logits [B, T, V] in float32."""
-    return jnp.einsum(
+def lm_logits(
+    params: Params, hidden: jax.Array, *, logit_softcap: float | None = None
+) -> jax.Array:
+    """Vocabulary logits [B, T, V] in float32 (soft-capped: `cfg.final_logit_softcap`)."""
+    logits = jnp.einsum(
         "btd,dv->btv",
         hidden,
         lm_kernel(params).astype(hidden.dtype),
         preferred_element_type=jnp.float32,
     )
+    return softcap(logits, logit_softcap)
 
 
 def last_token_index(attention_mask: jax.Array) -> jax.Array:
@@ -452,10 +738,12 @@ def token_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 128,
     with_entropy: bool = False,
+    logit_softcap: float | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """log p(targets[b, t] | hidden[b, t]) [B, T] (and the entropy) in float32, computed
     `chunk_size` positions at a time so a full [B, T, V] float32 log-softmax never exists;
-    each chunk is rematerialised in the backward pass."""
+    each chunk is rematerialised in the backward pass. A model with a final soft-cap
+    (Gemma 2) must pass `logit_softcap=cfg.final_logit_softcap`: p = softmax(cap·tanh(z/cap)/T)."""
     kernel = lm_kernel(params).astype(hidden.dtype)
     b, t, d = hidden.shape
     chunk = min(chunk_size, t)
@@ -466,14 +754,18 @@ def token_logprobs(
 
     @jax.checkpoint
     def chunk_with_entropy(h_c, y_c):
-        logits = _logits_chunk(h_c, kernel, temperature)
+        logits = _logits_chunk(h_c, kernel, temperature, logit_softcap)[0]
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0]
         probs = jax.nn.softmax(logits, axis=-1)
         return picked - lse, lse - jnp.sum(probs * logits, axis=-1)
 
     def chunk(h_c, y_c):  # the common case, with a hand-written backward
-        return _chunk_logprobs(h_c, kernel, y_c, jnp.asarray(temperature, jnp.float32)), None
+        t = jnp.asarray(temperature, jnp.float32)
+        if logit_softcap is not None:
+            cap = jnp.asarray(logit_softcap, jnp.float32)
+            return _chunk_logprobs_capped(h_c, kernel, y_c, t, cap), None
+        return _chunk_logprobs(h_c, kernel, y_c, t), None
 
     one_chunk = chunk_with_entropy if with_entropy else chunk
 
@@ -484,8 +776,13 @@ def token_logprobs(
     return lp, ent
 
 
-def _logits_chunk(h_c, kernel, temperature):
-    return jnp.einsum("bcd,dv->bcv", h_c, kernel, preferred_element_type=jnp.float32) / temperature
+def _logits_chunk(h_c, kernel, temperature, cap=None):
+    """(logits / T, tanh(z / cap) or None): z = h·W, soft-capped when `cap` is given."""
+    z = jnp.einsum("bcd,dv->bcv", h_c, kernel, preferred_element_type=jnp.float32)
+    if cap is None:
+        return z / temperature, None
+    t = jnp.tanh(z / cap)
+    return cap * t / temperature, t
 
 
 @jax.custom_vjp
@@ -497,7 +794,7 @@ def _chunk_logprobs(h_c, kernel, y_c, temperature):
 
 
 def _chunk_logprobs_fwd(h_c, kernel, y_c, temperature):
-    logits = _logits_chunk(h_c, kernel, temperature)
+    logits = _logits_chunk(h_c, kernel, temperature)[0]
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0]
     return picked - lse, (h_c, kernel, y_c, temperature, lse)
@@ -505,7 +802,7 @@ def _chunk_logprobs_fwd(h_c, kernel, y_c, temperature):
 
 def _chunk_logprobs_bwd(res, g):
     h_c, kernel, y_c, temperature, lse = res
-    logits = _logits_chunk(h_c, kernel, temperature)
+    logits = _logits_chunk(h_c, kernel, temperature)[0]
     onehot = jnp.arange(logits.shape[-1]) == y_c[..., None]
     d_logits = (onehot - jnp.exp(logits - lse[..., None])) * (g / temperature)[..., None]
     d_h = jnp.einsum("bcv,dv->bcd", d_logits, kernel.astype(jnp.float32)).astype(h_c.dtype)
@@ -514,6 +811,34 @@ def _chunk_logprobs_bwd(res, g):
 
 
 _chunk_logprobs.defvjp(_chunk_logprobs_fwd, _chunk_logprobs_bwd)
+
+
+@jax.custom_vjp
+def _chunk_logprobs_capped(h_c, kernel, y_c, temperature, cap):
+    """`_chunk_logprobs` with soft-capped logits l = cap·tanh(z/cap)/T; the chain rule adds
+    dl/dz = (1 − tanh²(z/cap)) / T to the same one-pass backward."""
+    return _chunk_logprobs_capped_fwd(h_c, kernel, y_c, temperature, cap)[0]
+
+
+def _chunk_logprobs_capped_fwd(h_c, kernel, y_c, temperature, cap):
+    logits = _logits_chunk(h_c, kernel, temperature, cap)[0]
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0]
+    return picked - lse, (h_c, kernel, y_c, temperature, cap, lse)
+
+
+def _chunk_logprobs_capped_bwd(res, g):
+    h_c, kernel, y_c, temperature, cap, lse = res
+    logits, t = _logits_chunk(h_c, kernel, temperature, cap)
+    onehot = jnp.arange(logits.shape[-1]) == y_c[..., None]
+    d_logits = (onehot - jnp.exp(logits - lse[..., None])) * (g / temperature)[..., None]
+    d_z = d_logits * (1.0 - t * t)
+    d_h = jnp.einsum("bcv,dv->bcd", d_z, kernel.astype(jnp.float32)).astype(h_c.dtype)
+    d_kernel = jnp.einsum("bcd,bcv->dv", h_c.astype(jnp.float32), d_z).astype(kernel.dtype)
+    return d_h, d_kernel, None, None, None
+
+
+_chunk_logprobs_capped.defvjp(_chunk_logprobs_capped_fwd, _chunk_logprobs_capped_bwd)
 
 
 # ----------------------------------------------------------------------------- conveniences
@@ -541,7 +866,7 @@ def forward(
         positions=positions,
     )
     if head == "lm":
-        return lm_logits(params, hidden)
+        return lm_logits(params, hidden, logit_softcap=cfg.final_logit_softcap)
     if head == "score":
         return score_head(params, hidden, attention_mask, lora)
     if head == "value":
@@ -572,4 +897,5 @@ def sequence_logprobs(
         temperature=temperature,
         with_entropy=with_entropy,
         chunk_size=chunk_size,
+        logit_softcap=cfg.final_logit_softcap,
     )

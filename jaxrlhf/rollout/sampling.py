@@ -235,7 +235,8 @@ def prefill(
         cache=cache,
     )
     # Left padding puts every row's last real token at P-1: one [B, 1, V] logits slice.
-    return lm_logits(params, hidden[:, -1:])[:, 0], constrain_cache(cache, mesh)
+    logits = lm_logits(params, hidden[:, -1:], logit_softcap=cfg.final_logit_softcap)[:, 0]
+    return logits, constrain_cache(cache, mesh)
 
 
 def decode_step(
@@ -259,7 +260,7 @@ def decode_step(
         positions=positions[:, None],
         cache=cache,
     )
-    return lm_logits(params, hidden)[:, 0], cache
+    return lm_logits(params, hidden, logit_softcap=cfg.final_logit_softcap)[:, 0], cache
 
 
 # ----------------------------------------------------------------------------- generate

@@ -63,6 +63,16 @@ class Checkpointer:
         )
         return restored.state, dict(restored.meta or {}), step
 
+    def read_meta(self, step: int) -> dict | None:
+        """The JSON part of checkpoint `step` alone (None if it cannot be read)."""
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )
+        except Exception:  # an unreadable checkpoint: restore_newest_good reports it
+            return None
+        return dict(restored.meta or {})
+
     def restore_newest_good(
         self, target: Any, *, at_most: int | None = None
     ) -> tuple[Any, dict, int, list[tuple[int, str]]]:

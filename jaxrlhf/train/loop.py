@@ -8,6 +8,7 @@ step, saves a checkpoint and raises `TrainingInterrupted`; `--resume` picks it u
 
 from __future__ import annotations
 
+import math
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,15 @@ from jaxrlhf.train.metrics import MetricsLogger, progress_bar, to_python
 
 class TrainingInterrupted(RuntimeError):
     """Raised after a SIGTERM/SIGINT once the checkpoint of the current step is saved."""
+
+
+class NonFiniteError(ValueError):
+    """A step produced a non-finite loss, gradient or parameter (`run.on_nonfinite: stop`)."""
+
+
+def nonfinite_metrics(metrics: dict[str, float]) -> list[str]:
+    """The names of the metrics that are NaN or infinite."""
+    return [k for k, v in metrics.items() if not math.isfinite(v)]
 
 
 class _StopFlag:
@@ -62,14 +72,26 @@ def run_loop(
     receive each logged training/evaluation record (the last evaluation is of the final
     state: callers reuse it instead of evaluating again)."""
     bar = progress_bar(total_steps, initial=start_step, desc=desc, enabled=run.progress)
-    step = start_step
+    step, last_saved, skipped = start_step, start_step, 0
     with _StopFlag() as flag:
         while step < total_steps:
             state, metrics = train_step(state)
             step += 1
             bar.update(1)
+            host = to_python(metrics)  # every step: the guard reads the step's own metrics
+            bad = nonfinite_metrics(host)
+            if bad and run.on_nonfinite == "stop":
+                bar.close()
+                raise NonFiniteError(
+                    f"step {step}: {', '.join(f'{k}={host[k]}' for k in bad[:4])} is not "
+                    f"finite; the run stopped without saving this step (the newest checkpoint, "
+                    f"step {last_saved}, is the last good one). Lower optim.learning_rate, set "
+                    f"optim.max_grad_norm, or set run.on_nonfinite=skip_step to drop such updates"
+                )
+            if bad:  # skip_step: the optimizer dropped the update (optax.apply_if_finite)
+                skipped += 1
+            host["nonfinite_skipped"] = float(skipped)
             if step % run.log_every == 0 or step == total_steps:
-                host = to_python(metrics)
                 logger.log(step, host)
                 if on_log is not None:
                     on_log(step, host)
@@ -83,6 +105,7 @@ def run_loop(
                 step % run.save_every == 0 or flag.stop or step == total_steps
             ):
                 checkpointer.save(step, state, meta(state), force=True)
+                last_saved = step
             if flag.stop:
                 bar.close()
                 raise TrainingInterrupted(
@@ -118,22 +141,24 @@ def train_with_evals(
     if initial:
         logger.log(0, initial, split="eval")
     last: dict = {}
-    state = run_loop(
-        state=state,
-        start_step=start_step,
-        total_steps=total_steps,
-        train_step=train_step,
-        eval_fn=evaluate,
-        meta=lambda s: {"data_position": position(), "signature": signature},
-        run=run,
-        checkpointer=checkpointer,
-        logger=logger,
-        desc=desc,
-        bar_keys=bar_keys,
-        on_log=on_log,
-        on_eval=lambda step, metrics: last.update(metrics),
-    )
+    try:
+        state = run_loop(
+            state=state,
+            start_step=start_step,
+            total_steps=total_steps,
+            train_step=train_step,
+            eval_fn=evaluate,
+            meta=lambda s: {"data_position": position(), "signature": signature},
+            run=run,
+            checkpointer=checkpointer,
+            logger=logger,
+            desc=desc,
+            bar_keys=bar_keys,
+            on_log=on_log,
+            on_eval=lambda step, metrics: last.update(metrics),
+        )
+    finally:
+        logger.close()
+        checkpointer.close()
     final = last or (evaluate(state) if evaluate is not None else {})
-    logger.close()
-    checkpointer.close()
     return state, initial, final

@@ -24,13 +24,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf import data as D
-from jaxrlhf.advantages import KLControlState, init_kl_control, update_kl_control
+from jaxrlhf.advantages import (
+    KLControlState,
+    init_kl_control,
+    update_kl_budget,
+    update_kl_control,
+)
 from jaxrlhf.algorithms.common import TrainState, init_train_state
 from jaxrlhf.algorithms.spec import IterationPlan, OnlineAlgorithm
 from jaxrlhf.lora import LoraConfig
 from jaxrlhf.models.transformer import sequence_logprobs
 from jaxrlhf.rollout import RolloutEngine, Sampler, eos_ids, prompt_batch
 from jaxrlhf.sharding import ShardedStep, host_view, put_tree, replicated, tree_shardings
+from jaxrlhf.text_metrics import degeneration_metrics
 from jaxrlhf.train.loop import train_with_evals
 from jaxrlhf.train.optim import make_optimizer
 from jaxrlhf.train.scoring import Scorer
@@ -108,7 +114,9 @@ def train_online(
         reward_model=scorer.rm,
     )
     frozen = base
-    optimizer = make_optimizer(cfg.optim, plan.optimizer_steps)
+    optimizer = make_optimizer(
+        cfg.optim, plan.optimizer_steps, skip_nonfinite=cfg.run.on_nonfinite == "skip_step"
+    )
     kl_settings = algo.kl_control(cfg)
     state = OnlineState(
         train=init_train_state(trainable, optimizer, jax.random.fold_in(key, 7)),
@@ -209,15 +217,6 @@ def train_online(
                 break
         jax.block_until_ready(train_state.step)
         t2 = time.perf_counter()
-        kl_state = state.kl
-        if kl_settings.adaptive:
-            kl_state = update_kl_control(
-                kl_state,
-                metrics[kl_settings.metric],
-                plan.batch,
-                target=kl_settings.target,
-                horizon=kl_settings.horizon,
-            )
         n_tokens = float(np.sum(host_view(rollout.response_mask)))
         score_metrics = {k: v for k, v in score_metrics.items() if k not in algo.drop_metrics}
         out = {
@@ -227,6 +226,21 @@ def train_online(
             "time/rollout_tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
             "time/update_tokens_per_s": n_tokens * epochs_run / max(t2 - t1, 1e-9),
         }
+        kl_state = state.kl
+        if kl_settings.budget is not None:
+            kl_state = update_kl_budget(
+                kl_state, out[kl_settings.metric], budget=kl_settings.budget
+            )
+        elif kl_settings.adaptive:
+            kl_state = update_kl_control(
+                kl_state,
+                out[kl_settings.metric],
+                plan.batch,
+                target=kl_settings.target,
+                horizon=kl_settings.horizon,
+            )
+        if kl_settings.budget is not None:
+            out["kl_budget_exceeded"] = jnp.float32(out[kl_settings.metric] > kl_settings.budget)
         if algo.epochs_metric is not None:
             out[algo.epochs_metric] = float(epochs_run)
         return OnlineState(train=train_state, kl=kl_state), out
@@ -247,6 +261,7 @@ def train_online(
             temperature=cfg.generation.temperature,
             eval_hook=eval_hook,
             seed=cfg.run.seed,
+            kl_budget=cfg.kl_budget,
         )
 
     state, eval_before, eval_after = train_with_evals(
@@ -311,9 +326,11 @@ def evaluate_policy(
     temperature: float,
     eval_hook: EvalHook | None,
     seed: int,
+    kl_budget: float | None = None,
 ) -> dict:
-    """Sample once for every held-out prompt; mean score, KL to the reference (k1, summed
-    over the response) and the hook's metrics."""
+    """Sample once for every held-out prompt: mean score, KL to the reference (k1, summed
+    over the response: the same estimator at every evaluation), the degeneration metrics of
+    the completions (`text_metrics`) and the hook's metrics."""
     kl_fn = _eval_kl_fn(model_cfg, lora_cfg, temperature)
     all_scores, kls, texts, all_prompts = [], [], [], []
     key = jax.random.PRNGKey(seed + 10_000)
@@ -335,7 +352,10 @@ def evaluate_policy(
         "score": float(scores.mean()),
         "score_std": float(scores.std()),
         "kl": float(np.concatenate(kls).mean()),
+        **degeneration_metrics(texts),
     }
+    if kl_budget is not None:
+        out["kl_budget_exceeded"] = float(out["kl"] > kl_budget)
     if eval_hook is not None:
         out.update(eval_hook(all_prompts, texts))
     return out

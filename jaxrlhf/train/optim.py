@@ -30,7 +30,11 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
     )
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: OptimConfig, total_steps: int, *, skip_nonfinite: bool = False
+) -> optax.GradientTransformation:
+    """AdamW (clipped) on `learning_rate_schedule`. `skip_nonfinite`: an update whose
+    gradients are not finite is dropped (params and Adam moments unchanged)."""
     chain = []
     if cfg.max_grad_norm is not None:
         chain.append(optax.clip_by_global_norm(cfg.max_grad_norm))
@@ -43,4 +47,8 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
             weight_decay=cfg.weight_decay,
         )
     )
-    return optax.chain(*chain)
+    optimizer = optax.chain(*chain)
+    if skip_nonfinite:
+        # Never let NaNs through, however many steps in a row are skipped.
+        optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=2**31 - 1)
+    return optimizer

@@ -12,6 +12,7 @@ are computed once over the data and attached to every batch by pair index.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -21,12 +22,13 @@ import numpy as np
 from jaxrlhf import data as D
 from jaxrlhf.algorithms.common import init_train_state
 from jaxrlhf.algorithms.spec import PreferenceAlgorithm
-from jaxrlhf.lora import split_trainable
+from jaxrlhf.lora import split_trainable, stack_adapters
 from jaxrlhf.sharding import ShardedStep, put_tree, replicated, shard_batch, tree_shardings
 from jaxrlhf.train.loop import train_with_evals
 from jaxrlhf.train.optim import make_optimizer
 from jaxrlhf.train.setup import (
     announce,
+    export_ensemble,
     export_trained,
     local_rows,
     log,
@@ -58,7 +60,8 @@ def map_pairs(step, params, prefs: D.PreferenceData, *, mesh, batch_size: int, *
         outs.append(jax.device_get(step(*params, shard_batch(local_rows(batch), mesh))))
         masks.append(batch["pair_mask"])
         margins.append(batch["margin"])
-    joined = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *outs)
+    # The pair axis is the last: [B], or [K, B] from K stacked adapters.
+    joined = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs], axis=-1), *outs)
     return joined, np.concatenate(masks), np.concatenate(margins)
 
 
@@ -69,8 +72,16 @@ def train_preference(
     `data.train` (rows or a `datasets.Dataset`). Returns a summary dict."""
     start = start_run(cfg, resume=resume)
     mesh, model_cfg = start.mesh, start.model_cfg
+    prepare_rows = None
+    if algo.prepare_rows is not None:
+        prepare_rows = functools.partial(algo.prepare_rows, cfg)
     splits = D.load_preferences(
-        cfg.data, start.tokenizer, seed=cfg.run.seed, source=source, log=log
+        cfg.data,
+        start.tokenizer,
+        seed=cfg.run.seed,
+        source=source,
+        log=log,
+        prepare_rows=prepare_rows,
     )
     n_train = len(splits.train)
     # Computed once: the per-step batch order reads it for every pair of the train set.
@@ -78,14 +89,25 @@ def train_preference(
     log(f"data: {n_train} train pairs, {len(splits.eval) if splits.eval else 0} eval pairs")
     total_steps = total_steps_for(n_train, cfg.batch_size, cfg.num_epochs, cfg.max_steps)
 
-    key = jax.random.PRNGKey(cfg.run.seed)
-    trainable, frozen = split_trainable(key, start.base, model_cfg, cfg.lora, heads=algo.heads)
+    members = cfg.ensemble_size
+    keys = [jax.random.PRNGKey(cfg.run.seed + k) for k in range(members)]  # member k: seed + k
+    trainables = [
+        split_trainable(k, start.base, model_cfg, cfg.lora, heads=algo.heads)[0] for k in keys
+    ]
+    frozen = None if cfg.lora is None else start.base
     if algo.needs_reference(cfg):
         frozen = start.base  # full fine-tuning: the base is the frozen reference copy
     frozen = None if frozen is None else put_tree(frozen, mesh)
     frozen_sh = None if frozen is None else tree_shardings(frozen, mesh)
-    optimizer = make_optimizer(cfg.optim, total_steps)
-    state = init_train_state(trainable, optimizer, jax.random.fold_in(key, 1))
+    optimizer = make_optimizer(
+        cfg.optim, total_steps, skip_nonfinite=cfg.run.on_nonfinite == "skip_step"
+    )
+    states = [
+        init_train_state(t, optimizer, jax.random.fold_in(k, 1))
+        for t, k in zip(trainables, keys, strict=True)
+    ]
+    # An ensemble is one state with a leading adapter axis (replicated: adapters are small).
+    state = states[0] if members == 1 else stack_adapters(states)
     state_sh = tree_shardings(state, mesh)
     state = jax.device_put(state, state_sh)
     batching = {
@@ -112,15 +134,24 @@ def train_preference(
             frozen, frozen_sh = None, None
     announce(mesh, frozen=frozen, trainable=state.trainable, opt_state=state.opt_state)
 
+    train_fn = algo.make_train_step(cfg, model_cfg=model_cfg, optimizer=optimizer)
+    eval_fn = algo.make_eval_step(cfg, model_cfg=model_cfg)
+    if members > 1:  # one compiled step for the K adapters; the frozen base is shared
+        train_fn = jax.vmap(train_fn, in_axes=(0, None, 0))
+        eval_fn = jax.vmap(eval_fn, in_axes=(0, None, None))
     train_step = ShardedStep(
-        algo.make_train_step(cfg, model_cfg=model_cfg, optimizer=optimizer),
+        train_fn,
         mesh=mesh,
-        arg_shardings=(state_sh, frozen_sh, "micro_batch"),
+        arg_shardings=(
+            state_sh,
+            frozen_sh,
+            "micro_batch" if members == 1 else "stacked_micro_batch",
+        ),
         out_shardings=(state_sh, replicated(mesh)),
         donate_argnums=(0,),
     )
     eval_step = ShardedStep(
-        algo.make_eval_step(cfg, model_cfg=model_cfg),
+        eval_fn,
         mesh=mesh,
         arg_shardings=(state_sh.trainable, frozen_sh, "batch"),
         out_shardings=replicated(mesh),
@@ -128,19 +159,35 @@ def train_preference(
     checkpointer, state, position, start_step = restore_or_start(cfg, state, resume=resume)
     host = {"position": position}
 
-    def step_fn(state):
-        idx, host["position"] = D.batch_indices(
+    def member_batch(k: int, position: int) -> dict:
+        """Member k's batch (this process's rows) at `position`, in its own data order
+        (seed + k)."""
+        idx, _ = D.batch_indices(
             n_train,
             batch_size=cfg.batch_size,
-            seed=cfg.run.seed,
-            position=host["position"],
+            seed=cfg.run.seed + k,
+            position=position,
             lengths=train_lengths,
         )
         batch = D.pair_batch(
             splits.train, idx, batch_size=len(idx), per_pair=train_extra, **batching
         )
-        mb = micro_batches(local_rows(batch), cfg.optim.grad_accum_steps)
-        return train_step(state, frozen, shard_batch(mb, mesh, batch_axis=1))
+        return local_rows(batch)
+
+    def step_fn(state):
+        position, host["position"] = host["position"], host["position"] + cfg.batch_size
+        n_micro = cfg.optim.grad_accum_steps
+        if members == 1:
+            mb = micro_batches(member_batch(0, position), n_micro)
+            return train_step(state, frozen, shard_batch(mb, mesh, batch_axis=1))
+        batches = [member_batch(k, position) for k in range(members)]
+        stacked = D.stack_batches(batches, pad_id=batching["pad_id"])
+        mb = micro_batches(stacked, n_micro, axis=1)
+        state, metrics = train_step(state, frozen, shard_batch(mb, mesh, batch_axis=2))
+        # [K] per metric: the mean over members, and each member's loss.
+        out = {name: v.mean() for name, v in metrics.items()}
+        out.update({f"member_{k}/loss": metrics["loss"][k] for k in range(members)})
+        return state, out
 
     def evaluate(state) -> dict:
         outputs, mask, margin = map_pairs(
@@ -152,7 +199,14 @@ def train_preference(
             per_pair=eval_extra,
             **batching,
         )
-        return algo.eval_metrics(cfg, outputs, mask, margin)
+        if members == 1:
+            return algo.eval_metrics(cfg, outputs, mask, margin)
+        # The ensemble's mean output, and each member's metrics under member_k/.
+        out = algo.eval_metrics(cfg, tuple(o.mean(axis=0) for o in outputs), mask, margin)
+        for k in range(members):
+            member = algo.eval_metrics(cfg, tuple(o[k] for o in outputs), mask, margin)
+            out.update({f"member_{k}/{name}": v for name, v in member.items()})
+        return out
 
     state, eval_before, eval_after = train_with_evals(
         cfg,
@@ -166,7 +220,10 @@ def train_preference(
         desc=algo.name,
         bar_keys=algo.bar_keys,
     )
-    out_dir = export_trained(cfg, state.trainable, model_cfg, start.tokenizer, task=algo.task)
+    if members == 1:
+        out_dir = export_trained(cfg, state.trainable, model_cfg, start.tokenizer, task=algo.task)
+    else:
+        out_dir = export_ensemble(cfg, state.trainable, model_cfg, start.tokenizer, task=algo.task)
     for when, metrics in (("before", eval_before), ("after", eval_after)):
         if metrics:
             shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in algo.summary_keys if k in metrics)

@@ -12,6 +12,7 @@ import numpy as np
 from jaxrlhf.algorithms.reward_model import (
     RewardModel,
     append_eos,
+    combine_ensemble,
     load_reward_model,
     reward_model_scores,
 )
@@ -51,11 +52,14 @@ class Scorer:
                 section, model_cfg=model_cfg, frozen=frozen, mesh=mesh, tokenizer=tokenizer
             )
             rm_cfg, rm_scale = self.rm.model_cfg, self.rm.scale
-            self._rm_fn = jax.jit(
-                lambda p, lora, ids, mask: reward_model_scores(
-                    p, lora, rm_scale, ids, mask, model_cfg=rm_cfg
-                )
-            )
+
+            def scores(p, lora, ids, mask):
+                return reward_model_scores(p, lora, rm_scale, ids, mask, model_cfg=rm_cfg)
+
+            if self.rm.members > 1:  # K stacked adapters in one pass; the base is shared
+                scores = jax.vmap(scores, in_axes=(None, 0, None, None))
+            self._rm_fn = jax.jit(scores)
+            self.ensemble, self.ensemble_coef = section.ensemble, section.ensemble_coef
             self.rm_weight = section.weight
             eos = tokenizer.eos_token_id if tokenizer is not None else None
             self.rm_eos = eos if section.append_eos else None
@@ -82,6 +86,13 @@ class Scorer:
             rm_scores = host_view(
                 self.reward_model(rollout.input_ids, rollout.attention_mask, rollout.finished)
             )
+            if self.rm.members > 1:
+                metrics["rewards/ensemble_std"] = float(rm_scores.std(axis=0).mean())
+                rm_scores = np.asarray(
+                    combine_ensemble(
+                        jnp.asarray(rm_scores), rule=self.ensemble, coef=self.ensemble_coef
+                    )
+                )
             total += self.rm_weight * rm_scores
             metrics["rewards/reward_model"] = float(rm_scores.mean())
         if self.funcs:

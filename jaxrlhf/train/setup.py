@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from jaxrlhf.config import RunConfig, save_config
@@ -119,6 +120,26 @@ def _differences(saved: Any, now: Any, where: str = "") -> list[str]:
     return [] if saved == now else [f"{where}: checkpoint {saved!r}, this run {now!r}"]
 
 
+def _check_signature(checkpointer: Checkpointer, cfg: Any) -> None:
+    """Refuse checkpoints written for another model or adapter shape, naming what differs
+    (read from the newest checkpoint whose metadata is readable; older ones lack it)."""
+    for step in sorted(checkpointer.all_steps(), reverse=True):
+        meta = checkpointer.read_meta(step)
+        if meta is None:
+            continue
+        saved = meta.get("signature")
+        if saved is None:
+            return
+        diff = _differences(saved, json.loads(json.dumps(run_signature(cfg))))
+        if diff:
+            raise ValueError(
+                f"the checkpoints in {cfg.run.run_dir} were written for another configuration ("
+                + "; ".join(diff)
+                + "); resume with the same model and LoRA settings or start a new run.run_dir"
+            )
+        return
+
+
 def restore_or_start(
     cfg: Any, state: Any, *, resume: bool, unit: str = "step"
 ) -> tuple[Checkpointer, Any, int, int]:
@@ -134,36 +155,33 @@ def restore_or_start(
                 f"run.resume_from={run.resume_from}: no checkpoints in {run.run_dir}"
             )
         return checkpointer, state, 0, 0
+    _check_signature(checkpointer, cfg)
     state, meta, start, failed = checkpointer.restore_newest_good(state, at_most=run.resume_from)
     for step, why in failed:
         aside = checkpointer.set_aside(step)
         log(f"warning: checkpoint {step} does not restore ({why}); moved to {aside}")
     if failed:
         log(f"warning: resuming from the previous intact checkpoint, {unit} {start}")
-    saved = meta.get("signature")
-    if saved is not None:
-        diff = _differences(saved, json.loads(json.dumps(run_signature(cfg))))
-        if diff:
-            raise ValueError(
-                f"the checkpoint in {run.run_dir} was written for another configuration ("
-                + "; ".join(diff)
-                + "); resume with the same model and LoRA settings or start a new run.run_dir"
-            )
+    for step in [s for s in checkpointer.all_steps() if s > start]:  # run.resume_from
+        aside = checkpointer.set_aside(step)
+        log(f"checkpoint {step} is newer than run.resume_from; moved to {aside}")
     position = int(meta["data_position"])
     log(f"resumed from {unit} {start} (data position {position})")
     return checkpointer, state, position, start
 
 
-def micro_batches(batch: dict, n: int) -> dict:
-    """[B, ...] -> [n, B/n, ...] on the host, for gradient accumulation."""
+def micro_batches(batch: dict, n: int, *, axis: int = 0) -> dict:
+    """[..., B, ...] -> [..., n, B/n, ...] (B at `axis`) on the host, for gradient
+    accumulation."""
 
     def split(x):
-        if x.shape[0] % n:
+        b = x.shape[axis]
+        if b % n:
             raise ValueError(
-                f"a batch of {x.shape[0]} does not split into {n} micro-batches; "
+                f"a batch of {b} does not split into {n} micro-batches; "
                 f"make batch_size a multiple of optim.grad_accum_steps"
             )
-        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+        return x.reshape(*x.shape[:axis], n, b // n, *x.shape[axis + 1 :])
 
     return {k: split(v) for k, v in batch.items()}
 
@@ -189,7 +207,13 @@ def mean_metrics(records: list[dict]) -> dict:
 
 
 def export_trained(
-    cfg: Any, trainable: Any, model_cfg: ModelConfig, tokenizer: Any, *, task: str
+    cfg: Any,
+    trainable: Any,
+    model_cfg: ModelConfig,
+    tokenizer: Any,
+    *,
+    task: str,
+    out: Path | None = None,
 ) -> Path:
     """Process 0 writes what a run (`cfg`: run dir, adapter config, base) trained: a PEFT adapter (LoRA; heads not in its task left
     out, e.g. PPO's shared value head), else the full model as an HF folder — a
@@ -198,7 +222,7 @@ def export_trained(
     from jaxrlhf.peft_format import export_merged, export_peft
 
     lora_cfg, base_name = cfg.lora, cfg.model.path
-    out = Path(cfg.run.run_dir) / ("adapter" if lora_cfg is not None else "model")
+    out = out or Path(cfg.run.run_dir) / ("adapter" if lora_cfg is not None else "model")
     trainable = gather_to_host(trainable)  # collective: before process 0 alone goes on
     if jax.process_index() != 0:
         return out
@@ -230,4 +254,36 @@ def export_trained(
             tokenizer=tokenizer,
         )
     log(f"exported {'adapter' if lora_cfg is not None else 'model'} to {out}")
+    return out
+
+
+ENSEMBLE_FILE = "ensemble.json"
+
+
+def export_ensemble(
+    cfg: Any, stacked: Any, model_cfg: ModelConfig, tokenizer: Any, *, task: str
+) -> Path:
+    """K stacked adapters: `adapter/member_k/` (each a PEFT folder) and `adapter/ensemble.json`
+    naming them (what `reward_model.path` reads as an ensemble), plus the stacked tree in
+    `adapter/stacked.safetensors` ([K, ...] per leaf)."""
+    from safetensors.numpy import save_file
+
+    from jaxrlhf.lora import adapter_member
+
+    out = Path(cfg.run.run_dir) / "adapter"
+    stacked = gather_to_host(stacked)
+    k = jax.tree.leaves(stacked)[0].shape[0]
+    names = [f"member_{i}" for i in range(k)]
+    for i, name in enumerate(names):
+        export_trained(
+            cfg, adapter_member(stacked, i), model_cfg, tokenizer, task=task, out=out / name
+        )
+    if jax.process_index() == 0:
+        flat = jax.tree_util.tree_flatten_with_path(stacked)[0]
+        save_file(
+            {jax.tree_util.keystr(path): np.ascontiguousarray(x) for path, x in flat},
+            str(out / "stacked.safetensors"),
+        )
+        (out / ENSEMBLE_FILE).write_text(json.dumps({"members": names}, indent=1))
+        log(f"exported an ensemble of {k} adapters to {out}")
     return out

@@ -1,0 +1,419 @@
+"""The quantized frozen base (`jaxrlhf.models.quant`).
+
+Exactness is tested the QLoRA way: for the same quantized values, the quantized path (which
+dequantizes inside the step) must compute what a float model whose weights ARE the
+dequantized values computes — logits, LoRA gradients, reward scores and KV-cache decoding,
+on one device and on a 2x2x2 mesh. The GGUF blocks are decoded bit for bit as the `gguf`
+package does; NF4's code book is QLoRA's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrlhf.lora import LoraConfig, init_lora, merge, trainable_summary, tree_bytes, tree_size
+from jaxrlhf.models import loading
+from jaxrlhf.models import quant as Q
+from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.models.transformer import forward, init_params, sequence_logprobs
+from jaxrlhf.rollout.sampling import SamplingConfig, make_generate_fn
+from jaxrlhf.sharding import MeshConfig, make_mesh, per_device_bytes, put_tree, tree_shardings
+
+CFG = ModelConfig(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    pad_token_id=0,
+    eos_token_id=(1,),
+)
+# Every way a weight can be stored; "gguf" kinds are made by `gguf.quants.quantize`.
+KINDS = {
+    "int8": dict(kind="int8"),
+    "nf4": dict(kind="nf4", double_quant=False),
+    "nf4_dq": dict(kind="nf4", double_quant=True),
+    "q4_0": dict(gguf="Q4_0"),
+    "q4_1": dict(gguf="Q4_1"),
+    "q8_0": dict(gguf="Q8_0"),
+}
+
+
+def quantized(params, name, **kw):
+    spec = KINDS[name]
+    if "gguf" in spec:
+        return Q.quantize_params(
+            params, "none", quantizer=functools.partial(Q.quantize_gguf, type_name=spec["gguf"])
+        )
+    return Q.quantize_params(params, Q.QuantConfig(**spec, **kw))
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+@pytest.fixture(scope="module")
+def base():
+    # std 0.06 (not init_params' 0.02) so the logits move visibly with every weight (max
+    # |logit| ≈ 11). Much wider (std 0.2, |logit| ≈ 36) and the random network amplifies
+    # float32 reassociation (XLA may apply a per-channel scale after the dot instead of
+    # before) to 3e-5 in the LoRA gradients; here it is ≈ 1.5e-6.
+    params = init_params(jax.random.PRNGKey(0), CFG, heads=("lm", "score"))
+    return jax.tree.map(lambda x: x * 3 if x.ndim >= 2 else x, params)
+
+
+@pytest.fixture(scope="module")
+def adapter(base):
+    lcfg = LoraConfig(r=4, alpha=8.0, task_type="SEQ_CLS", modules_to_save=("score",))
+    lora = init_lora(jax.random.PRNGKey(1), base, lcfg, CFG)
+    # A trained-looking adapter: B random, so the LoRA term is not zero.
+    keys = iter(jax.random.split(jax.random.PRNGKey(2), 16))
+    layers = {
+        k: {**v, "lora_B": 0.1 * jax.random.normal(next(keys), v["lora_B"].shape)}
+        for k, v in lora["layers"].items()
+    }
+    return lcfg, {**lora, "layers": layers}
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(2, CFG.vocab_size, (2, 9))
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0  # left padding in row 1
+    return jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def test_nf4_codebook_is_qlora():
+    """QLoRA's construction, as bitsandbytes' `create_normal_map(offset=0.9677083)` computes
+    it (torch float32): 8 positive and 7 negative N(0,1) quantiles, plus zero, divided by the
+    largest."""
+    stats = pytest.importorskip("scipy.stats")
+    torch = pytest.importorskip("torch")
+    offset = 0.9677083
+    pos = stats.norm.ppf(torch.linspace(offset, 0.5, 9)[:-1]).tolist()
+    neg = (-stats.norm.ppf(torch.linspace(offset, 0.5, 8)[:-1])).tolist()
+    book = torch.tensor(pos + [0.0] + neg, dtype=torch.float32).sort().values
+    np.testing.assert_array_equal(Q.NF4_CODEBOOK, (book / book.max()).numpy())
+    assert len(np.unique(Q.NF4_CODEBOOK)) == 16
+
+
+def test_nf4_round_trip_blocks_of_64():
+    w = np.random.default_rng(0).normal(size=(2, 128, 48)).astype(np.float32)  # [L, in, out]
+    qa = Q.quantize_nf4(w, double_quant=False)
+    assert qa.shape == w.shape and qa.codes.dtype == np.uint8
+    assert qa.codes.shape == (2, 48, 2, 32)  # [L, out, in/64 blocks, 64/2 bytes]
+    blocks = np.swapaxes(w, 1, 2).reshape(2, 48, 2, 64)
+    absmax = np.abs(blocks).max(-1)
+    np.testing.assert_array_equal(qa.scales, absmax)  # stored exactly (float32)
+    deq = np.asarray(Q.dequantize(qa))
+    normed = np.swapaxes(deq, 1, 2).reshape(blocks.shape) / absmax[..., None]
+    # Every value is a code book entry, and the nearest one to the original.
+    on_book = np.abs(normed[..., None] - Q.NF4_CODEBOOK).min(-1)
+    assert on_book.max() < 1e-6
+    dist = np.abs((blocks / absmax[..., None])[..., None] - Q.NF4_CODEBOOK)
+    np.testing.assert_allclose(np.abs(blocks / absmax[..., None] - normed), dist.min(-1), atol=1e-6)
+    # The block's extreme value is ±1 on the book: reproduced exactly.
+    i = np.abs(blocks).argmax(-1)[..., None]
+    np.testing.assert_array_equal(
+        np.take_along_axis(normed, i, -1), np.sign(np.take_along_axis(blocks, i, -1))
+    )
+
+
+def test_nf4_double_quant_absmax():
+    w = np.random.default_rng(1).normal(size=(3, 256, 96)).astype(np.float32)
+    plain, dq = Q.quantize_nf4(w, double_quant=False), Q.quantize_nf4(w, double_quant=True)
+    np.testing.assert_array_equal(plain.codes, dq.codes)  # same 4-bit values
+    assert dq.scales.dtype == np.uint8 and dq.scale_offset.shape == (3,)
+    n = 96 * 256 // 64
+    assert dq.scale_scales.shape == (3, -(-n // 256))  # one float32 per 256 absmax
+    book = Q.dynamic_map()
+    assert book.shape == (256,) and np.all(np.diff(book) >= 0) and {0.0, 1.0} <= set(book)
+    # The coarsest step of the dynamic map (its [0.1, 1] decade has 64 steps of 0.9/64)
+    # bounds the absmax error: half a step of each group's scale.
+    decoded = np.asarray(Q.block_scales(dq))
+    group_scale = np.repeat(dq.scale_scales, 256, axis=-1)[:, :n].reshape(decoded.shape)
+    assert np.all(np.abs(decoded - plain.scales) <= 0.5 * 0.9 / 64 * group_scale + 1e-7)
+
+
+def test_int8_per_output_channel():
+    w = np.random.default_rng(2).normal(size=(64, 24)).astype(np.float32)  # [in, out]
+    qa = Q.quantize_int8(w)
+    assert qa.codes.dtype == np.int8 and qa.codes.shape == (24, 1, 64)
+    scale = np.abs(w).max(0) / 127
+    np.testing.assert_allclose(qa.scales[:, 0], scale, rtol=1e-7)
+    assert np.abs(qa.codes.astype(int)).max() == 127
+    deq = np.asarray(Q.dequantize(qa))
+    assert np.all(np.abs(deq - w) <= scale / 2 * (1 + 1e-6))  # rounding: half a step
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_gguf_blocks_decode_bit_for_bit(type_name, transposed):
+    x = np.random.default_rng(3).normal(size=(2, 16, 96)).astype(np.float32)
+    qtype = gguf.GGMLQuantizationType[type_name]
+    raw = gguf.quants.quantize(x, qtype)
+    expected = gguf.quants.dequantize(raw, qtype).astype(np.float32)
+    qa = Q.gguf_blocks(raw, type_name, x.shape, name="t")
+    if transposed:
+        qa, expected = dataclasses.replace(qa, transposed=True), np.swapaxes(expected, -1, -2)
+    got = np.asarray(jax.jit(Q.dequantize)(qa))
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ValueError, match=r"model\.quant\.kind='fp8'.*int8, nf4"):
+        Q.QuantConfig(kind="fp8")
+    with pytest.raises(ValueError, match="model.quant.skip.*'score'"):
+        Q.QuantConfig(kind="nf4", skip=("score",))
+    with pytest.raises(ValueError, match="'blk.0.attn_q.weight' has type Q4_K"):
+        Q.gguf_blocks(np.zeros(144, np.uint8), "Q4_K", (1, 256), name="blk.0.attn_q.weight")
+    with pytest.raises(ValueError, match="'gguf' keeps a GGUF file's own blocks"):
+        Q.quantize_params({"embed": np.zeros((4, 64))}, "gguf")
+    with pytest.raises(ValueError, match="embed.*blocks of 64.*model.quant.skip"):
+        Q.quantize_params({"embed": np.zeros((96, 48), np.float32)}, "nf4")
+    # A GGUF tensor of a type that cannot be kept is refused with the file, name and type.
+    tensor = types.SimpleNamespace(
+        name="blk.0.ffn_down.weight",
+        tensor_type=gguf.GGMLQuantizationType.Q6_K,
+        shape=np.array([256, 4]),
+        data=np.zeros((4, 210), np.uint8),
+    )
+    with pytest.raises(ValueError, match=r"model\.gguf.*'blk\.0\.ffn_down\.weight'.*Q6_K"):
+        loading._kept_blocks(tensor, loading.Path("model.gguf"))
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_forward_and_lora_gradients_equal_dequantized_model(name, base, adapter, batch):
+    lcfg, lora = adapter
+    qp = quantized(base, name)
+    ref = Q.dequantize_params(qp)
+    ids, mask = batch
+    assert all(Q.is_quantized(qp["layers"][p]["kernel"]) for p in ("q_proj", "down_proj"))
+    assert Q.is_quantized(qp["embed"]) and Q.is_quantized(qp["lm_head"]["kernel"])
+
+    @jax.jit
+    def outputs(params, lora):
+        logits = forward(params, ids, mask, cfg=CFG)
+        lora_logits = forward(params, ids, mask, cfg=CFG, lora=lora, lora_scale=lcfg.scale)
+        scores = forward(params, ids, mask, cfg=CFG, head="score", lora=lora)
+        return logits, lora_logits, scores
+
+    def loss(lora, params):
+        lp, _ = sequence_logprobs(params, ids, mask, cfg=CFG, lora=lora, lora_scale=lcfg.scale)
+        rm = forward(params, ids, mask, cfg=CFG, head="score", lora=lora, lora_scale=lcfg.scale)
+        return jnp.sum(lp * mask[:, 1:]) + jnp.sum(rm)
+
+    grad = jax.jit(jax.grad(loss))
+    for got, want in zip(outputs(qp, lora), outputs(ref, lora), strict=True):
+        assert rel_err(got, want) <= 1e-5
+    g_q, g_ref = grad(lora, qp), grad(lora, ref)
+    for path, a in jax.tree_util.tree_leaves_with_path(g_q):
+        b = functools.reduce(lambda t, k: t[k.key], path, g_ref)
+        assert rel_err(a, b) <= 1e-5, path
+    assert float(jnp.max(jnp.abs(g_q["layers"]["q_proj"]["lora_A"]))) > 0
+
+
+def test_quantized_leaves_get_no_gradient(base, adapter, batch):
+    lcfg, lora = adapter
+    qp = quantized(base, "q4_1")
+    ids, mask = batch
+
+    def loss(params):
+        return jnp.sum(forward(params, ids, mask, cfg=CFG, lora=lora, lora_scale=lcfg.scale))
+
+    g = jax.grad(loss, allow_int=True)(qp)
+    qa = g["layers"]["up_proj"]["kernel"]
+    assert qa.codes.dtype == jax.dtypes.float0  # integer codes: not differentiable
+    assert float(jnp.max(jnp.abs(qa.scales))) == 0.0 and float(jnp.max(jnp.abs(qa.mins))) == 0.0
+
+
+@pytest.mark.parametrize("name", ["int8", "nf4_dq", "q4_0"])
+def test_kv_cache_decode_with_unmerged_lora_equals_dequantized(name, base, adapter, batch):
+    lcfg, lora = adapter
+    qp = quantized(base, name)
+    ref = Q.dequantize_params(qp)
+    ids, mask = batch
+    sampling = SamplingConfig.for_model(CFG, max_new_tokens=5, greedy=True)
+    gen = make_generate_fn(CFG, sampling)
+    key = jax.random.PRNGKey(0)
+    got = gen(qp, ids, mask, key, lora=lora, lora_scale=lcfg.scale)
+    want = gen(ref, ids, mask, key, lora=lora, lora_scale=lcfg.scale)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    assert rel_err(got.logprobs, want.logprobs) <= 1e-5
+
+
+def test_tied_quantized_embedding_is_the_lm_head(batch):
+    cfg = dataclasses.replace(CFG, tie_word_embeddings=True)
+    params = init_params(jax.random.PRNGKey(5), cfg)
+    qp = quantized(params, "nf4_dq")
+    ids, mask = batch
+    fwd = jax.jit(lambda p: forward(p, ids, mask, cfg=cfg))
+    assert "lm_head" not in qp and Q.is_quantized(qp["embed"])
+    assert rel_err(fwd(qp), fwd(Q.dequantize_params(qp))) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["int8", "nf4_dq", "q4_1"])
+def test_sharded_quantized_forward_equals_single_device(name, base, adapter, batch):
+    lcfg, lora = adapter
+    qp = quantized(base, name)
+    ids, mask = batch
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    placed = put_tree(jax.tree.map(jnp.asarray, qp), mesh)
+
+    def fwd(params, lora):
+        return forward(params, ids, mask, cfg=CFG, lora=lora, lora_scale=lcfg.scale)
+
+    got = jax.jit(fwd)(placed, put_tree(lora, mesh))
+    assert rel_err(got, jax.jit(fwd)(qp, lora)) <= 1e-5
+    # The packed values and the scales are split along their kernel's [L, in=64, out=128]
+    # axes, stored [L, out, blocks, values]: "fsdp" (the `embed` input axis) goes to the
+    # blocks when fsdp=2 divides their number (Q4_1: 2 blocks of 32), else within them
+    # (int8: one block per row; NF4: one block of 64).
+    specs = tree_shardings(qp, mesh)["layers"]["gate_proj"]["kernel"]
+    n_blocks = qp["layers"]["gate_proj"]["kernel"].codes.shape[2]
+    P = jax.sharding.PartitionSpec
+    want = P(None, "tensor", "fsdp", None) if n_blocks % 2 == 0 else P(None, "tensor", None, "fsdp")
+    assert specs.codes.spec == want
+    assert specs.scales.spec == P(None, "tensor", "fsdp" if n_blocks % 2 == 0 else None)
+    assert per_device_bytes(placed) < tree_bytes(qp) / 2
+
+
+def test_bytes_and_summary_count_the_packed_base(base):
+    qp = quantized(base, "nf4_dq")
+    assert tree_size(qp) == tree_size(base)  # logical parameters
+    kernel = qp["layers"]["q_proj"]["kernel"]
+    assert tree_bytes(kernel) == kernel.nbytes < tree_bytes(base["layers"]["q_proj"]) / 6
+    summary = trainable_summary({"x": jnp.zeros(3)}, qp)
+    assert summary.total_params == 3 + tree_size(base)
+    assert summary.frozen_bytes == tree_bytes(qp) < 0.3 * tree_bytes(base)
+
+
+def test_merge_and_export_dequantize(base, adapter, tmp_path):
+    lcfg, lora = adapter
+    qp = quantized(base, "q8_0")
+    ref = Q.dequantize_params(qp)
+    merged = merge(qp, lora, lcfg)
+    want = merge(ref, lora, lcfg)
+    for proj in ("q_proj", "down_proj"):
+        assert merged["layers"][proj]["kernel"].dtype == jnp.float32
+        np.testing.assert_array_equal(
+            merged["layers"][proj]["kernel"], want["layers"][proj]["kernel"]
+        )
+    out = loading.save_hf_folder({k: v for k, v in qp.items() if k != "score"}, CFG, tmp_path)
+    _, back = loading.load_hf_folder(out)
+    np.testing.assert_array_equal(
+        back["layers"]["o_proj"]["kernel"], ref["layers"]["o_proj"]["kernel"]
+    )
+    np.testing.assert_array_equal(back["embed"], ref["embed"])
+
+
+@pytest.mark.slow
+def test_default_gguf_kept_quantized_equals_dequantized_load():
+    cfg, ref, tok = loading.load_model("default")
+    _, qp, _ = loading.load_gguf(loading.default_model_path(), keep_quantized=True)
+    assert Q.quant_summary(qp) == {"q4_1": 7, "q8_0": 1, "float": 2}
+    assert qp["layers"]["q_proj"]["kernel"].shape == ref["layers"]["q_proj"]["kernel"].shape
+    assert tree_bytes(qp) <= 0.3 * tree_bytes(ref)
+    ids = jnp.asarray(tok(["The capital of France is"], return_tensors="np")["input_ids"])
+    fwd = jax.jit(lambda p: forward(p, ids, jnp.ones_like(ids), cfg=cfg))
+    assert rel_err(fwd(jax.tree.map(jnp.asarray, qp)), fwd(ref)) <= 1e-5
+
+
+def _write_tiny_gguf(path, params, cfg, type_name: str) -> None:
+    """A llama GGUF of `params` with every 2-D weight stored as `type_name` blocks (q/k rows
+    permuted the llama.cpp way, the inverse of `loading.unpermute_qk`)."""
+    from jaxrlhf.models.hf_names import state_dict_from_params
+
+    names = {v: k for k, v in loading._GGUF_GLOBAL.items()}
+    block = {v: k for k, v in loading._GGUF_BLOCK.items()}
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_block_count(cfg.num_layers)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_heads)
+    writer.add_head_count_kv(cfg.num_kv_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    qtype = gguf.GGMLQuantizationType[type_name]
+    for hf_name, w in state_dict_from_params(params, cfg).items():
+        if hf_name.startswith("model.layers."):
+            i, rest = hf_name.split(".", 3)[2:]
+            module, leaf = rest.rsplit(".", 1)
+            name = f"blk.{i}.{block[module]}.{leaf}"
+        else:
+            name = names[hf_name]
+        for proj, heads in (("q_proj", cfg.num_heads), ("k_proj", cfg.num_kv_heads)):
+            if proj in hf_name:
+                w = w.reshape(heads, 2, -1, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+        if w.ndim == 2:
+            writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, w.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q8_0"])
+def test_gguf_file_kept_quantized_equals_dequantized(type_name, base, batch, tmp_path):
+    params = {k: v for k, v in jax.device_get(base).items() if k != "score"}
+    path = tmp_path / "tiny.gguf"
+    _write_tiny_gguf(path, params, CFG, type_name)
+    cfg, dense, _ = loading.load_gguf(path)
+    _, kept, _ = loading.load_gguf(path, keep_quantized=True)
+    assert cfg.num_kv_heads == CFG.num_kv_heads and not cfg.tie_word_embeddings
+    assert Q.quant_summary(kept)[type_name.lower()] == 9  # 7 projections, lm head, embedding
+    # Kept blocks dequantize to exactly what the float load made of the same file.
+    for module in ("q_proj", "k_proj", "down_proj"):
+        np.testing.assert_array_equal(
+            np.asarray(kept["layers"][module]["kernel"]), dense["layers"][module]["kernel"]
+        )
+    ids, mask = batch
+    fwd = jax.jit(lambda p: forward(p, ids, mask, cfg=cfg))
+    assert rel_err(fwd(kept), fwd(dense)) <= 1e-5
+    # load_quantized keeps the file's blocks; `skip` loads those modules dense.
+    _, partly, _ = Q.load_quantized(str(path), Q.QuantConfig(kind="gguf", skip=("embed", "v_proj")))
+    assert not Q.is_quantized(partly["embed"]) and Q.is_quantized(partly["lm_head"]["kernel"])
+    np.testing.assert_array_equal(partly["embed"], dense["embed"])
+    assert not Q.is_quantized(partly["layers"]["v_proj"]["kernel"])
+    np.testing.assert_array_equal(
+        partly["layers"]["v_proj"]["kernel"], dense["layers"]["v_proj"]["kernel"]
+    )
+    with pytest.raises(ValueError, match="kind='gguf'.*not a .gguf file"):
+        Q.load_quantized(str(tmp_path), Q.QuantConfig(kind="gguf"))
+
+
+def test_sampler_on_mesh_with_quantized_base_equals_single_device(base, adapter, batch):
+    lcfg, lora = adapter
+    qp = jax.tree.map(jnp.asarray, quantized(base, "nf4_dq"))
+    ids, mask = batch
+    ids, mask = jnp.concatenate([ids] * 2), jnp.concatenate([mask] * 2)  # 4 rows: data x fsdp
+    sampling = SamplingConfig.for_model(CFG, max_new_tokens=4, greedy=True)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    key = jax.random.PRNGKey(0)
+    got = make_generate_fn(CFG, sampling, mesh)(
+        put_tree(qp, mesh), ids, mask, key, lora=put_tree(lora, mesh), lora_scale=lcfg.scale
+    )
+    want = make_generate_fn(CFG, sampling)(qp, ids, mask, key, lora=lora, lora_scale=lcfg.scale)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    assert rel_err(got.logprobs, want.logprobs) <= 1e-5

@@ -1,0 +1,397 @@
+"""The algorithms on the shared drivers beyond DPO/GRPO: KTO, ORPO, CPO/SimPO (pair driver) and
+RLOO, REINFORCE++ (online driver); plus GRPO's TRL options. Each learns a tiny task from
+scratch (held-out metric), resumes exactly after SIGTERM, and refuses bad options by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers.tasks import case_preference_rows
+from test_grpo import setup  # noqa: F401  (the fixture: a tiny model and one real rollout)
+
+from jaxrlhf import config as C
+from jaxrlhf import data as D
+from jaxrlhf import sharding
+from jaxrlhf.algorithms import grpo, reinforce_pp, rloo
+from jaxrlhf.data.unpaired import kto_pairs
+from jaxrlhf.train import setup as run_setup
+from jaxrlhf.train.loop import TrainingInterrupted
+from jaxrlhf.train.runs import ALGORITHMS, run_algorithm
+from jaxrlhf.train.scoring import Scorer
+
+PREFERENCE = {
+    "orpo": [],
+    "cpo": [],
+    "simpo": ["loss_type=simpo", "cpo_alpha=0.0", "beta=2.0", "simpo_gamma=1.0"],
+    "kto": [],
+}
+ONLINE = ("rloo", "reinforce_pp")
+
+
+def _command(case: str) -> str:
+    return "cpo" if case == "simpo" else case
+
+
+def _cfg(name: str, run_dir, *overrides: str):
+    base = [f"run.run_dir={run_dir}", "mesh.data=1", "run.progress=false"]
+    if name not in ONLINE:
+        base.append("data.length_buckets=[64]")
+    return C.load_config(ALGORITHMS[name].config, f"configs/{name}_tiny.yaml", [*base, *overrides])
+
+
+@pytest.fixture
+def one_device(monkeypatch):
+    monkeypatch.setattr(
+        run_setup,
+        "make_mesh",
+        lambda mesh_cfg: sharding.make_mesh(mesh_cfg, devices=jax.devices()[:1]),
+    )
+
+
+def _prompt_rows(n=64, seed=0):
+    """Upper-case prompts; the reward (share of lower-case letters) must be learned."""
+    rng = random.Random(seed)
+    return [{"prompt": "".join(rng.choices("BCDEFGH", k=rng.randint(3, 8)))} for _ in range(n)]
+
+
+def _train_records(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == "train"]
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+# --------------------------------------------------------------------------- data and options
+
+
+def test_kto_pairs_rotate_completions_within_blocks():
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}", "label": i % 2 == 0} for i in range(5)]
+    pairs = kto_pairs(rows, block=2)
+    # Blocks [0, 1], [2, 3], [4]: row i takes the completion of the previous row of its block
+    # (TRL's rotation), a one-row block takes its own.
+    assert [p["rejected"] for p in pairs] == ["c1", "c0", "c3", "c2", "c4"]
+    assert [p["chosen"] for p in pairs] == [f"c{i}" for i in range(5)]
+    assert [p["margin"] for p in pairs] == [1.0, 0.0, 1.0, 0.0, 1.0]
+    paired = kto_pairs([{"prompt": "x", "chosen": "A", "rejected": "a"}] * 2, block=8)
+    # unpaired as TRL: chosen rows (label True) then rejected rows (False)
+    assert [(p["chosen"], p["margin"]) for p in paired] == [
+        ("A", 1.0),
+        ("A", 1.0),
+        ("a", 0.0),
+        ("a", 0.0),
+    ]
+
+
+def test_kto_rows_without_a_label_are_refused():
+    with pytest.raises(ValueError, match="label"):
+        kto_pairs([{"prompt": "x", "completion": "y"}] * 2, block=2)
+    with pytest.raises(ValueError, match="row 1: field 'label'"):
+        kto_pairs(
+            [
+                {"prompt": "x", "completion": "y", "label": True},
+                {"prompt": "x", "completion": "y", "label": "yes"},
+            ],
+            block=2,
+        )
+
+
+def test_bad_option_combinations_name_the_option():
+    rf = ["reward_funcs=[{fn: contains, kwargs: {text: a}}]"]
+    cases = [
+        (
+            grpo.GRPOConfig,
+            ["importance_sampling_level=sequence", "loss_type=dapo"],
+            "importance_sampling_level",
+        ),
+        (
+            grpo.GRPOConfig,
+            ["importance_sampling_level=sequence", "loss_type=cispo"],
+            "importance_sampling_level",
+        ),
+        (grpo.GRPOConfig, ["delta=2.0", "loss_type=sapo"], "delta"),
+        (grpo.GRPOConfig, ["delta=0.5"], "delta must be > 1"),
+        (grpo.GRPOConfig, ["scale_rewards=prompt"], "scale_rewards"),
+        (grpo.GRPOConfig, ["overlong_buffer=1000"], "overlong_buffer"),
+        (rloo.RLOOConfig, ["num_generations=1"], "num_generations"),
+        (rloo.RLOOConfig, ["reward_clip_range=[1.0, -1.0]"], "reward_clip_range"),
+        (
+            reinforce_pp.ReinforcePPConfig,
+            ["advantage_estimator=reinforce_baseline", "num_generations=1"],
+            "reinforce_baseline",
+        ),
+        (
+            reinforce_pp.ReinforcePPConfig,
+            ["advantage_estimator=reinforce_baseline", "num_generations=2", "gamma=0.9"],
+            "gamma",
+        ),
+    ]
+    for cls, overrides, message in cases:
+        with pytest.raises(ValueError, match=message):
+            C.load_config(cls, None, rf + overrides)
+    pref = [
+        ("cpo", ["loss_type=hinge", "label_smoothing=0.1"], "label_smoothing"),
+        ("cpo", ["loss_type=kto"], "loss_type"),
+        ("kto", ["loss_type=sigmoid"], "loss_type"),
+        ("kto", ["desirable_weight=0"], "desirable_weight"),
+        ("orpo", ["lora.modules_to_save=[score]"], "modules_to_save"),
+    ]
+    for name, overrides, message in pref:
+        with pytest.raises(ValueError, match=message):
+            _cfg(name, "/tmp/unused", *overrides)
+    # GRPO keeps its defaults; the new options accept TRL's spellings.
+    cfg = C.load_config(grpo.GRPOConfig, None, rf)
+    assert (cfg.loss_type, cfg.scale_rewards, cfg.importance_sampling_level, cfg.delta) == (
+        "dapo",
+        True,
+        "token",
+        None,
+    )
+    assert (
+        C.load_config(grpo.GRPOConfig, None, [*rf, "scale_rewards=batch"]).scale_rewards == "batch"
+    )
+    assert C.load_config(rloo.RLOOConfig, None, rf).num_generations == 2  # TRL's default
+
+
+def test_shipped_configs_load():
+    for name in ("orpo", "cpo", "kto", "rloo", "reinforce_pp"):
+        for kind in ("tiny", "smollm2"):
+            cfg = C.load_config(ALGORITHMS[name].config, f"configs/{name}_{kind}.yaml")
+            assert cfg.lora is not None and cfg.lora.task_type == "CAUSAL_LM"
+
+
+# --------------------------------------------------------------------------- preference driver
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(PREFERENCE))
+def test_preference_algorithms_learn_case_preference(tmp_path, one_device, case):
+    """From a random model: the held-out accuracy of the implied reward (the eval split,
+    never trained on) rises well above its value at the start."""
+    name = _command(case)
+    cfg = _cfg(name, tmp_path, *PREFERENCE[case], "num_epochs=3", "run.eval_every=1000")
+    out = run_algorithm(name, cfg, source=case_preference_rows(240, seed=0))
+    before, after = out["eval_before"], out["eval"]
+    assert after["rewards/accuracies"] >= 0.9, (before, after)
+    assert after["rewards/accuracies"] > before["rewards/accuracies"] + 0.1, (before, after)
+    assert after["rewards/margins"] > before["rewards/margins"]
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("case", ["kto", "orpo", "simpo"])
+def test_preference_resume_after_sigterm_is_exact(tmp_path, one_device, monkeypatch, case):
+    name = _command(case)
+    rows = case_preference_rows(24, seed=2)
+    overrides = (*PREFERENCE[case], "data.eval_fraction=0.0", "batch_size=8", "max_steps=4")
+    overrides = (*overrides, "run.save_every=1000")
+    full = run_algorithm(name, _cfg(name, tmp_path / "full", *overrides), source=rows)
+
+    real = D.batch_indices
+
+    def interrupting(n, *, position, **kw):
+        if position == 2 * 8:  # fetching the 3rd batch: step 3 finishes, then it stops
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(n, position=position, **kw)
+
+    cfg = _cfg(name, tmp_path / "cut", *overrides)
+    monkeypatch.setattr(D, "batch_indices", interrupting)
+    with pytest.raises(TrainingInterrupted, match="step 3"):
+        run_algorithm(name, cfg, source=rows)
+    monkeypatch.setattr(D, "batch_indices", real)
+    resumed = run_algorithm(name, cfg, resume=True, source=rows)
+    for a, b in zip(_leaves(full["trainable"]), _leaves(resumed["trainable"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert [r["step"] for r in _train_records(tmp_path / "cut")] == [1, 2, 3, 4]
+
+
+# --------------------------------------------------------------------------- online driver
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ONLINE)
+def test_online_algorithms_raise_the_held_out_score(tmp_path, name):
+    """The reward on held-out prompts (sampled at evaluation, never trained on) rises."""
+    cfg = _cfg(name, tmp_path, "data.eval_size=16", "eval_prompts_batch=16")
+    out = run_algorithm(name, cfg, source=_prompt_rows(256))
+    before, after = out["eval_before"]["score"], out["eval"]["score"]
+    assert after > before + 0.3, (before, after)
+    train = _train_records(tmp_path)
+    assert np.mean([r["reward"] for r in train[-3:]]) > np.mean([r["reward"] for r in train[:3]])
+    for key in ("reward", "kl", "loss", "grad_norm", "completions/mean_length", "entropy"):
+        assert np.isfinite(train[-1][key]), key
+    assert os.path.isfile(os.path.join(out["export"], "adapter_config.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ONLINE)
+def test_online_resume_after_sigterm_is_exact(tmp_path, monkeypatch, name):
+    """μ = 2 and two mini-batches (old log-probs, the KL pass): interrupted in iteration 2,
+    resumed, the adapter, optimizer state and rng equal an uninterrupted run's."""
+    common = ["max_steps=3", "run.save_every=1000", "prompts_per_iteration=2", "num_iterations=2"]
+    common += ["mini_batch_size=4"]
+    rows = _prompt_rows()
+    full = run_algorithm(name, _cfg(name, tmp_path / "a", *common), source=rows)
+
+    real, calls = Scorer.__call__, {"n": 0}
+
+    def interrupting(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Scorer, "__call__", interrupting)
+    with pytest.raises(TrainingInterrupted):
+        run_algorithm(name, _cfg(name, tmp_path / "b", *common), source=rows)
+    monkeypatch.setattr(Scorer, "__call__", real)
+    resumed = run_algorithm(name, _cfg(name, tmp_path / "b", *common), source=rows, resume=True)
+    a, b = full["state"].train, resumed["state"].train
+    assert int(a.step) == int(b.step) == 3 * 2 * 2
+    for x, y in zip(
+        _leaves((a.trainable, a.opt_state, a.rng)),
+        _leaves((b.trainable, b.opt_state, b.rng)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(x, y)
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+@pytest.fixture(scope="module")
+def pair_setup():
+    """The tiny model, a random adapter (policy ≠ base) and 6 tokenized case pairs."""
+    from test_dpo import random_adapter
+
+    from jaxrlhf.models.base import load_base
+
+    cfg = _cfg("orpo", "/tmp/unused")
+    model_cfg, base, tok = load_base(cfg.model, seed=0)
+    base = jax.tree.map(jnp.asarray, base)
+    prefs, _ = D.tokenize_preferences(case_preference_rows(6, seed=3), tok, max_length=64)
+    return cfg, model_cfg, base, random_adapter(cfg, model_cfg, base), prefs
+
+
+def _naive_chosen_tokens(params, lora, scale, model_cfg, prefs):
+    """Per pair: Σ log p and counts over the chosen prompt tokens (after the first) and the
+    chosen completion tokens, from full logits and a plain log-softmax, one row per pair."""
+    from jaxrlhf.models.transformer import forward
+
+    out = []
+    for i in range(len(prefs)):
+        p, c = prefs.prompt_ids[i], prefs.chosen_ids[i]
+        ids = np.concatenate([p, c])[None].astype(np.int32)
+        logits = forward(params, ids, np.ones_like(ids), cfg=model_cfg, lora=lora, lora_scale=scale)
+        lp = np.take_along_axis(
+            np.asarray(jax.nn.log_softmax(logits[0, :-1], -1)), ids[0, 1:, None], -1
+        )[:, 0]
+        n_p = len(p)
+        out.append((lp[: n_p - 1].sum(), n_p - 1, lp[n_p - 1 :].sum(), len(c)))
+    return np.array(out, np.float64)
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_orpo_and_cpo_nll_terms_match_a_plain_log_softmax(pair_setup, share_prompt):
+    """ORPO's NLL covers the chosen prompt and completion, CPO's the completion only (as TRL
+    builds their labels); packed and unshared batches give the naive numbers."""
+    from jaxrlhf.algorithms import cpo, orpo
+
+    cfg, model_cfg, base, lora, prefs = pair_setup
+    batch = D.pair_batch(
+        prefs,
+        np.arange(len(prefs)),
+        pad_id=0,
+        buckets=(64,),
+        batch_size=8,  # two padding pairs, which must count nowhere
+        share_prompt=share_prompt,
+    )
+    naive = _naive_chosen_tokens(base, lora, cfg.lora.scale, model_cfg, prefs)
+    o = orpo.orpo_outputs(lora, base, batch, cfg=cfg, model_cfg=model_cfg)
+    np.testing.assert_allclose(np.asarray(o[2])[:6], -(naive[:, 0] + naive[:, 2]), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(o[3]), [*(naive[:, 1] + naive[:, 3]), 0, 0])
+    np.testing.assert_allclose(np.asarray(o[0])[:6], naive[:, 2] / naive[:, 3], rtol=1e-5)
+    c_cfg = _cfg("cpo", "/tmp/unused")
+    c = cpo.cpo_outputs(lora, base, batch, cfg=c_cfg, model_cfg=model_cfg)
+    np.testing.assert_allclose(np.asarray(c[2])[:6], -naive[:, 2], rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(c[3]), [*naive[:, 3], 0, 0])
+    np.testing.assert_allclose(np.asarray(c[0])[:6], naive[:, 2], rtol=1e-5)  # summed
+
+
+def test_kto_precomputed_reference_gives_the_same_steps(tmp_path, one_device):
+    rows = case_preference_rows(16, seed=4)
+    common = ("data.eval_fraction=0.0", "batch_size=8", "max_steps=2")
+    for sub, extra in (("live", ()), ("pre", ("precompute_ref_logps=true",))):
+        run_algorithm("kto", _cfg("kto", tmp_path / sub, *common, *extra), source=rows)
+    live, pre = _train_records(tmp_path / "live"), _train_records(tmp_path / "pre")
+    for a, b in zip(live, pre, strict=True):
+        for key in ("loss", "kl", "rewards/chosen", "rewards/rejected"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+def _online_prepare(setup, module, cfg):  # noqa: F811
+    fn = module.make_prepare_fn(
+        cfg, model_cfg=setup["model_cfg"], prompt_len=setup["prompts"]["input_ids"].shape[1]
+    )
+    args = (setup["policy"], setup["base"], setup["rollout_in"], jnp.asarray(setup["scores"]))
+    return jax.jit(fn)(*args, jnp.float32(0.05))
+
+
+def _online_cfg(cls, **kw):
+    from test_grpo import G_SIZE, LORA, LOWER, MAX_NEW, N_PROMPTS
+
+    return cls(
+        lora=LORA,
+        reward_funcs=(LOWER,),
+        num_generations=G_SIZE,
+        prompts_per_iteration=N_PROMPTS,
+        generation=C.GenerationConfig(max_new_tokens=MAX_NEW, temperature=1.0),
+        share_prompt=False,
+        **kw,
+    )
+
+
+def test_rloo_prepare_gives_leave_one_out_advantages(setup):  # noqa: F811
+    """A fresh adapter is the reference, so the folded-in KL is exactly 0 and the advantage is
+    r_i − mean of the other k − 1 (= k/(k − 1)·(r_i − group mean)); clipping comes first."""
+    from test_grpo import G_SIZE
+
+    scores = np.asarray(setup["scores"], np.float64)
+    for clip in (None, (0.0, 0.2)):
+        batch, metrics = _online_prepare(
+            setup, rloo, _online_cfg(rloo.RLOOConfig, beta=0.05, reward_clip_range=clip)
+        )
+        r = scores if clip is None else np.clip(scores, *clip)
+        g = r.reshape(-1, G_SIZE)
+        want = (g - (g.sum(1, keepdims=True) - g) / (G_SIZE - 1)).reshape(-1)
+        np.testing.assert_allclose(np.asarray(batch["advantages"]), want, rtol=1e-5, atol=1e-6)
+        assert float(metrics["kl"]) == 0.0
+        assert float(metrics["reward"]) == pytest.approx(scores.mean(), rel=1e-6)
+        assert "old_logprobs" not in batch  # one optimizer step per batch: π_old = π
+
+
+def test_reinforce_pp_prepare_normalises_returns_over_the_batch(setup):  # noqa: F811
+    """KL 0 (fresh adapter), γ = 1: every response token's return is its sequence's
+    (baselined) score; the advantage is that, normalised over all response tokens."""
+    from test_grpo import G_SIZE
+
+    scores = np.asarray(setup["scores"], np.float64)
+    resp = np.asarray(setup["rollout_in"]["response_mask"]).astype(bool)
+    cfg = _online_cfg(
+        reinforce_pp.ReinforcePPConfig, advantage_estimator="reinforce_baseline", kl_coef=0.05
+    )
+    batch, metrics = _online_prepare(setup, reinforce_pp, cfg)
+    g = scores.reshape(-1, G_SIZE)
+    s = (g - g.mean(1, keepdims=True)).reshape(-1)
+    returns = np.broadcast_to(s[:, None], resp.shape)[resp]
+    want = np.zeros(resp.shape)
+    want[resp] = (returns - returns.mean()) / returns.std()  # population std, as OpenRLHF
+    np.testing.assert_allclose(np.asarray(batch["advantages"]), want, rtol=1e-4, atol=1e-5)
+    assert float(metrics["kl"]) == 0.0
