@@ -1,4 +1,5 @@
-"""`jaxrlhf rm | ppo | grpo | dpo | generate | export | plot | demo`.
+"""`jaxrlhf rm | dpo | kto | orpo | cpo | ppo | grpo | rloo | reinforce_pp | generate | export
+| plot | demo`.
 
 Training commands take `--config FILE.yaml` and `dotted.key=value` overrides, e.g.
 `jaxrlhf rm --config configs/rm_tiny.yaml lora.r=8 run.run_dir=runs/rm1`.

@@ -120,6 +120,12 @@ def target_name(model_cfg: ModelConfig, proj: str) -> str:
     return module_path(proj, model_cfg, expert=0).rsplit(".", 1)[-1]
 
 
+def all_targets(model_cfg: ModelConfig) -> tuple[str, ...]:
+    """Every projection of the family by PEFT's names: the `target_modules` that adapts
+    them all (Llama's default `PROJECTIONS` does not name Phi-3's fused or Mixtral's experts)."""
+    return tuple(target_name(model_cfg, p) for p in model_cfg.projections)
+
+
 def targeted_modules(cfg: LoraConfig, model_cfg: ModelConfig) -> tuple[str, ...]:
     """The projections the adapter covers (our names: `model_cfg.projections`). Every block
     (and every expert) must be matched alike, since blocks and experts are stacked; a name

@@ -157,3 +157,31 @@ def make_minibatch_update(
         return state, {**metrics, **norms}
 
     return update
+
+
+def steps_from_outputs(outputs_fn: Callable, loss_from_outputs: Callable):
+    """(make_train_step, make_eval_step, eval_metrics) of a preference algorithm whose loss
+    is a function of per-pair outputs: `outputs_fn(trainable, frozen, batch, *, cfg,
+    model_cfg, rng=None) -> tuple of [B]` and `loss_from_outputs(cfg, outputs, pair_mask)
+    -> (loss, metrics)`. The eval step returns the outputs; the metrics are the loss's over
+    the whole eval set (ORPO, CPO/SimPO)."""
+
+    def make_train_step(cfg: Any, *, model_cfg: Any, optimizer: optax.GradientTransformation):
+        def loss_fn(trainable, batch, frozen, rng):
+            outputs = outputs_fn(trainable, frozen, batch, cfg=cfg, model_cfg=model_cfg, rng=rng)
+            return loss_from_outputs(cfg, outputs, batch["pair_mask"])
+
+        return make_batch_step(loss_fn, optimizer)
+
+    def make_eval_step(cfg: Any, *, model_cfg: Any):
+        def step(trainable, frozen, batch):
+            return outputs_fn(trainable, frozen, batch, cfg=cfg, model_cfg=model_cfg)
+
+        return step
+
+    def eval_metrics(cfg: Any, outputs: tuple, pair_mask, margin=None) -> dict[str, float]:
+        outputs = tuple(jnp.asarray(x) for x in outputs)
+        _, metrics = loss_from_outputs(cfg, outputs, jnp.asarray(pair_mask))
+        return float_metrics(metrics)
+
+    return make_train_step, make_eval_step, eval_metrics

@@ -15,16 +15,14 @@ import dataclasses
 from typing import Literal
 
 import jax.numpy as jnp
-import optax
 
-from jaxrlhf.algorithms.common import make_batch_step
+from jaxrlhf.algorithms.common import steps_from_outputs
 from jaxrlhf.algorithms.orpo import check_policy_lora
 from jaxrlhf.algorithms.pair_logps import chosen_nll_terms, pair_token_logps, sequence_pair_logps
 from jaxrlhf.algorithms.spec import PreferenceAlgorithm
 from jaxrlhf.config import PreferenceTraining, check_literal
 from jaxrlhf.lora import LoraConfig
 from jaxrlhf.losses import CPO_LOSS_TYPES, cpo_loss
-from jaxrlhf.models.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -94,29 +92,7 @@ def _loss(cfg: CPOConfig, outputs, pair_mask):
     )
 
 
-def make_train_step(
-    cfg: CPOConfig, *, model_cfg: ModelConfig, optimizer: optax.GradientTransformation
-):
-    def loss_fn(trainable, batch, frozen, rng):
-        outputs = cpo_outputs(trainable, frozen, batch, cfg=cfg, model_cfg=model_cfg, rng=rng)
-        return _loss(cfg, outputs, batch["pair_mask"])
-
-    return make_batch_step(loss_fn, optimizer)
-
-
-def make_eval_step(cfg: CPOConfig, *, model_cfg: ModelConfig):
-    """`eval(trainable, frozen, batch) -> (r_c, r_r, nll sum, nll tokens)` [B] each."""
-
-    def step(trainable, frozen, batch):
-        return cpo_outputs(trainable, frozen, batch, cfg=cfg, model_cfg=model_cfg)
-
-    return step
-
-
-def eval_metrics(cfg: CPOConfig, outputs: tuple, pair_mask, margin=None) -> dict[str, float]:
-    """TRL's CPO metrics over the whole eval set."""
-    _, metrics = _loss(cfg, tuple(jnp.asarray(x) for x in outputs), jnp.asarray(pair_mask))
-    return {k: float(v) for k, v in metrics.items()}
+make_train_step, make_eval_step, eval_metrics = steps_from_outputs(cpo_outputs, _loss)
 
 
 ALGORITHM = PreferenceAlgorithm(

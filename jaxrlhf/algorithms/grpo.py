@@ -310,13 +310,12 @@ def policy_logprobs(
     prompt_len: int,
     *,
     model_cfg: ModelConfig,
-    lora_cfg: LoraConfig | None,
     cfg: GroupRolloutTraining,
     with_entropy: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
-    """log π_θ of the response tokens: the frozen base + the unmerged adapter (LoRA) or the
-    trained params (full fine-tuning)."""
-    params, lora, scale = model_views(trainable, frozen, lora_cfg)
+    """log π_θ of the response tokens: the frozen base + the unmerged adapter `cfg.lora`
+    (LoRA) or the trained params (full fine-tuning)."""
+    params, lora, scale = model_views(trainable, frozen, cfg.lora)
     return response_logprobs(
         params,
         input_ids,
@@ -366,7 +365,6 @@ def make_prepare_fn(
     `old_logprobs` (cfg.use_old_logprobs) and `ref_logprobs` (β > 0) [B, N]; every entry
     is a constant for the update. β is fixed here (`kl_coef` is the driver's coefficient,
     equal to it): it weighs the KL term of the loss, not the rewards."""
-    lora_cfg = cfg.lora
 
     def prepare(trainable, frozen, rollout: dict, scores, kl_coef=None):
         ids, mask, resp = rollout["input_ids"], rollout["attention_mask"], rollout["response_mask"]
@@ -399,14 +397,7 @@ def make_prepare_fn(
         }
         if cfg.use_old_logprobs:
             batch["old_logprobs"], _ = policy_logprobs(
-                trainable,
-                frozen,
-                ids,
-                mask,
-                prompt_len,
-                model_cfg=model_cfg,
-                lora_cfg=lora_cfg,
-                cfg=cfg,
+                trainable, frozen, ids, mask, prompt_len, model_cfg=model_cfg, cfg=cfg
             )
         if cfg.kl_budget is not None:  # the controller's β rides along, one per row
             batch["beta"] = jnp.full(ids.shape[:1], kl_coef, jnp.float32)
@@ -428,28 +419,48 @@ def make_prepare_fn(
     return prepare
 
 
-def grpo_objective(
-    trainable: Any,
-    micro: dict,
-    frozen: Any,
-    *,
-    model_cfg: ModelConfig,
-    lora_cfg: LoraConfig | None,
-    cfg: GRPOConfig,
-    prompt_len: int,
-) -> tuple[jax.Array, dict]:
-    """`grpo_loss` of one micro-batch, times `micro["loss_scale"]` (see `make_update_fn`)."""
-    resp = micro["response_mask"]
-    lp, entropy = policy_logprobs(
+def micro_logprobs(
+    trainable: Any, micro: dict, frozen: Any, *, cfg: Any, model_cfg: ModelConfig, prompt_len: int
+) -> tuple[jax.Array, jax.Array | None]:
+    """log π_θ (and, with `cfg.log_entropy`, the entropy) of a micro-batch's responses: what
+    every group-rollout loss (GRPO, RLOO, REINFORCE++) starts from."""
+    return policy_logprobs(
         trainable,
         frozen,
         micro["input_ids"],
         micro["attention_mask"],
         prompt_len,
         model_cfg=model_cfg,
-        lora_cfg=lora_cfg,
         cfg=cfg,
         with_entropy=cfg.log_entropy,
+    )
+
+
+def rollout_inputs(rollout: dict, scores, cfg: Any) -> tuple:
+    """(input_ids, attention_mask, response_mask, scores float32, finished, lengths) of a
+    rollout; with `cfg.mask_truncated_completions` the response mask of a completion that
+    did not finish is zeroed (it trains on nothing, as TRL)."""
+    ids, mask, resp = rollout["input_ids"], rollout["attention_mask"], rollout["response_mask"]
+    finished = rollout.get("finished", jnp.ones(ids.shape[:1], bool))
+    length = jnp.sum(resp, axis=-1).astype(jnp.float32)
+    if cfg.mask_truncated_completions:
+        resp = resp * finished[:, None].astype(resp.dtype)
+    return ids, mask, resp, jnp.asarray(scores, jnp.float32), finished, length
+
+
+def grpo_objective(
+    trainable: Any,
+    micro: dict,
+    frozen: Any,
+    *,
+    model_cfg: ModelConfig,
+    cfg: GRPOConfig,
+    prompt_len: int,
+) -> tuple[jax.Array, dict]:
+    """`grpo_loss` of one micro-batch, times `micro["loss_scale"]` (see `make_update_fn`)."""
+    resp = micro["response_mask"]
+    lp, entropy = micro_logprobs(
+        trainable, micro, frozen, cfg=cfg, model_cfg=model_cfg, prompt_len=prompt_len
     )
     loss, m = grpo_loss(
         lp,
@@ -510,7 +521,6 @@ def make_update_fn(
             micro,
             frozen,
             model_cfg=model_cfg,
-            lora_cfg=cfg.lora,
             cfg=cfg,
             prompt_len=prompt_len,
         )

@@ -60,6 +60,11 @@ class KTOConfig(PreferenceTraining):
         for name in ("desirable_weight", "undesirable_weight"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.loss_type == "kto" and self.batch_size < 2:
+            raise ValueError(
+                "loss_type: kto pairs each row's prompt with another row's completion for its "
+                "KL estimate: batch_size must be >= 2 (or use loss_type: apo_zero_unpaired)"
+            )
         check_policy_lora(self, "KTO")
 
 

@@ -16,15 +16,13 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
-import optax
 
-from jaxrlhf.algorithms.common import make_batch_step
+from jaxrlhf.algorithms.common import steps_from_outputs
 from jaxrlhf.algorithms.pair_logps import chosen_nll_terms, pair_token_logps, sequence_pair_logps
 from jaxrlhf.algorithms.spec import PreferenceAlgorithm
 from jaxrlhf.config import PreferenceTraining
 from jaxrlhf.lora import LoraConfig
 from jaxrlhf.losses import orpo_loss
-from jaxrlhf.models.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -77,29 +75,7 @@ def _loss(cfg: ORPOConfig, outputs, pair_mask):
     return orpo_loss(p_c, p_r, nll, beta=cfg.beta, weights=pair_mask)
 
 
-def make_train_step(
-    cfg: ORPOConfig, *, model_cfg: ModelConfig, optimizer: optax.GradientTransformation
-):
-    def loss_fn(trainable, batch, frozen, rng):
-        outputs = orpo_outputs(trainable, frozen, batch, cfg=cfg, model_cfg=model_cfg, rng=rng)
-        return _loss(cfg, outputs, batch["pair_mask"])
-
-    return make_batch_step(loss_fn, optimizer)
-
-
-def make_eval_step(cfg: ORPOConfig, *, model_cfg: ModelConfig):
-    """`eval(trainable, frozen, batch) -> (p̄_c, p̄_r, nll sum, nll tokens)` [B] each."""
-
-    def step(trainable, frozen, batch):
-        return orpo_outputs(trainable, frozen, batch, cfg=cfg, model_cfg=model_cfg)
-
-    return step
-
-
-def eval_metrics(cfg: ORPOConfig, outputs: tuple, pair_mask, margin=None) -> dict[str, float]:
-    """TRL's ORPO metrics over the whole eval set (NLL token-mean over all chosen tokens)."""
-    _, metrics = _loss(cfg, tuple(jnp.asarray(x) for x in outputs), jnp.asarray(pair_mask))
-    return {k: float(v) for k, v in metrics.items()}
+make_train_step, make_eval_step, eval_metrics = steps_from_outputs(orpo_outputs, _loss)
 
 
 ALGORITHM = PreferenceAlgorithm(

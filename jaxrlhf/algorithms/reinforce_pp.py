@@ -34,9 +34,11 @@ from jaxrlhf.algorithms.common import make_minibatch_update
 from jaxrlhf.algorithms.grpo import (
     GroupRolloutTraining,
     init_trainable,
+    micro_logprobs,
     plan,
     policy_logprobs,
     reference_logprobs,
+    rollout_inputs,
 )
 from jaxrlhf.algorithms.spec import KLControlSettings, OnlineAlgorithm
 from jaxrlhf.config import check_literal
@@ -105,21 +107,9 @@ def make_prepare_fn(
     and the ratio's denominator)."""
 
     def prepare(trainable, frozen, rollout: dict, scores, kl_coef):
-        ids, mask, resp = rollout["input_ids"], rollout["attention_mask"], rollout["response_mask"]
-        scores = jnp.asarray(scores, jnp.float32)
-        finished = rollout.get("finished", jnp.ones(ids.shape[:1], bool))
-        length = jnp.sum(resp, axis=-1).astype(jnp.float32)
-        if cfg.mask_truncated_completions:
-            resp = resp * finished[:, None].astype(resp.dtype)
+        ids, mask, resp, scores, finished, length = rollout_inputs(rollout, scores, cfg)
         old, _ = policy_logprobs(
-            trainable,
-            frozen,
-            ids,
-            mask,
-            prompt_len,
-            model_cfg=model_cfg,
-            lora_cfg=cfg.lora,
-            cfg=cfg,
+            trainable, frozen, ids, mask, prompt_len, model_cfg=model_cfg, cfg=cfg
         )
         if cfg.kl_coef > 0:
             ref = reference_logprobs(frozen, ids, mask, prompt_len, model_cfg=model_cfg, cfg=cfg)
@@ -175,16 +165,8 @@ def make_update_fn(
 
     def loss_fn(trainable, micro, frozen):
         resp = micro["response_mask"]
-        lp, entropy = policy_logprobs(
-            trainable,
-            frozen,
-            micro["input_ids"],
-            micro["attention_mask"],
-            prompt_len,
-            model_cfg=model_cfg,
-            lora_cfg=cfg.lora,
-            cfg=cfg,
-            with_entropy=cfg.log_entropy,
+        lp, entropy = micro_logprobs(
+            trainable, micro, frozen, cfg=cfg, model_cfg=model_cfg, prompt_len=prompt_len
         )
         loss, m = ppo_policy_loss(
             lp,

@@ -229,6 +229,11 @@ _GGUF_BLOCK = {
 # Per-architecture additions and overrides (llama.cpp's `ffn_norm` is Gemma's pre-MLP norm).
 _GGUF_BLOCK_EXTRA = {
     "qwen3": {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
+    "gemma2": {
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
     "gemma3": {
         "attn_q_norm": "self_attn.q_norm",
         "attn_k_norm": "self_attn.k_norm",
@@ -239,11 +244,19 @@ _GGUF_BLOCK_EXTRA = {
 }
 _GGUF_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 # GGUF `general.architecture` -> our model_type. Only llama.cpp's `llama` permutes q/k.
-_GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
-# llama.cpp's Gemma 3 constants, which its GGUF files do not carry: every 6th layer global,
-# a 10000 rope base on the local ones.
-_GEMMA3_SWA_PATTERN = 6
+_GGUF_ARCHS = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+}
+# llama.cpp's Gemma constants, which its GGUF files do not carry: every 2nd (Gemma 2) or 6th
+# (Gemma 3) layer global, a 10000 rope base on Gemma 3's local ones; the layer count of the
+# 27B models, whose queries llama.cpp scales by 1/sqrt(hidden / heads) instead of head_dim.
+_GEMMA_SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
 _GEMMA3_LOCAL_ROPE_BASE = 10000.0
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 
 def gguf_tensor_name(name: str, arch: str = "llama") -> str:
@@ -435,25 +448,30 @@ def _gguf_family(
     """The family switches of a GGUF's architecture (as llama.cpp runs it)."""
     if arch == "qwen3":
         return {"qk_norm": "head"}
-    if arch != "gemma3":
+    if arch not in _GEMMA_SWA_PATTERN:
         return {}
     layers = int(meta[f"{arch}.block_count"])
-    # llama.cpp scales queries by 1/sqrt(hidden / heads) for the 62-layer 27B, else by head_dim.
-    scalar = hidden / num_heads if layers == 62 else head_dim
+    scalar = hidden / num_heads if layers == _GEMMA_27B_LAYERS[arch] else head_dim
     window = meta.get(f"{arch}.attention.sliding_window")
-    return {
+    period = _GEMMA_SWA_PATTERN[arch]
+    family = {
         "norm_offset": 1.0,
         "norm_placement": "sandwich",
-        "qk_norm": "head",
         "embed_scale": True,
         "mlp_activation": "gelu_tanh",
         "query_pre_attn_scalar": float(scalar),
         "sliding_window": None if window is None else int(window),
         "sliding_layers": ()
         if window is None
-        else tuple(bool((i + 1) % _GEMMA3_SWA_PATTERN) for i in range(layers)),
-        "local_rope_theta": _GEMMA3_LOCAL_ROPE_BASE,
+        else tuple(bool((i + 1) % period) for i in range(layers)),
     }
+    if arch == "gemma2":
+        attn_cap = meta.get(f"{arch}.attn_logit_softcapping")
+        final_cap = meta.get(f"{arch}.final_logit_softcapping")
+        family["attn_logit_softcap"] = None if attn_cap is None else float(attn_cap)
+        family["final_logit_softcap"] = None if final_cap is None else float(final_cap)
+        return family
+    return {**family, "qk_norm": "head", "local_rope_theta": _GEMMA3_LOCAL_ROPE_BASE}
 
 
 def _gguf_rope_scaling(meta: dict[str, Any], arch: str, file: Path) -> RopeScaling | None:

@@ -22,7 +22,7 @@ import torch
 import transformers
 
 from jaxrlhf.data.packing import pack_pairs
-from jaxrlhf.lora import LoraConfig, init_lora, merge, unmerge
+from jaxrlhf.lora import LoraConfig, all_targets, init_lora, merge, targeted_modules, unmerge
 from jaxrlhf.models.config import config_from_hf
 from jaxrlhf.models.loading import load_hf_folder, save_hf_folder
 from jaxrlhf.models.transformer import (
@@ -500,22 +500,34 @@ def test_dense_and_ragged_dispatch_agree_with_expert_lora(family, tmp_path_facto
 @pytest.mark.parametrize("dispatch", ["dense", "ragged"])
 def test_moe_sharded_forward_equals_single_device(dispatch, tmp_path_factory):
     """8 simulated devices, experts split 4 ways over "fsdp" (expert parallelism), batch over
-    data x fsdp: the forward equals the single-device one."""
+    data x fsdp, an adapter on attention and experts placed by the same rules: the forward
+    and the adapter's gradient equal the single-device ones."""
     from jaxrlhf import sharding as S
 
     _, _, cfg, params = built("qwen3_moe", tmp_path_factory)
     cfg = cfg.replace(moe_dispatch=dispatch)
+    lora_cfg = LoraConfig(r=4, alpha=8, target_modules=("q_proj", "gate_proj", "down_proj"))
+    lora = random_adapter(params, lora_cfg, cfg)
     mesh = S.make_mesh(S.MeshConfig(data=2, fsdp=4, tensor=1))
-    placed = S.put_tree(params, mesh)
-    kernel = placed["layers"]["experts"]["gate_proj"]["kernel"]
-    assert kernel.sharding.spec[1] == "fsdp"  # [L, E, D, F]: the expert axis is split
+    placed, placed_lora = S.put_tree(params, mesh), S.put_tree(lora, mesh)
+    # [L, E, D, F] kernels and [L, E, D, r] factors: the expert axis is split.
+    assert placed["layers"]["experts"]["gate_proj"]["kernel"].sharding.spec[1] == "fsdp"
+    assert placed_lora["layers"]["experts"]["gate_proj"]["lora_A"].sharding.spec[1] == "fsdp"
     ids, mask = batch("right", seed=11, seq=SEQ, lengths=(12, 7, 3, 9, 12, 5, 1, 8))
-    single = ours_logits(params, cfg, ids, mask)
+
+    def loss_and_logits(p, lo, i, m):
+        logits = forward(p, i, m, cfg=cfg, lora=lo, lora_scale=lora_cfg.scale)
+        return jnp.mean(logits**2), logits
+
+    step = jax.value_and_grad(loss_and_logits, argnums=1, has_aux=True)
+    (_, single), single_grad = jax.jit(step)(params, lora, jnp.asarray(ids), jnp.asarray(mask))
     batch_sh = S.batch_shardings({"i": ids, "m": mask}, mesh)
-    sharded = jax.jit(lambda p, i, m: forward(p, i, m, cfg=cfg))(
-        placed, jax.device_put(ids, batch_sh["i"]), jax.device_put(mask, batch_sh["m"])
+    (_, sharded), sharded_grad = jax.jit(step)(
+        placed, placed_lora, jax.device_put(ids, batch_sh["i"]), jax.device_put(mask, batch_sh["m"])
     )
-    np.testing.assert_allclose(np.asarray(sharded), single, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=1e-5, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(sharded_grad), jax.tree.leaves(single_grad), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- remat, soft-cap grads
@@ -640,3 +652,12 @@ def test_hub_style_configs_read_as_transformers_reads_them():
     g3 = config_from_hf({**TINY, **hub["gemma3_text"]})
     assert g3.sliding_layers == (True, True, False, True, True, False)
     assert (g3.rope_theta, g3.local_rope_theta, g3.rope_scaling.factor) == (1e6, 1e4, 8.0)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_all_targets_adapts_every_projection(family, tmp_path_factory):
+    _, _, cfg, _ = built(family, tmp_path_factory)
+    chosen = targeted_modules(LoraConfig(target_modules=all_targets(cfg)), cfg)
+    assert chosen == cfg.projections
+    if family == "mixtral":
+        assert all_targets(cfg)[-3:] == ("w1", "w3", "w2")

@@ -1,4 +1,4 @@
-"""Qwen3 and Gemma 3 GGUF files (llama.cpp tensor names and conventions) against transformers.
+"""Qwen3, Gemma 2 and Gemma 3 GGUF files (llama.cpp tensor names and conventions) against transformers.
 
 Each test writes a GGUF with the `gguf` package's `GGUFWriter` from a tiny random transformers
 model, naming tensors by `gguf.get_tensor_name_map` (llama.cpp's own HF -> GGUF table) and
@@ -44,6 +44,15 @@ CASES = {
             **TINY, head_dim=128, num_hidden_layers=2, tie_word_embeddings=False
         ),
     ),
+    # llama.cpp's Gemma 2: every 2nd layer global, soft-caps in the file (transformers' reader
+    # assumes its defaults 50 and 30, so the file carries those).
+    "gemma2": (
+        gguf.MODEL_ARCH.GEMMA2,
+        transformers.Gemma2ForCausalLM,
+        transformers.Gemma2Config(
+            **TINY, head_dim=256, num_hidden_layers=2, sliding_window=4, query_pre_attn_scalar=256
+        ),
+    ),
     # llama.cpp's Gemma 3: every 6th layer global, query scale 1/sqrt(head_dim), local rope
     # base 10000; 6 layers so the file has both kinds; a window of 4 on 12 tokens.
     "gemma3": (
@@ -79,9 +88,15 @@ def write_gguf(model, arch, path):
     writer.add_value_length(cfg.head_dim)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
+    gemma = arch in (gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3)
     if arch == gguf.MODEL_ARCH.GEMMA3:
         writer.add_rope_freq_base(cfg.rope_parameters["full_attention"]["rope_theta"])
         writer.add_sliding_window(cfg.sliding_window)
+    elif arch == gguf.MODEL_ARCH.GEMMA2:
+        writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+        writer.add_sliding_window(cfg.sliding_window)
+        writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
     else:
         writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     writer.add_bos_token_id(cfg.bos_token_id)
@@ -89,10 +104,10 @@ def write_gguf(model, arch, path):
     writer.add_pad_token_id(cfg.pad_token_id)
     names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
     for hf_name, t in model.state_dict().items():
-        if arch == gguf.MODEL_ARCH.GEMMA3 and hf_name == "lm_head.weight":
+        if gemma and hf_name == "lm_head.weight":
             continue  # tied
         w = t.numpy().astype(np.float32)
-        if arch == gguf.MODEL_ARCH.GEMMA3 and hf_name.endswith("norm.weight"):
+        if gemma and hf_name.endswith("norm.weight"):
             w = w + 1.0
         writer.add_tensor(names.get_name(hf_name, try_suffixes=(".weight", ".bias")), w)
     writer.write_header_to_file()
@@ -136,6 +151,9 @@ def test_gguf_loads_with_transformers_logits(case, tmp_path):
     cfg, params, tokenizer = load_gguf(path)
     assert tokenizer is None  # the file carries no vocabulary
     assert cfg.model_type == hf_cfg.model_type
+    if case == "gemma2":  # read from the file's metadata
+        assert (cfg.attn_logit_softcap, cfg.final_logit_softcap) == (50.0, 30.0)
+        assert cfg.sliding_layers == (True, False)
     ours = np.asarray(forward(params, jnp.asarray(ids), jnp.asarray(mask), cfg=cfg))
     assert _rel_err(ours[real], ref[real]) <= REL_TOL
 
