@@ -50,7 +50,13 @@ lint: $(VENV)/.test
 readme: $(VENV)/.runtime       ## rebuild README.md's chapters from docs/*.md
 	$(PY) scripts/build_readme.py
 
-bench: $(VENV)/.test           ## the CPU benchmark suite; results -> BENCHMARKS.md
+$(VENV)/.bench: $(VENV)/.runtime pyproject.toml
+	# The bench extra: TRL + PEFT for the jaxrlhf-vs-TRL section (CPU torch first, as above).
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[bench]"
+	touch $@
+
+bench: $(VENV)/.bench          ## the CPU benchmark suite; results -> BENCHMARKS.md
 	$(PY) benchmarks/run_all.py
 
 clean:

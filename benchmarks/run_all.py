@@ -271,6 +271,12 @@ def C_bytes(n: float) -> str:
     return C.fmt_bytes(n)
 
 
+def keeps_earlier(result: dict, earlier: dict | None) -> bool:
+    """A skipped run (e.g. TRL not installed) never replaces measured results: keep the
+    earlier section when there is one that was not skipped itself."""
+    return bool(result.get("skipped")) and earlier is not None and not earlier.get("skipped")
+
+
 def write_markdown() -> Path:
     from benchmarks import common as C
 
@@ -354,6 +360,14 @@ def main(argv: list[str] | None = None) -> int:
             "elapsed_s": time.perf_counter() - t0,
         }
         result["roofline_used"] = {k: roofline[k] for k in ROOFLINE_KEYS}
+        earlier = C.load_result(name)
+        if keeps_earlier(result, earlier):
+            print(
+                f"[{name}] skipped ({result['skipped']}); kept the earlier section of "
+                f"{earlier.get('meta', {}).get('machine', {}).get('date', '?')} in BENCHMARKS.md",
+                flush=True,
+            )
+            continue
         C.save_result(name, result)
         done[name] = result
         print(f"[{name}] done in {time.perf_counter() - t0:.0f} s", flush=True)

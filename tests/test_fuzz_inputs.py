@@ -33,9 +33,12 @@ GOOD = {
 }
 FIELDS = {"rm": ("prompt", "chosen", "rejected"), "ppo": ("prompt",)}
 REQUIRED = {"rm": ("chosen", "rejected"), "ppo": ("prompt",)}  # rm's prompt is optional
+# derandomize: the same few hundred inputs every run, so the default suite cannot flake;
+# raise max_examples (and drop derandomize) locally to explore further.
 FUZZ = settings(
     max_examples=30,
     deadline=None,
+    derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
@@ -121,8 +124,10 @@ def test_invalid_json_line_names_file_and_line(
     good = json.dumps(GOOD[command])
     lines = [good] * before + [line] + [good] * after
     content = ("\n".join(lines) + "\n").encode()
-    if suffix == ".json" and before == 0 and line.lstrip().startswith("["):
-        return  # a JSON document, not lines: covered by the .json case in test_data_sources
+    if suffix == ".json" and before == 0 and (after == 0 or line.lstrip().startswith("[")):
+        # One JSON document, not lines (its error is where the parser stops, maybe the end):
+        # the .json document case of test_data_sources.
+        return
     err, _ = run_data(capsys, workdir, command, suffix, content)
     assert f"line {before + 1}:" in err, err
 

@@ -95,7 +95,7 @@ def test_kto_pairs_rotate_completions_within_blocks():
 def test_kto_rows_without_a_label_are_refused():
     with pytest.raises(ValueError, match="label"):
         kto_pairs([{"prompt": "x", "completion": "y"}] * 2, block=2)
-    with pytest.raises(ValueError, match="row 1: field 'label'"):
+    with pytest.raises(ValueError, match="row 2: field 'label'"):  # rows count from 1
         kto_pairs(
             [
                 {"prompt": "x", "completion": "y", "label": True},

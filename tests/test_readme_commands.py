@@ -34,9 +34,17 @@ def bash_blocks(readme: str) -> list[list[str]]:
     out = []
     for block in blocks:
         joined = block.replace("\\\n", " ")  # continued lines
-        lines = [shlex.split(line, comments=True) for line in joined.splitlines()]
-        out.append([argv for argv in lines if argv])
+        out.append([argv for line in joined.splitlines() if (argv := split(line))])
     return out
+
+
+def split(line: str) -> list[str]:
+    """A shell line's words; none for a line that opens a quote it closes on a later line
+    (a remote command, never a tiny local one)."""
+    try:
+        return shlex.split(line, comments=True)
+    except ValueError:
+        return []
 
 
 def is_tiny(argv: list[str]) -> bool:

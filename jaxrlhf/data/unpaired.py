@@ -48,7 +48,7 @@ def unpaired_rows(rows: Any) -> list[dict]:
     for i, row in enumerate(rows):
         if not isinstance(row["label"], bool):
             raise ValueError(
-                f"row {i}: field 'label' must be true or false (desirable or not), "
+                f"row {i + 1}: field 'label' must be true or false (desirable or not), "
                 f"got {row['label']!r}"
             )
         out.append(
