@@ -286,7 +286,12 @@ def dequantize(qa: QuantizedArray, dtype=jnp.float32) -> jax.Array:
     """The logical dense array (`[..., C, R]` if transposed), in `dtype`. Nothing upstream
     of it is differentiated: codes are integers and the scales are `stop_gradient`ed."""
     qa = jax.lax.stop_gradient(qa)
-    w = _dequantize_stored(qa, block_scales(qa))
+    scales = block_scales(qa)
+    if qa.scale_scales is not None:
+        # Decode the absmax once: fused into the weight's loop, XLA:CPU recomputes its
+        # 256-entry lookup for every weight (measured 2.4 -> 1.4 ms for a 576x1536 kernel).
+        scales = jax.lax.optimization_barrier(scales)
+    w = _dequantize_stored(qa, scales)
     if qa.transposed:
         w = jnp.swapaxes(w, -1, -2)
     return w.astype(dtype)
