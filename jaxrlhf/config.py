@@ -21,6 +21,7 @@ import yaml
 
 from jaxrlhf.data.buckets import check_buckets
 from jaxrlhf.lora import LoraConfig
+from jaxrlhf.models.quant import QuantConfig
 from jaxrlhf.rewards import RewardFuncConfig
 from jaxrlhf.sharding import MeshConfig
 
@@ -40,6 +41,10 @@ class ModelSection:
     adapter: str | None = None
     """A trained PEFT adapter (e.g. an SFT LoRA) merged into the base at load: the reference
     model is then base + this adapter, and new adapters start at zero on top of it."""
+    quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
+    """How the frozen base is stored (QLoRA-style): `none`, `int8`, `nf4` or `gguf` (a .gguf
+    file's own Q4_0/Q4_1/Q8_0 blocks); `model.quant=nf4` is short for `model.quant.kind=nf4`.
+    Adapters and heads stay float32; see docs/quantization.md."""
 
     def __post_init__(self) -> None:
         check_literal(self, "dtype", ("float32", "bfloat16"))
@@ -186,6 +191,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(inner):
         if isinstance(value, inner):
             return value
+        if isinstance(value, str) and "kind" in {f.name for f in dataclasses.fields(inner)}:
+            value = {"kind": value}  # a section with a `kind` given by it alone: quant=nf4
         if not isinstance(value, dict):
             raise ValueError(
                 f"{where} must be a mapping of {inner.__name__} options, got {value!r}"
@@ -404,6 +411,23 @@ class RewardModelSection:
 # ----------------------------------------------------------------------------- training bases
 
 
+def _check_quantized_base(cfg: Any) -> None:
+    """A quantized base is frozen: what trains must be adapters on it."""
+    if cfg.model.quant.kind == "none":
+        return
+    if cfg.lora is None or getattr(cfg, "value_lora", True) is None:
+        raise ValueError(
+            f"model.quant.kind={cfg.model.quant.kind}: a quantized base is frozen, so full "
+            "fine-tuning (lora: null, or value_lora: null) cannot train it; use LoRA or "
+            "model.quant.kind=none"
+        )
+    if cfg.model.adapter:
+        raise ValueError(
+            "model.adapter is merged into the base at load, which a quantized base cannot "
+            "hold; merge it into an HF folder first (`jaxrlhf export --merged`) and quantize that"
+        )
+
+
 def _check_min(cfg: Any, names: tuple[str, ...], minimum: int = 1) -> None:
     for name in names:
         value = getattr(cfg, name)
@@ -435,6 +459,7 @@ class PreferenceTraining:
     (seed run.seed + k) and data order; exported one PEFT folder each plus the stack."""
 
     def __post_init__(self) -> None:
+        _check_quantized_base(self)
         _check_min(self, ("batch_size", "eval_batch_size", "max_steps", "ensemble_size"))
         if self.ensemble_size > 1 and self.lora is None:
             raise ValueError(
@@ -479,6 +504,7 @@ class OnlineTraining:
     iteration (and evaluation) reports `kl_budget_exceeded`. null: a fixed coefficient."""
 
     def __post_init__(self) -> None:
+        _check_quantized_base(self)
         if self.kl_budget is not None and self.kl_budget <= 0:
             raise ValueError(
                 f"kl_budget must be > 0 nats per sequence or null, got {self.kl_budget}"

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from jaxrlhf.models.byte_tokenizer import VOCAB_SIZE, byte_tokenizer
 from jaxrlhf.models.config import ModelConfig, tiny_config
+from jaxrlhf.models.quant import load_quantized, quant_summary, quantize_params
 from jaxrlhf.models.transformer import cast_params, init_params
 
 if TYPE_CHECKING:
@@ -27,8 +28,11 @@ def host_device() -> jax.Device:
 
 def load_base(model: ModelSection, *, seed: int = 0, log=print) -> tuple[ModelConfig, dict, Any]:
     """(config, params on host, tokenizer) for `model.path`."""
+    quant = model.quant
     if model.path == "tiny":
         params, cfg, tokenizer = _tiny_base(model.tiny, seed)
+    elif quant.kind == "gguf":  # the file's own blocks, never dequantized at load
+        cfg, params, tokenizer = load_quantized(model.path, quant)
     else:
         from jaxrlhf.models.loading import load_model
 
@@ -37,8 +41,14 @@ def load_base(model: ModelSection, *, seed: int = 0, log=print) -> tuple[ModelCo
     cfg = cfg.replace(dtype=model.dtype, remat=model.remat)
     if model.adapter:
         params = merge_adapter_into_base(params, cfg, model.adapter, log=log)
+    if quant.kind in ("int8", "nf4"):
+        params = quantize_params(params, quant)
+    elif quant.kind == "gguf" and model.path == "tiny":
+        raise ValueError("model.quant.kind=gguf keeps a .gguf file's blocks; model.path is tiny")
     if model.param_dtype != "float32":
-        params = cast_params(params, jnp.dtype(model.param_dtype))
+        params = cast_params(params, jnp.dtype(model.param_dtype))  # quantized leaves stay
+    if quant.kind != "none":
+        log(f"frozen base stored as {quant.kind}: {quant_summary(params)}")
     return cfg, params, tokenizer
 
 

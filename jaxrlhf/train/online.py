@@ -13,6 +13,7 @@ else is here. The engine is `rollout.Sampler` unless another `RolloutEngine` is 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable
@@ -132,9 +133,13 @@ def train_online(
         opt_state=state.train.opt_state,
         extra={"reference copy": frozen} if cfg.lora is None else None,
     )
+    # On a quantized base the adapter is applied unmerged: a merge would make dense kernels.
+    generation = cfg.generation
+    if cfg.model.quant.kind != "none" and generation.merge_adapter:
+        generation = dataclasses.replace(generation, merge_adapter=False)
     engine = engine or Sampler(
         model_cfg,
-        cfg.generation,
+        generation,
         lora_cfg=cfg.lora,
         eos_token_ids=eos_ids(model_cfg, tokenizer),
         pad_token_id=tokenizer.pad_token_id,
