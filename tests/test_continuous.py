@@ -77,6 +77,7 @@ def test_same_tokens_as_static_sampler(model, temperature):
     assert len(set(lengths.tolist())) > 2
     m = engine.last_metrics
     assert m.sequences == len(LENGTHS) and m.response_tokens == lengths.sum()
+    assert m.prefills == len(LENGTHS) and engine.num_programs() == 2
     assert m.truncation_rate == pytest.approx(np.mean(~np.asarray(got.finished)))
 
 
@@ -167,17 +168,25 @@ def test_lora_policy_matches_static(model, merge_adapter):
     assert not np.array_equal(np.asarray(base.tokens), np.asarray(want.tokens))
 
 
-def test_prompt_repeats_run_as_separate_sequences(model):
+@pytest.mark.parametrize("slots", [1, 3, 4])
+def test_prompt_repeats_prefill_each_prompt_once(model, slots):
+    """Groups of 3 copies: each prompt runs through the model once and its cache is copied to
+    the other copies' slots, also after the first copy's row has stopped (1 slot); the
+    rollout is the static sampler's with its own prefix sharing."""
     cfg, params = model
-    static, engine = engines(cfg, gen())
-    prompts = make_prompts(LENGTHS[:5])
-    prompts = {k: np.repeat(v, 2, axis=0) for k, v in prompts.items()}
+    static, engine = engines(cfg, gen(), slots=slots)
+    prompts = make_prompts(LENGTHS[:4])
+    prompts = {k: np.repeat(v, 3, axis=0) for k, v in prompts.items()}
     key = jax.random.PRNGKey(8)
-    want = static(params, None, prompts, key, prompt_repeats=2)
-    got = engine(params, None, prompts, key, prompt_repeats=2)
+    want = static(params, None, prompts, key, prompt_repeats=3)
+    got = engine(params, None, prompts, key, prompt_repeats=3)
     assert_same_rollout(want, got)
+    assert engine.last_metrics.prefills == 4
+    assert engine.num_programs() == 3  # prefill, decode, copy a prompt's cache
     # Copies of a prompt sample independently.
     assert not np.array_equal(np.asarray(got.tokens)[0], np.asarray(got.tokens)[1])
+    with pytest.raises(ValueError, match="prompt_repeats"):
+        engine(params, None, make_prompts(LENGTHS[:6]), key, prompt_repeats=3)
 
 
 def test_bad_input_names_the_option(model):

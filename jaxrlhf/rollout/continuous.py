@@ -73,6 +73,7 @@ class RolloutMetrics:
     """Share of sequences cut at their budget without an EOS."""
     decode_steps: int
     prefills: int
+    """Prompts run through the model (copies of a repeated prompt are cloned instead)."""
 
     def as_dict(self, prefix: str = "rollout/") -> dict[str, float]:
         """Flat `{prefix + name: value}` for a metrics logger."""
@@ -96,6 +97,7 @@ class SlotState(NamedTuple):
     tokens: jax.Array  # [S, N] int32
     response_mask: jax.Array  # [S, N] int32
     logprobs: jax.Array  # [S, N] float32
+    first_logits: jax.Array  # [S, V] float32: the prefill's logits of token 0 (for repeats)
     active_steps: jax.Array  # int32: slot-steps that advanced a live row (decode only)
     steps: jax.Array  # int32: decode steps run
 
@@ -125,6 +127,7 @@ def init_slots(
         tokens=jnp.full((slots, max_new_tokens), pad_token_id, jnp.int32),
         response_mask=jnp.zeros((slots, max_new_tokens), jnp.int32),
         logprobs=jnp.zeros((slots, max_new_tokens), jnp.float32),
+        first_logits=jnp.zeros((slots, cfg.vocab_size), jnp.float32),
         active_steps=jnp.zeros((), jnp.int32),
         steps=jnp.zeros((), jnp.int32),
     )
@@ -146,8 +149,7 @@ def prefill_slot(
     sampling: SamplingConfig,
 ) -> SlotState:
     """Run one left-padded prompt [P] into `slot` (its cache row rebuilt from scratch) and
-    emit the sequence's token 0 from its stream. The slot is active unless that token is an
-    EOS or `budget` is 1."""
+    emit the sequence's token 0 from its stream (`start_row`)."""
     cache_length = state.k.shape[3]
     logits, cache = prefill(
         params,
@@ -158,23 +160,86 @@ def prefill_slot(
         lora=lora,
         lora_scale=lora_scale,
     )
-    tok, logp = choose_tokens(logits, key, sampling, sequence_uniforms(key, seq[None], 0))
+    return start_row(
+        state,
+        slot,
+        KVCache(k=cache.k[:, 0], v=cache.v[:, 0], valid=cache.valid[0], index=cache.index),
+        logits[0],
+        jnp.sum(prompt_mask),
+        seq,
+        budget,
+        key,
+        sampling=sampling,
+    )
+
+
+def clone_slot(
+    state: SlotState,
+    slot: jax.Array,
+    source: jax.Array,
+    seq: jax.Array,
+    budget: jax.Array,
+    key: jax.Array,
+    *,
+    sampling: SamplingConfig,
+) -> SlotState:
+    """Start sequence `seq` in `slot` from the prompt already in `source`'s cache (another
+    copy of the same prompt, `prompt_repeats`): its cache slots [0, P) and its prefill
+    logits are copied, no model call. Decoding writes only at slots >= P, so the prompt part
+    of `source` holds even after its row has stopped."""
+    cache_length = state.k.shape[3]
+    width = cache_length - sampling.max_new_tokens
+    prompt = KVCache(
+        k=state.k[source, :, 0],
+        v=state.v[source, :, 0],
+        valid=state.valid[source, 0] & (jnp.arange(cache_length) < width),
+        index=jnp.int32(width),
+    )
+    n_prompt = state.n_prompt[source]
+    return start_row(
+        state,
+        slot,
+        prompt,
+        state.first_logits[source],
+        n_prompt,
+        seq,
+        budget,
+        key,
+        sampling=sampling,
+    )
+
+
+def start_row(
+    state: SlotState,
+    slot: jax.Array,
+    prompt: KVCache,
+    logits: jax.Array,
+    n_prompt: jax.Array,
+    seq: jax.Array,
+    budget: jax.Array,
+    key: jax.Array,
+    *,
+    sampling: SamplingConfig,
+) -> SlotState:
+    """Put a prompt's cache (k, v: [L, C, KVH, hd]; valid [C]) in `slot` and emit the
+    sequence's token 0 from `logits` [V] with its stream. The slot is active unless that
+    token is an EOS or `budget` is 1."""
+    tok, logp = choose_tokens(logits[None], key, sampling, sequence_uniforms(key, seq[None], 0))
     tok, logp = tok[0], logp[0]
     stopped = jnp.isin(tok, _eos_array(sampling))
-    n = sampling.max_new_tokens
-    first = jnp.arange(n) == 0
+    first = jnp.arange(sampling.max_new_tokens) == 0
 
     def put(x, value):
         return x.at[slot].set(value)
 
     return state._replace(
-        k=put(state.k, cache.k),
-        v=put(state.v, cache.v),
-        valid=put(state.valid, cache.valid),
-        index=put(state.index, cache.index),
+        k=put(state.k, prompt.k[:, None]),
+        v=put(state.v, prompt.v[:, None]),
+        valid=put(state.valid, prompt.valid[None]),
+        index=put(state.index, prompt.index),
         last=put(state.last, tok),
         step=put(state.step, 1),
-        n_prompt=put(state.n_prompt, jnp.sum(prompt_mask)),
+        n_prompt=put(state.n_prompt, n_prompt),
         seq=put(state.seq, seq),
         budget=put(state.budget, budget),
         active=put(state.active, ~stopped & (budget > 1)),
@@ -182,6 +247,7 @@ def prefill_slot(
         tokens=put(state.tokens, jnp.where(first, tok, sampling.pad_token_id)),
         response_mask=put(state.response_mask, first.astype(jnp.int32)),
         logprobs=put(state.logprobs, jnp.where(first, logp, 0.0)),
+        first_logits=put(state.first_logits, logits.astype(jnp.float32)),
     )
 
 
@@ -315,14 +381,18 @@ class ContinuousEngine:
         statics = {"cfg": model_cfg, "sampling": self.sampling}
         self._prefill = jax.jit(lambda *a: prefill_slot(*a, **statics), donate_argnums=(3,))
         self._decode = jax.jit(lambda *a: decode_until_free(*a, **statics), donate_argnums=(3,))
+        self._clone = jax.jit(
+            lambda *a: clone_slot(*a, sampling=self.sampling), donate_argnums=(0,)
+        )
         self._merge = jax.jit(
             lambda base, lora: _per_block(merge(base, lora, lora_cfg, with_heads=False))
         )
         self.last_metrics: RolloutMetrics | None = None
 
     def num_programs(self) -> int:
-        """Compiled programs so far: two per (slots, cache length, LoRA tree structure)."""
-        return self._prefill._cache_size() + self._decode._cache_size()
+        """Compiled programs so far: two per (slots, cache length, LoRA tree structure), and
+        one more per (slots, cache length) once a repeated prompt is copied."""
+        return sum(f._cache_size() for f in (self._prefill, self._decode, self._clone))
 
     def _weights(self, policy: Any, frozen: Any) -> tuple[Params, Params | None, float]:
         if self.lora_cfg is None:
@@ -344,7 +414,8 @@ class ContinuousEngine:
         budgets: Any = None,
     ) -> Rollout:
         """`RolloutEngine.generate`. Copies of a repeated prompt (`prompt_repeats`) run as
-        separate sequences. `budgets` [B] (ints in [1, max_new_tokens], default all
+        separate sequences; the prompt is prefilled once while one of its copies holds a
+        slot and copied from that slot's cache for the others. `budgets` [B] (ints in [1, max_new_tokens], default all
         max_new_tokens): the most tokens row b may emit."""
         ids = np.asarray(S.host_view(prompts["input_ids"]), np.int32)
         mask = np.asarray(S.host_view(prompts["attention_mask"]), np.int32)
@@ -378,8 +449,11 @@ class ContinuousEngine:
         out_logprobs = np.zeros((b, n), np.float32)
         out_eos = np.zeros((b,), bool)
         in_slot = [-1] * self.slots  # the sequence each slot holds (-1: free)
+        # The prompt group whose prompt sits in each slot's cache [0, P) (kept after the row
+        # stops, until the slot is refilled): later copies of that prompt are cloned from it.
+        cache_group = [-1] * self.slots
         waiting = list(range(b))
-        prefill_seconds = 0.0
+        prefill_seconds, prefills = 0.0, 0
 
         def harvest(state: SlotState) -> None:
             """Copy every stopped row out of its slot and free the slot."""
@@ -402,19 +476,26 @@ class ContinuousEngine:
                 t0 = time.perf_counter()
                 for s in free[: len(waiting)]:
                     row = waiting.pop(0)
-                    state = self._prefill(
-                        params,
-                        lora,
-                        scale,
-                        state,
-                        jnp.int32(s),
-                        run_ids[row],
-                        run_mask[row],
-                        jnp.int32(row),
-                        jnp.int32(budgets[row]),
-                        key,
-                    )
-                    in_slot[s] = row
+                    group = row // prompt_repeats
+                    seq, budget = jnp.int32(row), jnp.int32(budgets[row])
+                    if group in cache_group:
+                        source = jnp.int32(cache_group.index(group))
+                        state = self._clone(state, jnp.int32(s), source, seq, budget, key)
+                    else:
+                        state = self._prefill(
+                            params,
+                            lora,
+                            scale,
+                            state,
+                            jnp.int32(s),
+                            run_ids[row],
+                            run_mask[row],
+                            seq,
+                            budget,
+                            key,
+                        )
+                        prefills += 1
+                    in_slot[s], cache_group[s] = row, group
                 harvest(state)  # rows that stopped at token 0 (an EOS, or a budget of 1)
                 prefill_seconds += time.perf_counter() - t0
                 continue
@@ -437,7 +518,7 @@ class ContinuousEngine:
             decode_share=1.0 - prefill_seconds / seconds,
             truncation_rate=float(np.mean(~out_eos)),
             decode_steps=steps,
-            prefills=b,
+            prefills=prefills,
         )
         rollout = Rollout(
             input_ids=np.concatenate([ids, out_tokens], axis=1),
