@@ -230,3 +230,33 @@ def test_on_a_mesh_matches_static_sampler_on_the_mesh(model):
     got = engine(sharded, None, prompts, key)
     assert_same_rollout(static(sharded, None, prompts, key), got)
     assert got.tokens.sharding.is_equivalent_to(prompts["input_ids"].sharding, 2)
+
+
+@pytest.mark.slow
+def test_device_script_cpu_smoke():
+    """`benchmarks/device.sh --cpu-smoke` runs the accelerator script's benchmark end to end on
+    the CPU (2M config, bf16) and writes its results and tables."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable}
+    env["XLA_FLAGS"] = ""  # one CPU device, as the benchmarks run
+    done = subprocess.run(
+        [str(root / "benchmarks" / "device.sh"), "--cpu-smoke"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((root / "benchmarks/results/quick/device_2M.json").read_text())
+    assert result["dtype"] == "bfloat16"
+    engines = [(r["engine"], r["slots"]) for r in result["rows"]]
+    assert engines == [("static", 16), ("continuous", 4), ("continuous", 8)]
+    assert all(r["programs"] == 2 for r in result["rows"][1:])
+    assert "| continuous | 4 |" in (root / "benchmarks/results/quick/device.md").read_text()
