@@ -81,6 +81,16 @@ def test_same_tokens_as_static_sampler(model, temperature):
     assert m.truncation_rate == pytest.approx(np.mean(~np.asarray(got.finished)))
 
 
+def test_batched_prefill_gives_the_same_rollout(model):
+    """`prefill_batch=3`: the first fill of the 3 slots runs as one prefill of 3 prompts,
+    refills one at a time; same rollout, one program more."""
+    cfg, params = model
+    static, engine = engines(cfg, gen(), prefill_batch=3)
+    prompts, key = make_prompts(LENGTHS), jax.random.PRNGKey(3)
+    assert_same_rollout(static(params, None, prompts, key), engine(params, None, prompts, key))
+    assert engine.num_programs() == 3 and engine.last_metrics.prefills == len(LENGTHS)
+
+
 def test_static_per_sequence_streams_do_not_depend_on_the_batch(model):
     """Row b draws from fold_in(key, b): the first 4 rows sample the same alone as in 10."""
     cfg, params = model
@@ -193,6 +203,8 @@ def test_bad_input_names_the_option(model):
     cfg, params = model
     with pytest.raises(ValueError, match="slots"):
         ContinuousEngine(cfg, gen(), lora_cfg=None, eos_token_ids=EOS, pad_token_id=PAD, slots=0)
+    with pytest.raises(ValueError, match="prefill_batch"):
+        engines(cfg, gen(), prefill_batch=SLOTS + 1)
     _, engine = engines(cfg, gen(), prompt_length=4)
     with pytest.raises(ValueError, match="prompt_length"):
         engine(params, None, make_prompts(LENGTHS), jax.random.PRNGKey(0))

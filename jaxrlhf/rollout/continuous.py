@@ -133,44 +133,41 @@ def init_slots(
     )
 
 
-def prefill_slot(
+def prefill_slots(
     params: Params,
     lora: Params | None,
     lora_scale: jax.Array,
     state: SlotState,
-    slot: jax.Array,
+    slots: jax.Array,
     prompt_ids: jax.Array,
     prompt_mask: jax.Array,
-    seq: jax.Array,
-    budget: jax.Array,
+    seqs: jax.Array,
+    budgets: jax.Array,
     key: jax.Array,
     *,
     cfg: ModelConfig,
     sampling: SamplingConfig,
 ) -> SlotState:
-    """Run one left-padded prompt [P] into `slot` (its cache row rebuilt from scratch) and
-    emit the sequence's token 0 from its stream (`start_row`)."""
-    cache_length = state.k.shape[3]
+    """Run K left-padded prompts [K, P] in one prefill into `slots` [K] (their cache rows
+    rebuilt from scratch; a slot index >= the number of slots marks an unused row, dropped)
+    and emit each sequence's token 0 from its stream (`start_rows`)."""
     logits, cache = prefill(
         params,
-        prompt_ids[None],
-        prompt_mask[None],
+        prompt_ids,
+        prompt_mask,
         cfg=cfg,
-        cache_length=cache_length,
+        cache_length=state.k.shape[3],
         lora=lora,
         lora_scale=lora_scale,
     )
-    return start_row(
-        state,
-        slot,
-        KVCache(k=cache.k[:, 0], v=cache.v[:, 0], valid=cache.valid[0], index=cache.index),
-        logits[0],
-        jnp.sum(prompt_mask),
-        seq,
-        budget,
-        key,
-        sampling=sampling,
+    rows = KVCache(
+        k=jnp.moveaxis(cache.k, 1, 0),  # [K, L, C, KVH, hd]
+        v=jnp.moveaxis(cache.v, 1, 0),
+        valid=cache.valid,
+        index=jnp.broadcast_to(cache.index, slots.shape),
     )
+    n_prompt = jnp.sum(prompt_mask, axis=-1)
+    return start_rows(state, slots, rows, logits, n_prompt, seqs, budgets, key, sampling=sampling)
 
 
 def clone_slot(
@@ -190,63 +187,64 @@ def clone_slot(
     cache_length = state.k.shape[3]
     width = cache_length - sampling.max_new_tokens
     prompt = KVCache(
-        k=state.k[source, :, 0],
-        v=state.v[source, :, 0],
-        valid=state.valid[source, 0] & (jnp.arange(cache_length) < width),
-        index=jnp.int32(width),
+        k=state.k[source, :, 0][None],
+        v=state.v[source, :, 0][None],
+        valid=(state.valid[source, 0] & (jnp.arange(cache_length) < width))[None],
+        index=jnp.full((1,), width, jnp.int32),
     )
-    n_prompt = state.n_prompt[source]
-    return start_row(
+    return start_rows(
         state,
-        slot,
+        slot[None],
         prompt,
-        state.first_logits[source],
-        n_prompt,
-        seq,
-        budget,
+        state.first_logits[source][None],
+        state.n_prompt[source][None],
+        seq[None],
+        budget[None],
         key,
         sampling=sampling,
     )
 
 
-def start_row(
+def start_rows(
     state: SlotState,
-    slot: jax.Array,
-    prompt: KVCache,
+    slots: jax.Array,
+    prompts: KVCache,
     logits: jax.Array,
     n_prompt: jax.Array,
-    seq: jax.Array,
-    budget: jax.Array,
+    seqs: jax.Array,
+    budgets: jax.Array,
     key: jax.Array,
     *,
     sampling: SamplingConfig,
 ) -> SlotState:
-    """Put a prompt's cache (k, v: [L, C, KVH, hd]; valid [C]) in `slot` and emit the
-    sequence's token 0 from `logits` [V] with its stream. The slot is active unless that
-    token is an EOS or `budget` is 1."""
-    tok, logp = choose_tokens(logits[None], key, sampling, sequence_uniforms(key, seq[None], 0))
-    tok, logp = tok[0], logp[0]
+    """Put K prompts' caches (k, v: [K, L, C, KVH, hd]; valid [K, C]; index [K]) in `slots`
+    [K] and emit each sequence's token 0 from `logits` [K, V] with its stream. A slot is
+    active unless that token is an EOS or its budget is 1. Out-of-range slots are dropped."""
+    tok, logp = choose_tokens(logits, key, sampling, sequence_uniforms(key, seqs, 0))
     stopped = jnp.isin(tok, _eos_array(sampling))
-    first = jnp.arange(sampling.max_new_tokens) == 0
+    first = (jnp.arange(sampling.max_new_tokens) == 0)[None, :]
 
     def put(x, value):
-        return x.at[slot].set(value)
+        return x.at[slots].set(value, mode="drop")
 
     return state._replace(
-        k=put(state.k, prompt.k[:, None]),
-        v=put(state.v, prompt.v[:, None]),
-        valid=put(state.valid, prompt.valid[None]),
-        index=put(state.index, prompt.index),
+        k=put(state.k, prompts.k[:, :, None]),
+        v=put(state.v, prompts.v[:, :, None]),
+        valid=put(state.valid, prompts.valid[:, None]),
+        index=put(state.index, prompts.index),
         last=put(state.last, tok),
-        step=put(state.step, 1),
+        step=put(state.step, jnp.ones_like(tok)),
         n_prompt=put(state.n_prompt, n_prompt),
-        seq=put(state.seq, seq),
-        budget=put(state.budget, budget),
-        active=put(state.active, ~stopped & (budget > 1)),
+        seq=put(state.seq, seqs),
+        budget=put(state.budget, budgets),
+        active=put(state.active, ~stopped & (budgets > 1)),
         eos=put(state.eos, stopped),
-        tokens=put(state.tokens, jnp.where(first, tok, sampling.pad_token_id)),
-        response_mask=put(state.response_mask, first.astype(jnp.int32)),
-        logprobs=put(state.logprobs, jnp.where(first, logp, 0.0)),
+        tokens=put(state.tokens, jnp.where(first, tok[:, None], sampling.pad_token_id)),
+        response_mask=put(
+            state.response_mask,
+            jnp.broadcast_to(first, (tok.shape[0], first.shape[1])).astype(jnp.int32),
+        ),
+        logprobs=put(state.logprobs, jnp.where(first, logp[:, None], 0.0)),
         first_logits=put(state.first_logits, logits.astype(jnp.float32)),
     )
 
@@ -338,6 +336,8 @@ class ContinuousEngine:
     `Sampler(..., per_sequence_rng=True)`'s for the same key (up to float rounding of the
     different batch shapes). `prompt_length`: run every prompt at this width (narrower
     batches are left-padded to it), so batches of any width share the compiled programs.
+    `prefill_batch`: when that many slots wait for a prompt (the first fill, simultaneous
+    stops) they are prefilled in one call (one more program); fewer go one at a time.
 
     After each call, `last_metrics` holds a `RolloutMetrics`. The slot state (the KV cache
     of every slot) is allocated per call and freed after it, so training never shares memory
@@ -358,17 +358,23 @@ class ContinuousEngine:
         pad_token_id: int,
         slots: int,
         prompt_length: int | None = None,
+        prefill_batch: int = 1,
         mesh: Mesh | None = None,
     ):
         if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
             raise ValueError(f"ContinuousEngine slots must be an int >= 1, got {slots!r}")
+        if not isinstance(prefill_batch, int) or not 1 <= prefill_batch <= slots:
+            raise ValueError(
+                f"ContinuousEngine prefill_batch must be an int in [1, slots={slots}], got "
+                f"{prefill_batch!r}"
+            )
         if prompt_length is not None and (not isinstance(prompt_length, int) or prompt_length < 1):
             raise ValueError(
                 f"ContinuousEngine prompt_length must be an int >= 1 or None (the batch's "
                 f"width), got {prompt_length!r}"
             )
         self.model_cfg, self.gen, self.lora_cfg, self.mesh = model_cfg, gen, lora_cfg, mesh
-        self.slots, self.prompt_length = slots, prompt_length
+        self.slots, self.prompt_length, self.prefill_batch = slots, prompt_length, prefill_batch
         self.sampling = SamplingConfig(
             max_new_tokens=gen.max_new_tokens,
             temperature=gen.temperature,
@@ -379,7 +385,7 @@ class ContinuousEngine:
             per_sequence_rng=True,
         )
         statics = {"cfg": model_cfg, "sampling": self.sampling}
-        self._prefill = jax.jit(lambda *a: prefill_slot(*a, **statics), donate_argnums=(3,))
+        self._prefill = jax.jit(lambda *a: prefill_slots(*a, **statics), donate_argnums=(3,))
         self._decode = jax.jit(lambda *a: decode_until_free(*a, **statics), donate_argnums=(3,))
         self._clone = jax.jit(
             lambda *a: clone_slot(*a, sampling=self.sampling), donate_argnums=(0,)
@@ -390,8 +396,8 @@ class ContinuousEngine:
         self.last_metrics: RolloutMetrics | None = None
 
     def num_programs(self) -> int:
-        """Compiled programs so far: two per (slots, cache length, LoRA tree structure), and
-        one more per (slots, cache length) once a repeated prompt is copied."""
+        """Compiled programs so far: two per (slots, cache length, LoRA tree structure), one
+        more with `prefill_batch` > 1, and one more once a repeated prompt is copied."""
         return sum(f._cache_size() for f in (self._prefill, self._decode, self._clone))
 
     def _weights(self, policy: Any, frozen: Any) -> tuple[Params, Params | None, float]:
@@ -470,32 +476,52 @@ class ContinuousEngine:
                 out_logprobs[row], out_eos[row] = logp[s], eos[s]
                 in_slot[s] = -1
 
+        def flush(state: SlotState, pending: list[tuple[int, int]]) -> SlotState:
+            """Prefill the pending rows: `prefill_batch` at a time, the rest one by
+            one (two programs at most, never a padded row)."""
+            while pending:
+                k = self.prefill_batch if len(pending) >= self.prefill_batch else 1
+                chunk = [pending.pop(0) for _ in range(k)]
+                slots_, rows = (np.array(x, np.int32) for x in zip(*chunk, strict=True))
+                state = self._prefill(
+                    params,
+                    lora,
+                    scale,
+                    state,
+                    slots_,
+                    run_ids[rows],
+                    run_mask[rows],
+                    rows,
+                    budgets[rows].astype(np.int32),
+                    key,
+                )
+            return state
+
         while True:
             free = [s for s in range(self.slots) if in_slot[s] < 0]
             if free and waiting:
                 t0 = time.perf_counter()
+                pending: list[tuple[int, int]] = []  # (slot, row) to prefill
                 for s in free[: len(waiting)]:
                     row = waiting.pop(0)
                     group = row // prompt_repeats
-                    seq, budget = jnp.int32(row), jnp.int32(budgets[row])
                     if group in cache_group:
-                        source = jnp.int32(cache_group.index(group))
-                        state = self._clone(state, jnp.int32(s), source, seq, budget, key)
-                    else:
-                        state = self._prefill(
-                            params,
-                            lora,
-                            scale,
+                        source = cache_group.index(group)
+                        if any(slot == source for slot, _ in pending):
+                            state = flush(state, pending)  # the source's prompt is not in yet
+                        state = self._clone(
                             state,
                             jnp.int32(s),
-                            run_ids[row],
-                            run_mask[row],
-                            seq,
-                            budget,
+                            jnp.int32(source),
+                            jnp.int32(row),
+                            jnp.int32(budgets[row]),
                             key,
                         )
+                    else:
+                        pending.append((s, row))
                         prefills += 1
                     in_slot[s], cache_group[s] = row, group
+                state = flush(state, pending)
                 harvest(state)  # rows that stopped at token 0 (an EOS, or a budget of 1)
                 prefill_seconds += time.perf_counter() - t0
                 continue
@@ -505,7 +531,7 @@ class ContinuousEngine:
             harvest(state)
 
         steps, active_steps = (int(x) for x in jax.device_get((state.steps, state.active_steps)))
-        del state, params, lora
+        state = params = lora = None  # free the slot caches and the merged weights
         seconds = time.perf_counter() - start
         generated = int(out_mask.sum())
         self.last_metrics = RolloutMetrics(
