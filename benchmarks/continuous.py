@@ -102,6 +102,7 @@ def run(
     repeats: int = 2,
     dtype: str = "float32",
     config: dict | None = None,
+    prefill_batch: int = 1,
 ) -> dict:
     from jaxrlhf.models.config import tiny_config
     from jaxrlhf.rollout.continuous import ContinuousEngine, static_slot_occupancy
@@ -133,6 +134,7 @@ def run(
         "prompt_len": prompt_len,
         "max_new_tokens": max_new_tokens,
         "median_len": median_len,
+        "prefill_batch": prefill_batch,
         "lengths": {"mean": float(lengths.mean()), "max": int(lengths.max()), "sum": useful},
         "rows": [],
     }
@@ -141,7 +143,9 @@ def run(
     thunks = {"static": lambda: C.block(static(params, None, batch, key).tokens)}
     engines = {}
     for s in slots:
-        engines[s] = ContinuousEngine(cfg, gen, slots=s, **common)
+        engines[s] = ContinuousEngine(
+            cfg, gen, slots=s, prefill_batch=min(prefill_batch, s), **common
+        )
         thunks[f"continuous/{s}"] = lambda e=engines[s]: C.block(
             e(params, None, batch, key, budgets=lengths).tokens
         )
@@ -239,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--median-len", type=float, default=24.0)
     ap.add_argument("--max-new-tokens", type=int, default=MAX_NEW)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--prefill-batch", type=int, default=1, help="ContinuousEngine(prefill_batch=)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--out", default="continuous", help="results/<out>.json")
     args = ap.parse_args(argv)
@@ -254,6 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
         max_new_tokens=args.max_new_tokens,
         repeats=args.repeats,
         dtype=args.dtype,
+        prefill_batch=args.prefill_batch,
     )
     result["meta"] = {
         "command": "python benchmarks/continuous.py " + " ".join(argv or sys.argv[1:]),
