@@ -212,7 +212,8 @@ def render(result: dict) -> str:
             f"{result['size']} ({result['params'] / 1e6:.0f}M params, {result['dtype']}), "
             f"{result['prompts']} prompts of {result['prompt_len']} tokens, response lengths "
             f"log-normal (median {result['median_len']:g}, mean {lengths['mean']:.1f}, max "
-            f"{lengths['max']}) within max_new_tokens {result['max_new_tokens']}; tokens/s "
+            f"{lengths['max']}) within max_new_tokens {result['max_new_tokens']}; prefill "
+            f"batch {result.get('prefill_batch', 1)}; tokens/s "
             f"counts the {lengths['sum']} useful tokens. Static occupancy had every row stopped "
             f"at an EOS at its length: {C.fmt_share(static['occupancy_if_eos_stopped'])}.",
             "",
