@@ -1,21 +1,22 @@
 """Continuous batching: a fixed number of decode slots over one pre-allocated KV cache, each
 slot refilled with the next waiting prompt as soon as its row stops.
 
-    waiting prompts ──prefill one prompt into a free slot──> slot s (its own cache row, index)
+    waiting prompts ──prefill into a free slot (or copy a repeated prompt's cache)──> slot s
     decode all slots one token per step (jax.lax.while_loop) until some row stops
         (EOS or its budget) and a prompt is waiting -> harvest the row, refill its slot
 
 A static batch (`Sampler`) decodes every row until the longest one stops, so on a workload
 with varied lengths most rows sit finished while the batch keeps stepping; here a finished
-row's slot goes back to work at once. The cost: one single-prompt prefill per sequence (with
-`prompt_repeats=k` each copy is prefilled, k prefills where `Sampler` runs one) and a host
-round trip whenever a slot frees.
+row's slot goes back to work at once. The cost: prefills of one prompt (or `prefill_batch`)
+at a time and a host round trip whenever a slot frees. With `prompt_repeats=k` a prompt is
+prefilled once and its cache copied to the slots of its other copies (`clone_slot`).
 
 Shapes are fixed: the slot state is `[slots, ...]` and a prompt is run at `prompt_length`
 (the batch's width, or the engine's `prompt_length`, to which narrower batches are
-left-padded), so the engine compiles two programs (prefill-a-slot, decode-until-free) per
-(slots, cache length = prompt_length + max_new_tokens) and never per prompt mix or batch
-size (`num_programs`).
+left-padded), so the engine compiles two programs (prefill-a-slot, decode-until-free; one
+more each for `prefill_batch` > 1 and for copying a repeated prompt) per (slots, cache
+length = prompt_length + max_new_tokens) and never per prompt mix or batch size
+(`num_programs`).
 
 Each slot holds a batch-1 `KVCache` with its own write index; the decode step is
 `sampling.decode_step` vmapped over the slots (the per-slot cache writes become one scatter).
