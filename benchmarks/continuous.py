@@ -103,6 +103,7 @@ def run(
     dtype: str = "float32",
     config: dict | None = None,
     prefill_batch: int = 1,
+    refill_at: int = 1,
 ) -> dict:
     from jaxrlhf.models.config import tiny_config
     from jaxrlhf.rollout.continuous import ContinuousEngine, static_slot_occupancy
@@ -135,6 +136,7 @@ def run(
         "max_new_tokens": max_new_tokens,
         "median_len": median_len,
         "prefill_batch": prefill_batch,
+        "refill_at": refill_at,
         "lengths": {"mean": float(lengths.mean()), "max": int(lengths.max()), "sum": useful},
         "rows": [],
     }
@@ -144,7 +146,12 @@ def run(
     engines = {}
     for s in slots:
         engines[s] = ContinuousEngine(
-            cfg, gen, slots=s, prefill_batch=min(prefill_batch, s), **common
+            cfg,
+            gen,
+            slots=s,
+            prefill_batch=min(prefill_batch, s),
+            refill_at=min(refill_at, s),
+            **common,
         )
         thunks[f"continuous/{s}"] = lambda e=engines[s]: C.block(
             e(params, None, batch, key, budgets=lengths).tokens
@@ -213,7 +220,8 @@ def render(result: dict) -> str:
             f"{result['prompts']} prompts of {result['prompt_len']} tokens, response lengths "
             f"log-normal (median {result['median_len']:g}, mean {lengths['mean']:.1f}, max "
             f"{lengths['max']}) within max_new_tokens {result['max_new_tokens']}; prefill "
-            f"batch {result.get('prefill_batch', 1)}; tokens/s "
+            f"batch {result.get('prefill_batch', 1)}, refill at {result.get('refill_at', 1)} free "
+            "slots; tokens/s "
             f"counts the {lengths['sum']} useful tokens. Static occupancy had every row stopped "
             f"at an EOS at its length: {C.fmt_share(static['occupancy_if_eos_stopped'])}.",
             "",
@@ -245,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=MAX_NEW)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--prefill-batch", type=int, default=1, help="ContinuousEngine(prefill_batch=)")
+    ap.add_argument("--refill-at", type=int, default=1, help="ContinuousEngine(refill_at=)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--out", default="continuous", help="results/<out>.json")
     args = ap.parse_args(argv)
@@ -261,6 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
         repeats=args.repeats,
         dtype=args.dtype,
         prefill_batch=args.prefill_batch,
+        refill_at=args.refill_at,
     )
     result["meta"] = {
         "command": "python benchmarks/continuous.py " + " ".join(argv or sys.argv[1:]),

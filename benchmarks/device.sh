@@ -32,7 +32,7 @@ backend() { "$PYTHON" -c 'import jax; print(jax.default_backend())' 2>/dev/null 
 if [[ $SMOKE == 1 ]]; then
   export JAX_PLATFORMS=cpu
   want=cpu
-  runs=("--size 2M --prompts 16 --slots 4,8 --prefill-batch 4 --max-new-tokens 32 --repeats 1 --dtype bfloat16 --out quick/device_2M")
+  runs=("--size 2M --prompts 16 --slots 4,8 --prefill-batch 4 --refill-at 2 --max-new-tokens 32 --repeats 1 --dtype bfloat16 --out quick/device_2M")
   report=benchmarks/results/quick/device.md
 else
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
@@ -56,8 +56,8 @@ else
     "$PYTHON" -m pip install -q -e .
   fi
   runs=(
-    "--size llama-1B --prompts 256 --slots 64,128 --prefill-batch 16 --dtype bfloat16 --repeats 3 --out device_llama-1B"
-    "--size qwen3-1.7B --prompts 256 --slots 64,128 --prefill-batch 16 --dtype bfloat16 --repeats 3 --out device_qwen3-1.7B"
+    "--size llama-1B --prompts 256 --slots 64,128 --prefill-batch 8 --refill-at 8 --dtype bfloat16 --repeats 3 --out device_llama-1B"
+    "--size qwen3-1.7B --prompts 256 --slots 64,128 --prefill-batch 8 --refill-at 8 --dtype bfloat16 --repeats 3 --out device_qwen3-1.7B"
   )
   report=benchmarks/results/device.md
 fi

@@ -81,14 +81,19 @@ def test_same_tokens_as_static_sampler(model, temperature):
     assert m.truncation_rate == pytest.approx(np.mean(~np.asarray(got.finished)))
 
 
-def test_batched_prefill_gives_the_same_rollout(model):
-    """`prefill_batch=3`: the first fill of the 3 slots runs as one prefill of 3 prompts,
-    refills one at a time; same rollout, one program more."""
+@pytest.mark.parametrize("refill_at", [1, 3])
+def test_batched_prefill_gives_the_same_rollout(model, refill_at):
+    """`prefill_batch=3`: the first fill of the 3 slots runs as one prefill of 3 prompts;
+    with `refill_at=3` the decode loop waits for 3 free slots and every refill is one call of
+    3 (the last ones one by one). Same rollout, one program more."""
     cfg, params = model
-    static, engine = engines(cfg, gen(), prefill_batch=3)
-    prompts, key = make_prompts(LENGTHS), jax.random.PRNGKey(3)
-    assert_same_rollout(static(params, None, prompts, key), engine(params, None, prompts, key))
-    assert engine.num_programs() == 3 and engine.last_metrics.prefills == len(LENGTHS)
+    static, engine = engines(cfg, gen(), prefill_batch=3, refill_at=refill_at)
+    prompts, key = make_prompts(LENGTHS * 2, seed=2), jax.random.PRNGKey(3)
+    got = engine(params, None, prompts, key)
+    assert_same_rollout(static(params, None, prompts, key), got)
+    assert engine.num_programs() == 3 and engine.last_metrics.prefills == 2 * len(LENGTHS)
+    m, lengths = engine.last_metrics, np.asarray(got.response_mask).sum(1)
+    assert round(m.slot_occupancy * SLOTS * m.decode_steps) == np.sum(lengths - 1)
 
 
 def test_static_per_sequence_streams_do_not_depend_on_the_batch(model):
@@ -205,6 +210,8 @@ def test_bad_input_names_the_option(model):
         ContinuousEngine(cfg, gen(), lora_cfg=None, eos_token_ids=EOS, pad_token_id=PAD, slots=0)
     with pytest.raises(ValueError, match="prefill_batch"):
         engines(cfg, gen(), prefill_batch=SLOTS + 1)
+    with pytest.raises(ValueError, match="refill_at"):
+        engines(cfg, gen(), refill_at=0)
     _, engine = engines(cfg, gen(), prompt_length=4)
     with pytest.raises(ValueError, match="prompt_length"):
         engine(params, None, make_prompts(LENGTHS), jax.random.PRNGKey(0))

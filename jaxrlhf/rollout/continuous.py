@@ -256,17 +256,18 @@ def decode_until_free(
     lora_scale: jax.Array,
     state: SlotState,
     key: jax.Array,
-    stop_when_free: jax.Array,
+    free_target: jax.Array,
     *,
     cfg: ModelConfig,
     sampling: SamplingConfig,
 ) -> SlotState:
-    """Decode every slot one token per step until no row runs, or (`stop_when_free`) until
-    a row that ran at the start has stopped, so its slot can be refilled."""
+    """Decode every slot one token per step until no row runs, or until `free_target` (> 0)
+    slots are free (rows that stopped), so they can be refilled. `free_target` 0: until
+    every row has stopped."""
     eos_ids = _eos_array(sampling)
     pad = jnp.int32(sampling.pad_token_id)
     columns = jnp.arange(sampling.max_new_tokens)
-    running_at_start = jnp.sum(state.active)
+    slots = state.active.shape[0]
 
     def one_slot(tok, pos, k, v, valid, index):
         logits, cache = decode_step(
@@ -282,7 +283,7 @@ def decode_until_free(
 
     def cond(s: SlotState):
         running = jnp.sum(s.active)
-        return (running > 0) & ~(stop_when_free & (running < running_at_start))
+        return (running > 0) & ((free_target == 0) | (slots - running < free_target))
 
     def body(s: SlotState) -> SlotState:
         logits, cache = jax.vmap(one_slot)(
@@ -339,6 +340,9 @@ class ContinuousEngine:
     batches are left-padded to it), so batches of any width share the compiled programs.
     `prefill_batch`: when that many slots wait for a prompt (the first fill, simultaneous
     stops) they are prefilled in one call (one more program); fewer go one at a time.
+    `refill_at`: the decode loop returns to the host to refill once this many slots are free
+    (fewer host round trips; those slots idle meanwhile). `prefill_batch = refill_at` makes
+    every refill one prefill call.
 
     After each call, `last_metrics` holds a `RolloutMetrics`. The slot state (the KV cache
     of every slot) is allocated per call and freed after it, so training never shares memory
@@ -360,6 +364,7 @@ class ContinuousEngine:
         slots: int,
         prompt_length: int | None = None,
         prefill_batch: int = 1,
+        refill_at: int = 1,
         mesh: Mesh | None = None,
     ):
         if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
@@ -375,7 +380,13 @@ class ContinuousEngine:
                 f"width), got {prompt_length!r}"
             )
         self.model_cfg, self.gen, self.lora_cfg, self.mesh = model_cfg, gen, lora_cfg, mesh
-        self.slots, self.prompt_length, self.prefill_batch = slots, prompt_length, prefill_batch
+        if not isinstance(refill_at, int) or not 1 <= refill_at <= slots:
+            raise ValueError(
+                f"ContinuousEngine refill_at must be an int in [1, slots={slots}], got "
+                f"{refill_at!r}"
+            )
+        self.slots, self.prompt_length = slots, prompt_length
+        self.prefill_batch, self.refill_at = prefill_batch, refill_at
         self.sampling = SamplingConfig(
             max_new_tokens=gen.max_new_tokens,
             temperature=gen.temperature,
@@ -528,7 +539,9 @@ class ContinuousEngine:
                 continue
             if all(s < 0 for s in in_slot):
                 break
-            state = self._decode(params, lora, scale, state, key, jnp.asarray(bool(waiting)))
+            # Back to the host once `refill_at` slots (or as many as prompts wait) are free.
+            target = min(self.refill_at, len(waiting))
+            state = self._decode(params, lora, scale, state, key, jnp.int32(target))
             harvest(state)
 
         steps, active_steps = (int(x) for x in jax.device_get((state.steps, state.active_steps)))
