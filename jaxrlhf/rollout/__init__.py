@@ -1,6 +1,8 @@
 """Rollouts: the `RolloutEngine` contract, its typed `Rollout`, the built-in KV-cache engine
-(`Sampler`), the sampling functions it compiles and prompt batches on the mesh."""
+(`Sampler`), the continuous-batching engine (`ContinuousEngine`), the sampling functions they
+compile and prompt batches on the mesh."""
 
+from jaxrlhf.rollout.continuous import ContinuousEngine, RolloutMetrics
 from jaxrlhf.rollout.engine import Rollout, RolloutEngine, Sampler, eos_ids
 from jaxrlhf.rollout.prompts import prompt_batch
 from jaxrlhf.rollout.sampling import (
@@ -13,8 +15,10 @@ from jaxrlhf.rollout.sampling import (
 )
 
 __all__ = [
+    "ContinuousEngine",
     "Rollout",
     "RolloutEngine",
+    "RolloutMetrics",
     "SampleOutput",
     "Sampler",
     "SamplingConfig",

@@ -100,9 +100,12 @@ class Sampler:
         eos_token_ids: tuple[int, ...],
         pad_token_id: int,
         mesh: Mesh | None = None,
+        per_sequence_rng: bool = False,
     ):
         """`gen`: the run's `GenerationConfig` (max_new_tokens, temperature, top_k, top_p,
-        merge_adapter, max_rank)."""
+        merge_adapter, max_rank). `per_sequence_rng`: each row samples from its own stream
+        (`SamplingConfig.per_sequence_rng`), as `ContinuousEngine` does, so both engines give
+        the same tokens for the same key."""
         self.model_cfg, self.gen, self.lora_cfg, self.mesh = model_cfg, gen, lora_cfg, mesh
         self.sampling = SamplingConfig(
             max_new_tokens=gen.max_new_tokens,
@@ -111,6 +114,7 @@ class Sampler:
             top_p=gen.top_p,
             eos_token_ids=eos_token_ids,
             pad_token_id=pad_token_id,
+            per_sequence_rng=per_sequence_rng,
         )
         self._generate = make_generate_fn(model_cfg, self.sampling, mesh=mesh)
         self._merge_fn = lambda base, lora: _per_block(

@@ -70,6 +70,10 @@ class SamplingConfig:
     greedy: bool = False
     top_k: int = 0
     top_p: float = 1.0
+    per_sequence_rng: bool = False
+    """Draw token `i` of row `b` from its own stream, `fold_in(fold_in(key, b), i)`
+    (`sequence_uniforms`), so a row's tokens do not depend on the batch it ran in: what the
+    continuous-batching engine does. False: one `fold_in(key, i)` per step for the batch."""
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -93,6 +97,10 @@ class SamplingConfig:
             raise ValueError(
                 f"SamplingConfig.pad_token_id must be a non-negative token id, got "
                 f"{self.pad_token_id!r} (models without a pad token usually pad with their EOS)"
+            )
+        if not isinstance(self.per_sequence_rng, bool):
+            raise ValueError(
+                f"SamplingConfig.per_sequence_rng must be a bool, got {self.per_sequence_rng!r}"
             )
         if not isinstance(self.greedy, bool):
             raise ValueError(f"SamplingConfig.greedy must be a bool, got {self.greedy!r}")
@@ -164,20 +172,39 @@ def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> j
     return logits
 
 
-def sample_categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
+def sample_categorical(
+    key: jax.Array, logits: jax.Array, uniforms: jax.Array | None = None
+) -> jax.Array:
     """One draw per row from softmax(logits) [B, V] by inverting the CDF with one uniform
     per row. Same distribution as `jax.random.categorical` (Gumbel-max), which needs B·V
     random numbers and, fused into its arg-max, took most of a small model's decode step on
-    CPU. Token j is drawn iff cdf[j-1] <= u < cdf[j], so a token of probability 0 never is."""
+    CPU. Token j is drawn iff cdf[j-1] <= u < cdf[j], so a token of probability 0 never is.
+    `uniforms` [B] in [0, 1): the draws to use instead of ones made from `key`."""
     cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
-    u = jax.random.uniform(key, (logits.shape[0], 1)) * cdf[:, -1:]
+    if uniforms is None:
+        uniforms = jax.random.uniform(key, (logits.shape[0], 1))[:, 0]
+    u = uniforms[:, None] * cdf[:, -1:]
     return jnp.minimum(jnp.sum(cdf <= u, axis=-1), logits.shape[-1] - 1)
 
 
+def sequence_uniforms(key: jax.Array, sequence_ids: jax.Array, step: jax.Array) -> jax.Array:
+    """[B] uniforms in [0, 1): the draw of token `step` of each sequence,
+    `uniform(fold_in(fold_in(key, sequence_id), step))` (`step` scalar or [B]) — the same
+    whichever batch or slot the sequence is sampled in."""
+    step = jnp.broadcast_to(step, sequence_ids.shape)
+    return jax.vmap(
+        lambda s, i: jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, s), i))
+    )(sequence_ids, step)
+
+
 def choose_tokens(
-    logits: jax.Array, key: jax.Array, sampling: SamplingConfig
+    logits: jax.Array,
+    key: jax.Array,
+    sampling: SamplingConfig,
+    uniforms: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Next tokens [B] (int32) and their log-probs [B] from float32 logits [B, V]."""
+    """Next tokens [B] (int32) and their log-probs [B] from float32 logits [B, V].
+    `uniforms` [B]: the sampling draws (`sequence_uniforms`) instead of ones from `key`."""
     logits = logits.astype(jnp.float32)
     if sampling.is_greedy:
         tokens = jnp.argmax(logits, axis=-1)
@@ -186,7 +213,7 @@ def choose_tokens(
         scaled = logits / sampling.temperature
         logp = jax.nn.log_softmax(scaled, axis=-1)
         filtered = filter_logits(scaled, top_k=sampling.top_k, top_p=sampling.top_p)
-        tokens = sample_categorical(key, filtered)
+        tokens = sample_categorical(key, filtered, uniforms)
     tokens = tokens.astype(jnp.int32)
     return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
 
@@ -309,10 +336,12 @@ def generate(
     eos_ids = jnp.asarray(sampling.eos_token_ids or (-1,), jnp.int32)
     pad = jnp.int32(sampling.pad_token_id)
     n_prompt = jnp.sum(prompt_mask, axis=-1)  # position of response token 0
+    rows = jnp.arange(b, dtype=jnp.int32)  # each row's stream with `per_sequence_rng`
 
     def emit(i, logits, tokens, response_mask, logprobs, finished):
         """Choose token i for every running row and write it into the outputs."""
-        tok, logp = choose_tokens(logits, jax.random.fold_in(key, i), sampling)
+        uniforms = sequence_uniforms(key, rows, i) if sampling.per_sequence_rng else None
+        tok, logp = choose_tokens(logits, jax.random.fold_in(key, i), sampling, uniforms)
         running = ~finished
         tok = jnp.where(running, tok, pad)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], i, 1)
