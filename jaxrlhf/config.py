@@ -374,8 +374,17 @@ class GenerationConfig:
     speed; a transient copy of the adapted kernels). False: apply it unmerged, no copy."""
     max_rank: int | None = None
     """Unmerged rollouts are compiled for this rank; smaller adapters are zero-padded."""
+    engine: Literal["static", "continuous"] = "static"
+    """`static`: the KV-cache sampler decodes the whole batch until its last row stops.
+    `continuous`: `slots` rows decode at once and a finished row's slot is refilled by the
+    next prompt (`rollout.ContinuousEngine`; see docs/rollout_engine.md)."""
+    slots: int = 16
+    """Continuous batching: rows decoded at once."""
 
     def __post_init__(self) -> None:
+        check_literal(self, "engine", ("static", "continuous"))
+        if self.slots < 1:
+            raise ValueError(f"generation.slots must be >= 1, got {self.slots}")
         if self.max_new_tokens < 1:
             raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature <= 0:

@@ -35,7 +35,7 @@ from jaxrlhf.algorithms.common import TrainState, init_train_state
 from jaxrlhf.algorithms.spec import IterationPlan, OnlineAlgorithm
 from jaxrlhf.lora import LoraConfig
 from jaxrlhf.models.transformer import sequence_logprobs
-from jaxrlhf.rollout import RolloutEngine, Sampler, eos_ids, prompt_batch
+from jaxrlhf.rollout import ContinuousEngine, RolloutEngine, Sampler, eos_ids, prompt_batch
 from jaxrlhf.sharding import ShardedStep, host_view, put_tree, replicated, tree_shardings
 from jaxrlhf.text_metrics import degeneration_metrics
 from jaxrlhf.train.loop import train_with_evals
@@ -137,14 +137,7 @@ def train_online(
     generation = cfg.generation
     if cfg.model.quant.kind != "none" and generation.merge_adapter:
         generation = dataclasses.replace(generation, merge_adapter=False)
-    engine = engine or Sampler(
-        model_cfg,
-        generation,
-        lora_cfg=cfg.lora,
-        eos_token_ids=eos_ids(model_cfg, tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        mesh=mesh,
-    )
+    engine = engine or make_engine(cfg, generation, model_cfg, tokenizer, mesh)
 
     @functools.cache
     def steps_for(prompt_len: int) -> tuple[ShardedStep, ShardedStep]:
@@ -201,6 +194,7 @@ def train_online(
         scores, score_metrics, _ = scorer(rollout, values, columns)
         jax.block_until_ready(rollout.input_ids)
         t1 = time.perf_counter()
+        engine_metrics = engine_report(engine)
         prepare_step, update_step = steps_for(prompts["input_ids"].shape[1])
         batch, metrics = prepare_step(
             train_state.trainable,
@@ -228,6 +222,7 @@ def train_online(
             **metrics,
             **mean_metrics(update_metrics),
             **score_metrics,
+            **engine_metrics,
             "time/rollout_tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
             "time/update_tokens_per_s": n_tokens * epochs_run / max(t2 - t1, 1e-9),
         }
@@ -292,6 +287,31 @@ def train_online(
         "model_cfg": model_cfg,
         "frozen": frozen,
     }
+
+
+def make_engine(cfg: Any, generation: Any, model_cfg, tokenizer, mesh) -> RolloutEngine:
+    """The run's rollout engine: the static KV-cache sampler or continuous batching."""
+    common = dict(
+        lora_cfg=cfg.lora,
+        eos_token_ids=eos_ids(model_cfg, tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        mesh=mesh,
+    )
+    if generation.engine == "continuous":
+        return ContinuousEngine(
+            model_cfg,
+            generation,
+            slots=generation.slots,
+            prompt_length=cfg.data.max_prompt_length,  # one set of programs for every bucket
+            **common,
+        )
+    return Sampler(model_cfg, generation, **common)
+
+
+def engine_report(engine: RolloutEngine) -> dict[str, float]:
+    """The engine's own metrics of its last call (`rollout/...`), when it keeps them."""
+    last = getattr(engine, "last_metrics", None)  # optional in the RolloutEngine protocol
+    return last.as_dict(prefix="rollout/") if last is not None else {}
 
 
 @functools.cache
