@@ -54,7 +54,7 @@ def dpo_batch(
     batch["chosen_attention_mask"] = np.ones_like(batch["chosen_input_ids"])
     batch["rejected_attention_mask"] = np.ones_like(batch["rejected_input_ids"])
     if share_prompt:
-        from jaxrlhf.algorithms.dpo import PACKED_KEYS
+        from jaxrlhf.data.batches import PACKED_KEYS
         from jaxrlhf.data.packing import pack_pairs
 
         packed = pack_pairs({**batch, "prompt_lengths": np.full((n,), lp)}, pad_id=0)

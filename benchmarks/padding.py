@@ -128,7 +128,7 @@ def run(*, size: str, repeats: int, pairs: int = PAIRS) -> dict:
     key = jax.random.PRNGKey(0)
     trainable, frozen = split_trainable(key, C.copy_tree(params), cfg, lora_cfg, heads=("score",))
     opt = C.optimizer()
-    step = jax.jit(R.make_train_step(model_cfg=cfg, lora_cfg=lora_cfg, optimizer=opt))
+    step = jax.jit(R.make_train_step(R.RMConfig(lora=lora_cfg), model_cfg=cfg, optimizer=opt))
     state = init_train_state(C.copy_tree(trainable), opt, jax.random.fold_in(key, 1))
 
     rows, epochs = [], {}
