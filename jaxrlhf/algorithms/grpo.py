@@ -368,10 +368,7 @@ def make_prepare_fn(
     equal to it): it weighs the KL term of the loss, not the rewards."""
 
     def prepare(trainable, frozen, rollout: dict, scores, kl_coef=None):
-        ids, mask, resp = rollout["input_ids"], rollout["attention_mask"], rollout["response_mask"]
-        scores = jnp.asarray(scores, jnp.float32)
-        length = jnp.sum(resp, axis=-1).astype(jnp.float32)
-        finished = rollout.get("finished", jnp.ones(ids.shape[:1], bool))
+        ids, mask, resp, scores, finished, length = rollout_inputs(rollout, scores, cfg)
         extra = {}
         if cfg.overlong_buffer is not None:
             penalty = soft_overlong_punishment(
@@ -384,8 +381,6 @@ def make_prepare_fn(
         advantages, group_std = group_advantages(
             scores, cfg.num_generations, scale_rewards=cfg.scale_rewards
         )
-        if cfg.mask_truncated_completions:
-            resp = resp * finished[:, None].astype(resp.dtype)
         if cfg.dynamic_sampling:
             keep, dropped = dynamic_sampling_keep_mask(scores, cfg.num_generations)
             resp = resp * keep[:, None].astype(resp.dtype)
