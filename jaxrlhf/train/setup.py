@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -201,8 +202,6 @@ def local_rows(batch: dict) -> dict:
 
 def mean_metrics(records: list[dict]) -> dict:
     """The mean of each metric over a list of step records (device scalars)."""
-    import jax.numpy as jnp
-
     return jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *records)
 
 
