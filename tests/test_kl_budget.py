@@ -24,8 +24,11 @@ def test_budget_controller_steps():
     assert float(update_kl_budget(state, 6.0, budget=2.0).value) == pytest.approx(0.2)
     # KL 1.5× the budget: ×1.5.
     assert float(update_kl_budget(state, 3.0, budget=2.0).value) == pytest.approx(0.15)
-    # Under budget: relaxes, by half at most.
+    # Under budget: relaxes, by half at most ...
     assert float(update_kl_budget(state, 0.0, budget=2.0).value) == pytest.approx(0.05)
+    # ... and never below the floor (the run's own coefficient).
+    assert float(update_kl_budget(state, 0.0, budget=2.0, floor=0.08).value) == pytest.approx(0.08)
+    assert float(update_kl_budget(state, 1.0, budget=2.0, floor=0.1).value) == pytest.approx(0.1)
     # Capped at max_coef.
     big = init_kl_control(8.0)
     assert float(update_kl_budget(big, 20.0, budget=2.0).value) == pytest.approx(10.0)

@@ -61,8 +61,11 @@ class DemoConfig:
             batch_size=16,
             eval_batch_size=32,
             num_epochs=1.0,
+            ensemble_size=4,
         )
     )
+    """An ensemble of 4 LoRA reward models trained together on the one base (one vmapped
+    step); PPO reads their conservative reward (`ppo.reward_model.ensemble`)."""
     ppo: PPOConfig = dataclasses.field(
         default_factory=lambda: PPOConfig(
             lora=LoraConfig(r=16, alpha=32),
@@ -71,12 +74,18 @@ class DemoConfig:
             optim=C.OptimConfig(learning_rate=3e-4, schedule="constant"),
             data=C.PromptDataConfig(max_prompt_length=24, length_buckets=(16, 24)),
             generation=C.GenerationConfig(max_new_tokens=20, temperature=1.0),
-            reward_model=C.RewardModelSection(path="(set by the demo)", append_eos=True),
+            reward_model=C.RewardModelSection(
+                path="(set by the demo)",
+                append_eos=True,
+                ensemble="mean_minus_std",
+                ensemble_coef=1.0,
+            ),
             num_iterations=16,
             rollout_batch_size=32,
             mini_batch_size=16,
             num_ppo_epochs=2,
             kl_coef=0.05,
+            kl_budget=10.0,
             eval_prompts_batch=32,
             missing_eos_penalty=None,
         )
@@ -245,6 +254,7 @@ def make_gold_hook(gold: RewardFuncConfig):
         return {
             "gold": float(scores.mean()),
             "gold_positive_share": float((scores > 0.05).mean()),
+            "gold_per_prompt": [float(x) for x in scores],
             "samples": completions[:4],
         }
 
@@ -354,10 +364,105 @@ def run_demo(*, quick: bool = False, run_dir: str | None = None, overrides: list
     }
 
 
+def bootstrap_gain(before: list[float], after: list[float], *, n: int = 2000, seed: int = 0):
+    """The mean per-prompt gain `after - before` and its 95% bootstrap interval over prompts
+    (the same held-out prompts before and after, resampled together)."""
+    diff = np.asarray(after, np.float64) - np.asarray(before, np.float64)
+    if diff.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, diff.size, size=(n, diff.size))
+    means = diff[idx].mean(axis=1)
+    return float(diff.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def eval_curve(run_dir: Path) -> list[dict]:
+    """The evaluations of a policy run (held-out prompts), in step order."""
+    from jaxrlhf.train.metrics import read_metrics
+
+    records = read_metrics(run_dir)
+    coef = {
+        r["step"]: r["kl_coef"] for r in records if r.get("split") == "train" and "kl_coef" in r
+    }
+    return [
+        {**r, "kl_coef": coef.get(r["step"], float("nan"))}
+        for r in records
+        if r.get("split") == "eval" and "gold" in r
+    ]
+
+
+def plot_gold_vs_kl(curves: dict[str, list[dict]], path: Path) -> Path:
+    """Gold score against KL to the base, one line per run, each point an evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.0, 3.6))
+    for label, curve in curves.items():
+        ax.plot([r["kl"] for r in curve], [r["gold"] for r in curve], marker="o", label=label)
+        for r in curve:
+            ax.annotate(str(r["step"]), (r["kl"], r["gold"]), fontsize=7)
+    ax.set_xlabel("KL to the base (nats per response)")
+    ax.set_ylabel("gold score (held-out prompts)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+DEGENERATE_KEY = "repeated_3gram"
+"""A completion is degenerate when some word 3-gram occurs twice in it (`text_metrics`)."""
+
+
+def target_checks(cfg: DemoConfig, before: dict, after: dict, rm_accuracy: float) -> list:
+    """The main job's targets, each (what, measured, target, met)."""
+    gain = after.get("gold", float("nan")) - before.get("gold", float("nan"))
+    d2 = after.get("distinct_2", 0.0) / max(before.get("distinct_2", 0.0), 1e-9)
+    budget = cfg.ppo.kl_budget
+    return [
+        ("gold gain over the base", f"{gain:+.3f}", "≥ +0.5", gain >= 0.5),
+        (
+            "KL to the base (nats/response)",
+            f"{after.get('kl', float('nan')):.2f}",
+            f"≤ {budget:g}" if budget else "—",
+            budget is None or after.get("kl", float("inf")) <= budget,
+        ),
+        ("distinct-2, share of the base's", f"{d2:.2f}", "≥ 0.90", d2 >= 0.9),
+        (
+            "degenerate completions (a repeated 3-gram)",
+            f"{after.get(DEGENERATE_KEY, 1.0):.1%}",
+            "< 5%",
+            after.get(DEGENERATE_KEY, 1.0) < 0.05,
+        ),
+        ("reward model held-out accuracy", f"{rm_accuracy:.3f}", "≥ 0.80", rm_accuracy >= 0.8),
+    ]
+
+
+def rm_summary(pair_stats: dict, rm_out: dict, members: int) -> str:
+    acc = rm_out["eval"].get("accuracy", float("nan"))
+    text = (
+        f"Reward model: {pair_stats['pairs']} graded pairs from {pair_stats['samples']} base "
+        f"samples ({pair_stats['ties_dropped']} ties dropped); accuracy on "
+        f"{pair_stats['heldout_pairs']} pairs of base samples of the held-out prompts "
+        f"{rm_out['eval_before'].get('accuracy', float('nan')):.3f} before, "
+        f"**{acc:.3f}** after training"
+    )
+    if members > 1:
+        each = [rm_out["eval"].get(f"member_{k}/accuracy", float("nan")) for k in range(members)]
+        text += (
+            f" (the mean of an ensemble of {members} LoRA reward models trained together; "
+            f"members: {', '.join(f'{a:.3f}' for a in each)})"
+        )
+    return text + "."
+
+
 def write_report(
     root: Path, cfg: DemoConfig, pair_stats: dict, rm_out: dict, ppo_out: dict, timings: dict
 ) -> Path:
-    from jaxrlhf.train.metrics import plot_run, read_metrics
+    from jaxrlhf.train.metrics import plot_run
 
     before, after = ppo_out["eval_before"], ppo_out["eval"]
     plots = plot_run(
@@ -366,45 +471,76 @@ def write_report(
         keys=[
             "objective/scores",
             "objective/kl",
+            "kl_coef",
+            "rewards/ensemble_std",
             "gold",
             "score",
             "kl",
-            "gold_positive_share",
+            "distinct_2",
+            DEGENERATE_KEY,
             "loss/value",
             "policy/clipfrac",
         ],
     )
-    rows = read_metrics(root / "ppo")
-    curve = [(r["step"], r.get("gold"), r.get("kl")) for r in rows if r.get("split") == "eval"]
+    curve = eval_curve(root / "ppo")
+    plots.append(plot_gold_vs_kl({"PPO (LoRA)": curve}, root / "plots" / "gold_vs_kl.png"))
+    gain, low, high = bootstrap_gain(
+        before.get("gold_per_prompt", []), after.get("gold_per_prompt", [])
+    )
+    rm_accuracy = rm_out["eval"].get("accuracy", float("nan"))
+    checks = target_checks(cfg, before, after, rm_accuracy)
+
+    def row(name: str, key: str, fmt: str) -> str:
+        b, a = before.get(key, float("nan")), after.get(key, float("nan"))
+        return f"| {name} | {b:{fmt}} | {a:{fmt}} |"
+
+    rm = cfg.ppo.reward_model
+    reward_rule = rm.ensemble + (f" (coef {rm.ensemble_coef:g})" if rm.ensemble != "mean" else "")
     lines = [
         "# PE-RLHF demo report",
         "",
         f"Model: `{cfg.model.path}`; task: steer continuations of {pair_stats['prompts']} "
         f"fortune openings toward a higher gold score; gold judge: `{cfg.gold.fn}` "
-        "(an outside scorer the models never see; the default is VADER's compound sentiment).",
+        "(an outside scorer the models never see; the default is VADER's compound sentiment). "
+        f"PPO's reward: the reward-model ensemble's `{reward_rule}`; KL budget: "
+        f"{cfg.ppo.kl_budget} nats per response.",
         "",
         "## Headline",
         "",
-        "| held-out prompts | before (base) | after (PPO LoRA) |",
+        f"| held-out prompts ({len(before.get('gold_per_prompt', []))}) | before (base) | "
+        "after (PPO LoRA) |",
         "|---|---|---|",
-        f"| gold score ({cfg.gold.label}, mean) | {before.get('gold', float('nan')):.3f} | "
-        f"{after.get('gold', float('nan')):.3f} |",
-        f"| share of positive continuations | {before.get('gold_positive_share', 0):.2f} | "
-        f"{after.get('gold_positive_share', 0):.2f} |",
-        f"| reward-model score (mean) | {before.get('score', 0):.3f} | {after.get('score', 0):.3f} |",
-        f"| KL to the base (nats/response) | {before.get('kl', 0):.3f} | {after.get('kl', 0):.3f} |",
+        row(f"gold score ({cfg.gold.label}, mean)", "gold", ".3f"),
+        row("share of positive continuations", "gold_positive_share", ".2f"),
+        row("reward-model score (mean)", "score", ".3f"),
+        row("KL to the base (nats/response)", "kl", ".3f"),
+        row("distinct-1", "distinct_1", ".3f"),
+        row("distinct-2", "distinct_2", ".3f"),
+        row("degenerate completions (a repeated word 3-gram)", DEGENERATE_KEY, ".1%"),
+        row("mean length (words)", "mean_length", ".1f"),
         "",
-        f"Reward model: {pair_stats['pairs']} graded pairs from {pair_stats['samples']} base "
-        f"samples ({pair_stats['ties_dropped']} ties dropped); accuracy on "
-        f"{pair_stats['heldout_pairs']} pairs of base samples of the held-out prompts "
-        f"{rm_out['eval_before'].get('accuracy', float('nan')):.3f} before, "
-        f"**{rm_out['eval'].get('accuracy', float('nan')):.3f}** after training.",
+        f"Gold gain {gain:+.3f} (95% bootstrap interval over prompts {low:+.3f} … {high:+.3f}).",
         "",
-        "## Gold score and KL over PPO iterations (held-out prompts)",
+        rm_summary(pair_stats, rm_out, cfg.rm.ensemble_size),
         "",
-        "| iteration | gold | KL |",
-        "|---|---|---|",
-        *[f"| {s} | {g:.3f} | {k:.3f} |" for s, g, k in curve if g is not None],
+        "## Targets",
+        "",
+        "| | measured | target | met |",
+        "|---|---|---|---|",
+        *[
+            f"| {what} | {value} | {target} | {'yes' if ok else 'NO'} |"
+            for what, value, target, ok in checks
+        ],
+        "",
+        "## Gold score, KL and degeneration over PPO iterations (held-out prompts)",
+        "",
+        "| iteration | gold | KL | distinct-2 | degenerate | KL coef |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {r['step']} | {r['gold']:.3f} | {r['kl']:.2f} | {r.get('distinct_2', 0):.3f} | "
+            f"{r.get(DEGENERATE_KEY, 0):.1%} | {r['kl_coef']:.3g} |"
+            for r in curve
+        ],
         "",
         "## Completions side by side (held-out prompts)",
         "",

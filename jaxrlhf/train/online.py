@@ -229,7 +229,10 @@ def train_online(
         kl_state = state.kl
         if kl_settings.budget is not None:
             kl_state = update_kl_budget(
-                kl_state, out[kl_settings.metric], budget=kl_settings.budget
+                kl_state,
+                out[kl_settings.metric],
+                budget=kl_settings.budget,
+                floor=kl_settings.initial,
             )
         elif kl_settings.adaptive:
             kl_state = update_kl_control(
