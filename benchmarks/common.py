@@ -14,7 +14,6 @@ Conventions (see BENCHMARKS.md):
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import importlib.metadata
 import json
@@ -138,46 +137,6 @@ def interleaved(
 
 
 # ----------------------------------------------------------------------------- memory
-
-
-def _status_bytes(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_delta(fn: Callable[[], Any]) -> int | None:
-    """Peak resident memory while `fn` runs, above the resident memory just before (freed heap
-    is returned to the OS first). None where the peak mark cannot be reset."""
-    _malloc_trim()
-    base = _status_bytes("VmRSS")
-    if base is None or not _reset_peak():
-        fn()
-        return None
-    fn()
-    peak = _status_bytes("VmHWM")
-    return None if peak is None else max(peak - base, 0)
 
 
 def tree_bytes(tree: Any) -> int:

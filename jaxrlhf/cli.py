@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the end-to-end PE-RLHF pipeline (sentiment, VADER judge)")
     d.add_argument("--quick", action="store_true", help="a minute-long run on a tiny model")
     d.add_argument("--run-dir", default=None)
+    d.add_argument(
+        "--compare-full",
+        action="store_true",
+        help="run the pipeline with LoRA and with full fine-tuning; one table (compare.md)",
+    )
     d.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the demo config")
     return parser
 
@@ -129,7 +134,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "demo":
         from jaxrlhf.commands.demo import run_demo
 
-        run_demo(quick=args.quick, run_dir=args.run_dir, overrides=args.overrides)
+        run_demo(
+            quick=args.quick,
+            run_dir=args.run_dir,
+            overrides=args.overrides,
+            compare_full=args.compare_full,
+        )
     return 0
 
 

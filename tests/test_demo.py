@@ -5,7 +5,14 @@ import json
 import numpy as np
 import pytest
 
-from jaxrlhf.commands.demo import pair_group, run_demo
+from jaxrlhf.commands.demo import (
+    DemoConfig,
+    bootstrap_gain,
+    gold_at_kl,
+    pair_group,
+    run_demo,
+    target_checks,
+)
 
 
 def test_graded_pairs_run_from_the_widest_gap_inward():
@@ -55,3 +62,44 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path):
     # the reward model learns the gold ordering beyond chance on held-out prompts' pairs
     assert out["rm"]["eval"]["accuracy"] > 0.6
     assert out["ppo"]["eval_before"]["kl"] == 0.0
+
+
+def test_bootstrap_gain_is_the_paired_mean_with_an_interval_around_it():
+    before = [0.0, 0.1, 0.2, 0.3]
+    after = [0.5, 0.5, 0.7, 0.9]  # per-prompt gains 0.5, 0.4, 0.5, 0.6: mean 0.5
+    mean, low, high = bootstrap_gain(before, after)
+    assert mean == pytest.approx(0.5)
+    assert 0.4 <= low <= mean <= high <= 0.6
+    # identical gains: no spread
+    assert bootstrap_gain([0.0, 1.0], [0.25, 1.25]) == pytest.approx((0.25, 0.25, 0.25))
+
+
+def test_gold_at_kl_interpolates_along_the_evaluations():
+    curve = [{"kl": 0.0, "gold": 0.2}, {"kl": 4.0, "gold": 0.6}, {"kl": 8.0, "gold": 0.7}]
+    assert gold_at_kl(curve, 2.0) == pytest.approx(0.4)
+    assert gold_at_kl(curve, 6.0) == pytest.approx(0.65)
+    assert gold_at_kl(curve, 8.0) == pytest.approx(0.7)
+    assert np.isnan(gold_at_kl(curve, 9.0))  # beyond the run's reach: not extrapolated
+
+
+def test_targets_are_judged_on_the_report_numbers():
+    before = {"gold": 0.2, "distinct_2": 0.8, "repeated_3gram": 0.0}
+    after = {"gold": 0.75, "kl": 9.5, "distinct_2": 0.73, "repeated_3gram": 0.03}
+    met = [ok for *_, ok in target_checks(DemoConfig(), before, after, rm_accuracy=0.81)]
+    assert met == [True, True, True, True, True]  # distinct-2 0.73 / 0.8 = 0.91
+    after = {**after, "kl": 10.5, "distinct_2": 0.7, "repeated_3gram": 0.05}
+    met = [ok for *_, ok in target_checks(DemoConfig(), before, after, rm_accuracy=0.79)]
+    assert met == [True, False, False, False, False]
+
+
+@pytest.mark.slow
+def test_quick_compare_full_writes_one_table_for_both_arms(tmp_path):
+    out = run_demo(quick=True, run_dir=str(tmp_path), compare_full=True)
+    table = (tmp_path / "compare.md").read_text()
+    assert "| reward model held-out accuracy |" in table and "Ratios LoRA / full" in table
+    assert (tmp_path / "lora" / "rm" / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "full" / "ppo" / "model" / "config.json").exists()
+    for arm in out["arms"].values():
+        assert arm["rm"]["eval"]["accuracy"] > 0.6
+        assert arm["ppo"]["eval_before"]["kl"] == 0.0
+        assert arm["timings"]["ppo"] > 0

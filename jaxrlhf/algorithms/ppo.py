@@ -399,28 +399,43 @@ def init_trainable(
     return trainable, Adapters(policy=cfg.lora, value=value_cfg)
 
 
-def critic_from_reward_model(reward_model: Any, cfg: PPOConfig) -> tuple[Any, LoraConfig]:
-    """The critic starts as the reward model: its adapter, and its score head as the value
-    head (bias 0), as InstructGPT and PE-RLHF do (an ensemble's first member)."""
-    if reward_model is None or reward_model.lora is None:
+def critic_from_reward_model(reward_model: Any, cfg: PPOConfig) -> tuple[Any, LoraConfig | None]:
+    """The critic starts as the reward model, its score head as the value head (bias 0), as
+    InstructGPT and PE-RLHF do: a LoRA reward model's adapter (an ensemble's first member)
+    for a LoRA critic, a full reward model's weights for a fully trained critic."""
+    if reward_model is None:
+        raise ValueError("value_init_from_reward_model needs reward_model.path")
+    if cfg.value_lora is None:
+        if reward_model.lora is not None:
+            raise ValueError(
+                "value_init_from_reward_model with value_lora: null (a fully trained critic) "
+                "needs a fully trained reward model (`jaxrlhf rm lora=null`), not an adapter"
+            )
+        weights = jax.device_get(reward_model.params)
+        weights = jax.tree.map(lambda x: np.asarray(x, np.float32), weights)
+        return _score_as_value(weights), None
+    if reward_model.lora is None:
         raise ValueError(
-            "value_init_from_reward_model needs a LoRA reward model "
+            "value_init_from_reward_model with a LoRA critic needs a LoRA reward model "
             "(reward_model.path pointing at a PEFT adapter from `jaxrlhf rm`)"
         )
-    if cfg.value_lora is None:
-        raise ValueError("value_init_from_reward_model needs value_lora (a LoRA critic)")
     rm_lora = jax.device_get(reward_model.lora)
     if reward_model.members > 1:
         rm_lora = adapter_member(rm_lora, 0)
-    score = rm_lora["score"]["kernel"]
-    if score.shape[-1] != 1:
-        raise ValueError("value_init_from_reward_model needs a reward model with num_labels=1")
-    value = {k: v for k, v in rm_lora.items() if k != "score"}
-    value["value"] = {"kernel": np.asarray(score, np.float32), "bias": np.zeros((1,), np.float32)}
     value_cfg = dataclasses.replace(
         reward_model.lora_cfg, task_type="CAUSAL_LM", modules_to_save=("value",)
     )
-    return value, value_cfg
+    return _score_as_value(rm_lora), value_cfg
+
+
+def _score_as_value(tree: dict) -> dict:
+    """`tree` (a reward model's adapter or weights) with its score head renamed the value head."""
+    score = tree["score"]["kernel"]
+    if score.shape[-1] != 1:
+        raise ValueError("value_init_from_reward_model needs a reward model with num_labels=1")
+    value = {k: v for k, v in tree.items() if k != "score"}
+    value["value"] = {"kernel": np.asarray(score, np.float32), "bias": np.zeros((1,), np.float32)}
+    return value
 
 
 def plan(cfg: PPOConfig) -> IterationPlan:

@@ -23,6 +23,7 @@ from jaxrlhf import config as C
 from jaxrlhf.algorithms.ppo import PPOConfig
 from jaxrlhf.algorithms.reward_model import RMConfig
 from jaxrlhf.lora import LoraConfig
+from jaxrlhf.memory import peak_during
 from jaxrlhf.models.base import load_base
 from jaxrlhf.rewards import RewardFuncConfig, resolve
 from jaxrlhf.train.runs import run_ppo, run_rm
@@ -90,6 +91,12 @@ class DemoConfig:
             missing_eos_penalty=None,
         )
     )
+
+    full_rm_learning_rate: float = 5e-5
+    """`--compare-full`: the fully fine-tuned reward model's learning rate (LoRA's is ~10-40×
+    higher, as LoRA papers use: its update is low-rank and starts at zero)."""
+    full_ppo_learning_rate: float = 3e-5
+    """`--compare-full`: the fully fine-tuned policy's and critic's learning rate."""
 
 
 QUICK = [
@@ -261,15 +268,19 @@ def make_gold_hook(gold: RewardFuncConfig):
     return hook
 
 
-def run_demo(*, quick: bool = False, run_dir: str | None = None, overrides: list[str] = ()) -> dict:
-    cfg = C.load_config(DemoConfig, None, (QUICK if quick else []) + list(overrides))
-    if run_dir:
-        cfg = dataclasses.replace(cfg, run_dir=run_dir)
-    root = Path(cfg.run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """What every arm of the demo shares: prompts, pairs (written under the run dir) and
+    their counts."""
 
+    train_prompts: list[str]
+    eval_prompts: list[str]
+    pairs: list[dict]
+    pair_stats: dict
+
+
+def prepare(cfg: DemoConfig, root: Path, timings: dict) -> Prepared:
+    """Stages 1–2: the prompts, the base model, and the graded preference pairs."""
     log(f"[1/5] prompts and the base model ({cfg.model.path})")
     prompts = demo_prompts()
     rng = np.random.default_rng(cfg.seed)
@@ -302,33 +313,42 @@ def run_demo(*, quick: bool = False, run_dir: str | None = None, overrides: list
     )
     if len(pairs) < 16 or len(heldout) < 4:
         raise ValueError(f"only {len(pairs)} + {len(heldout)} preference pairs; too few")
+    return Prepared(train_prompts, eval_prompts, pairs, pair_stats)
 
-    log("[3/5] reward model: jaxrlhf rm (LoRA, SEQ_CLS)")
+
+def train_pipeline(
+    cfg: DemoConfig, data: Prepared, *, pairs_dir: Path, out_dir: Path, timings: dict, peaks: dict
+) -> tuple[dict, dict]:
+    """Stages 3–4: the reward model on the pairs, then PPO against it. Each stage's wall time
+    goes to `timings` and its peak resident memory (bytes) to `peaks`."""
+    import datasets
+
+    what = "LoRA, SEQ_CLS" if cfg.rm.lora is not None else "full fine-tuning"
+    if cfg.rm.ensemble_size > 1:
+        what += f", an ensemble of {cfg.rm.ensemble_size}"
+    log(f"[3/5] reward model: jaxrlhf rm ({what})")
     t0 = time.perf_counter()
     rm_cfg = dataclasses.replace(
         cfg.rm,
         model=cfg.model,
-        data=dataclasses.replace(cfg.rm.data, eval=str(root / "pairs_heldout.jsonl")),
+        data=dataclasses.replace(cfg.rm.data, eval=str(pairs_dir / "pairs_heldout.jsonl")),
         run=dataclasses.replace(
             cfg.rm.run,
-            run_dir=str(root / "rm"),
+            run_dir=str(out_dir / "rm"),
             seed=cfg.seed,
             tensorboard=False,
             eval_every=10_000,
             save_every=10_000,
         ),
     )
-    import datasets
-
-    rm_out = run_rm(
-        rm_cfg,
-        source=datasets.Dataset.from_list(
-            [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in pairs]
-        ),
+    source = datasets.Dataset.from_list(
+        [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in data.pairs]
     )
+    rm_out, peaks["reward_model"], _ = peak_during(lambda: run_rm(rm_cfg, source=source))
     timings["reward_model"] = time.perf_counter() - t0
 
-    log("[4/5] policy: jaxrlhf ppo (LoRA policy, LoRA critic from the reward model)")
+    what = "LoRA policy, LoRA critic" if cfg.ppo.lora is not None else "full fine-tuning"
+    log(f"[4/5] policy: jaxrlhf ppo ({what}, the critic from the reward model)")
     t0 = time.perf_counter()
     ppo_cfg = dataclasses.replace(
         cfg.ppo,
@@ -337,7 +357,7 @@ def run_demo(*, quick: bool = False, run_dir: str | None = None, overrides: list
         data=dataclasses.replace(cfg.ppo.data, eval_size=0),
         run=dataclasses.replace(
             cfg.ppo.run,
-            run_dir=str(root / "ppo"),
+            run_dir=str(out_dir / "ppo"),
             seed=cfg.seed,
             tensorboard=False,
             eval_every=max(cfg.ppo.num_iterations // 4, 1),
@@ -345,23 +365,192 @@ def run_demo(*, quick: bool = False, run_dir: str | None = None, overrides: list
         ),
     )
     ppo_source = {
-        "train": [{"prompt": p} for p in train_prompts],
-        "eval": [{"prompt": p} for p in eval_prompts],
+        "train": [{"prompt": p} for p in data.train_prompts],
+        "eval": [{"prompt": p} for p in data.eval_prompts],
     }
-    ppo_out = run_ppo(ppo_cfg, source=ppo_source, eval_hook=make_gold_hook(cfg.gold))
+    ppo_out, peaks["ppo"], _ = peak_during(
+        lambda: run_ppo(ppo_cfg, source=ppo_source, eval_hook=make_gold_hook(cfg.gold))
+    )
     timings["ppo"] = time.perf_counter() - t0
+    return rm_out, ppo_out
 
+
+def run_demo(
+    *,
+    quick: bool = False,
+    run_dir: str | None = None,
+    overrides: list[str] = (),
+    compare_full: bool = False,
+) -> dict:
+    """The demo; `compare_full`: the LoRA pipeline and the fully fine-tuned one on the same
+    pairs, and one table comparing them (`compare.md`)."""
+    cfg = C.load_config(DemoConfig, None, (QUICK if quick else []) + list(overrides))
+    if run_dir:
+        cfg = dataclasses.replace(cfg, run_dir=run_dir)
+    root = Path(cfg.run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    if compare_full:
+        return run_compare_full(cfg, root)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    peaks: dict[str, int | None] = {}
+    data = prepare(cfg, root, timings)
+    rm_out, ppo_out = train_pipeline(
+        cfg, data, pairs_dir=root, out_dir=root, timings=timings, peaks=peaks
+    )
     log("[5/5] report")
     timings["total"] = time.perf_counter() - t_start
-    report = write_report(root, cfg, pair_stats, rm_out, ppo_out, timings)
+    report = write_report(root, cfg, data.pair_stats, rm_out, ppo_out, timings, peaks)
     log(f"report: {report}")
     return {
         "rm": rm_out,
         "ppo": ppo_out,
-        "pairs": pair_stats,
+        "pairs": data.pair_stats,
         "report": str(report),
         "timings": timings,
+        "peaks": peaks,
     }
+
+
+def comparison_arms(cfg: DemoConfig) -> dict[str, DemoConfig]:
+    """The two arms of `--compare-full`, equal but for LoRA: one reward model each (a fully
+    trained ensemble would be K copies of the base), its plain score as PPO's reward, the
+    same KL budget; the full arm at its own learning rates (`full_rm_learning_rate`,
+    `full_ppo_learning_rate`)."""
+    single_rm = dataclasses.replace(cfg.rm, ensemble_size=1)
+    plain_reward = dataclasses.replace(cfg.ppo.reward_model, ensemble="mean")
+    lora = dataclasses.replace(
+        cfg, rm=single_rm, ppo=dataclasses.replace(cfg.ppo, reward_model=plain_reward)
+    )
+    full = dataclasses.replace(
+        cfg,
+        rm=dataclasses.replace(
+            single_rm,
+            lora=None,
+            optim=dataclasses.replace(cfg.rm.optim, learning_rate=cfg.full_rm_learning_rate),
+        ),
+        ppo=dataclasses.replace(
+            cfg.ppo,
+            reward_model=plain_reward,
+            lora=None,
+            value_lora=None,
+            optim=dataclasses.replace(cfg.ppo.optim, learning_rate=cfg.full_ppo_learning_rate),
+        ),
+    )
+    return {"lora": lora, "full": full}
+
+
+def run_compare_full(cfg: DemoConfig, root: Path) -> dict:
+    timings: dict[str, float] = {}
+    data = prepare(cfg, root, timings)
+    arms = {}
+    for name, arm_cfg in comparison_arms(cfg).items():
+        log(f"=== {name} ===")
+        arm_timings: dict[str, float] = {}
+        peaks: dict[str, int | None] = {}
+        rm_out, ppo_out = train_pipeline(
+            arm_cfg, data, pairs_dir=root, out_dir=root / name, timings=arm_timings, peaks=peaks
+        )
+        arms[name] = {
+            "rm": rm_out,
+            "ppo": ppo_out,
+            "timings": arm_timings,
+            "peaks": peaks,
+            "curve": eval_curve(root / name / "ppo"),
+        }
+    path = write_comparison(root, cfg, data.pair_stats, arms)
+    log(f"comparison: {path}")
+    return {"arms": arms, "pairs": data.pair_stats, "report": str(path)}
+
+
+def gold_at_kl(curve: list[dict], kl: float) -> float:
+    """The gold score at KL `kl`, linearly interpolated along a run's evaluations (in their
+    order; the KL of a run under a budget is not always monotone, so the first crossing)."""
+    points = [(r["kl"], r["gold"]) for r in curve]
+    for (k0, g0), (k1, g1) in zip(points, points[1:], strict=False):
+        if min(k0, k1) <= kl <= max(k0, k1):
+            return g0 if k1 == k0 else g0 + (g1 - g0) * (kl - k0) / (k1 - k0)
+    return float("nan")
+
+
+def write_comparison(root: Path, cfg: DemoConfig, pair_stats: dict, arms: dict) -> Path:
+    """compare.md: LoRA vs full fine-tuning on the same pairs — reward-model accuracy, gold
+    gain (with its bootstrap interval), gold at matched KL, degeneration, time and memory."""
+    lora, full = arms["lora"], arms["full"]
+    matched = min(lora["curve"][-1]["kl"], full["curve"][-1]["kl"])
+
+    def gain(arm) -> tuple[float, float, float]:
+        b, a = arm["ppo"]["eval_before"], arm["ppo"]["eval"]
+        return bootstrap_gain(b.get("gold_per_prompt", []), a.get("gold_per_prompt", []))
+
+    diff = bootstrap_gain(
+        full["ppo"]["eval"].get("gold_per_prompt", []),
+        lora["ppo"]["eval"].get("gold_per_prompt", []),
+    )
+    mib = 2**20
+
+    def mem(arm, stage) -> str:
+        peak = arm["peaks"].get(stage)
+        return "—" if peak is None else f"{peak / mib:,.0f}"
+
+    def ratio(key: str, source: str) -> str:
+        a, b = lora[source].get(key), full[source].get(key)
+        return "—" if not a or not b else f"{a / b:.2f}"
+
+    base_gold = lora["ppo"]["eval_before"].get("gold", float("nan"))
+    rows = []
+    for label, fn in (
+        ("reward model held-out accuracy", lambda r: f"{r['rm']['eval'].get('accuracy', 0):.3f}"),
+        (
+            "gold gain (95% bootstrap interval)",
+            lambda r: "{:+.3f} ({:+.3f} … {:+.3f})".format(*gain(r)),
+        ),
+        (
+            f"gold gain at matched KL {matched:.2f}",
+            lambda r: f"{gold_at_kl(r['curve'], matched) - base_gold:+.3f}",
+        ),
+        ("final KL (nats/response)", lambda r: f"{r['ppo']['eval'].get('kl', 0):.2f}"),
+        ("distinct-2", lambda r: f"{r['ppo']['eval'].get('distinct_2', 0):.3f}"),
+        ("degenerate completions", lambda r: f"{r['ppo']['eval'].get(DEGENERATE_KEY, 0):.1%}"),
+        ("reward model: wall time (s)", lambda r: f"{r['timings']['reward_model']:.0f}"),
+        ("reward model: peak memory (MiB)", lambda r: mem(r, "reward_model")),
+        ("PPO: wall time (s)", lambda r: f"{r['timings']['ppo']:.0f}"),
+        ("PPO: peak memory (MiB)", lambda r: mem(r, "ppo")),
+    ):
+        rows.append(f"| {label} | {fn(lora)} | {fn(full)} |")
+    lines = [
+        "# LoRA vs full fine-tuning, the same pipeline on the same pairs",
+        "",
+        f"Model `{cfg.model.path}`; {pair_stats['pairs']} graded pairs; held-out prompts "
+        f"{len(lora['ppo']['eval'].get('gold_per_prompt', []))}; gold judge `{cfg.gold.fn}`; "
+        f"KL budget {cfg.ppo.kl_budget} nats per response; one reward model per arm, its "
+        f"score PPO's reward. Learning rates: LoRA rm {cfg.rm.optim.learning_rate:g}, "
+        f"ppo {cfg.ppo.optim.learning_rate:g}; full rm {cfg.full_rm_learning_rate:g}, "
+        f"ppo {cfg.full_ppo_learning_rate:g}. Base gold {base_gold:.3f}.",
+        "",
+        "| | LoRA | full fine-tuning |",
+        "|---|---|---|",
+        *rows,
+        "",
+        f"Ratios LoRA / full: reward-model time {ratio('reward_model', 'timings')}, "
+        f"memory {ratio('reward_model', 'peaks')}; PPO time {ratio('ppo', 'timings')}, "
+        f"memory {ratio('ppo', 'peaks')}.",
+        "",
+        "Gold gain LoRA − full on the same held-out prompts (final policies): "
+        "{:+.3f} (95% bootstrap interval {:+.3f} … {:+.3f}): the noise of this comparison.".format(
+            *diff
+        ),
+        "",
+        "Peak memory: the process's peak resident set during the stage (`jaxrlhf.memory`), "
+        "the frozen base, the models and the optimizer state included.",
+        "",
+    ]
+    curves = {f"PPO ({name})": arm["curve"] for name, arm in arms.items()}
+    plot = plot_gold_vs_kl(curves, root / "plots" / "gold_vs_kl.png")
+    lines.append(f"Gold against KL, both arms: `{plot.relative_to(root)}`")
+    path = root / "compare.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def bootstrap_gain(before: list[float], after: list[float], *, n: int = 2000, seed: int = 0):
@@ -460,7 +649,13 @@ def rm_summary(pair_stats: dict, rm_out: dict, members: int) -> str:
 
 
 def write_report(
-    root: Path, cfg: DemoConfig, pair_stats: dict, rm_out: dict, ppo_out: dict, timings: dict
+    root: Path,
+    cfg: DemoConfig,
+    pair_stats: dict,
+    rm_out: dict,
+    ppo_out: dict,
+    timings: dict,
+    peaks: dict | None = None,
 ) -> Path:
     from jaxrlhf.train.metrics import plot_run
 
@@ -555,6 +750,15 @@ def write_report(
         "",
         *[f"- {k}: {v:.0f}" for k, v in timings.items()],
         "",
+        *(
+            [
+                "Peak resident memory of the process (MiB): "
+                + ", ".join(f"{k} {v / 2**20:,.0f}" for k, v in peaks.items() if v is not None),
+                "",
+            ]
+            if peaks
+            else []
+        ),
         "Plots: " + ", ".join(f"`{p.relative_to(root)}`" for p in plots),
         "",
     ]
