@@ -328,3 +328,26 @@ def test_full_finetuning_runs_with_a_real_reference_copy(tmp_path):
         np.asarray(out["frozen"]["layers"]["q_proj"]["kernel"]),
     )
     assert os.path.isfile(os.path.join(tmp_path, "model", "model.safetensors"))
+
+
+def test_a_full_critic_starts_as_the_full_reward_model_and_a_lora_one_refuses_it():
+    import types
+
+    from jaxrlhf.algorithms.ppo import critic_from_reward_model
+
+    rng = np.random.default_rng(0)
+    weights = {
+        "embed": {"embedding": rng.normal(size=(5, 3)).astype(np.float32)},
+        "score": {"kernel": rng.normal(size=(3, 1)).astype(np.float32)},
+    }
+    full_rm = types.SimpleNamespace(params=weights, lora=None, members=1)
+    reward = ["reward_model.path=rm"]
+    cfg = C.load_config(P.PPOConfig, None, [*reward, "lora=null", "value_lora=null"])
+    value, value_cfg = critic_from_reward_model(full_rm, cfg)
+    assert value_cfg is None and set(value) == {"embed", "value"}
+    np.testing.assert_array_equal(value["embed"]["embedding"], weights["embed"]["embedding"])
+    np.testing.assert_array_equal(value["value"]["kernel"], weights["score"]["kernel"])
+    np.testing.assert_array_equal(value["value"]["bias"], np.zeros(1, np.float32))
+    lora_cfg = C.load_config(P.PPOConfig, None, reward)  # a LoRA critic needs a LoRA reward model
+    with pytest.raises(ValueError, match="LoRA reward model"):
+        critic_from_reward_model(full_rm, lora_cfg)
