@@ -187,6 +187,16 @@ def test_static_compiles_once_per_shape_not_per_mix(model):
     assert engine._generate.num_programs() == 1
 
 
+def test_max_rank_padding_keeps_the_rollout(model):
+    """`generation.max_rank=8` zero-pads the rank-4 stack (A·B unchanged): same tokens."""
+    cfg, params, adapters = model
+    prompts, key = make_prompts(LENGTHS), jax.random.PRNGKey(2)
+    stacked = stack_adapters(adapters)
+    want = sampler(cfg, gen(0.0))(stacked, params, prompts, key, adapter_ids=IDS)
+    got = sampler(cfg, gen(0.0, max_rank=8))(stacked, params, prompts, key, adapter_ids=IDS)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+
+
 def test_adapter_ids_respect_prompt_repeats(model):
     """Groups of 2 copies share one prefill, so they share an adapter; the rows equal the
     adapters alone with the same prefix sharing."""
@@ -287,3 +297,17 @@ def test_on_a_mesh_equals_one_device(model):
     np.testing.assert_allclose(
         np.asarray(got.sampler_logprobs), np.asarray(want.sampler_logprobs), atol=1e-5
     )
+
+
+@pytest.mark.slow
+def test_benchmark_smoke():
+    """`benchmarks/multi_adapter.py` on a random 2M model: every variant samples the same
+    sequences (all 16 rows equal to their adapter's separate run), one program for the
+    mixed batch, and the LoRA-term alternatives agree (asserted inside)."""
+    from benchmarks import multi_adapter
+
+    result = multi_adapter.run(model_path=None, size="2M", repeats=1)
+    assert result["rows_identical_to_separate_unmerged"] == 16
+    assert result["programs_one_batch"] == 1
+    assert len(result["variants"]) == 4
+    assert "one batch (adapter_ids)" in multi_adapter.render(result)

@@ -26,6 +26,10 @@ the static sampler's. Every sequence draws token i from its own stream,
 `uniform(fold_in(fold_in(key, b), i))` with b its row in the prompt batch
 (`sampling.sequence_uniforms`), so its tokens do not depend on the slot or the company it
 ran in, and equal `Sampler(..., per_sequence_rng=True)`'s row b for the same key.
+
+Several adapters in one batch (`generate(..., adapter_ids=)`): each slot carries its row's
+adapter id (`SlotState.adapter`; 0 is the base), a refilled slot takes the new row's, and the
+adapters run as one concatenated adapter with per-row column scales (`slot_scales`).
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ rollout phase (the merged kernels live only while sampling) or, with
 `generation.merge_adapter: false`, applied unmerged at a fixed `max_rank`, so adapters of
 any smaller rank reuse one compiled program. Another engine plugs in by implementing
 `RolloutEngine`.
+
+Several adapters in one batch: `generate(stacked, frozen, prompts, key, adapter_ids=ids)`
+with K adapters stacked on a leading axis and `ids[b]` in 0..K (0: no adapter, the
+reference), or `generate_with_adapters(engine, [a1, a2], ...)`; see docs/rollout_engine.md.
 """
 
 from __future__ import annotations
