@@ -260,7 +260,9 @@ def render(result: dict) -> str:
             f"{result['programs_one_batch']} program; "
             f"{result['rows_identical_to_separate_unmerged']} of {result['rows']} rows drew "
             "exactly the tokens they draw when their adapter samples them alone (unmerged, "
-            "same sequence streams).",
+            "same sequence streams); a row that differs diverges at one draw where the float32 "
+            "rounding of a differently shaped batch moves a sampling boundary, as the bare "
+            "base does at 16 vs 6 rows (docs/rollout_engine.md).",
             "",
             C.table(["variant", "seconds", "tokens/s", "time / one batch"], rows),
             "",
