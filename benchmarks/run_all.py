@@ -5,9 +5,10 @@
     python benchmarks/run_all.py --quick         # a 1–2 minute smoke version (a 2M model);
                                                  # results/quick/*.json, BENCHMARKS.md untouched
 
-Benchmarks: roofline, decode, rm, padding, dpo, grpo, ppo, trl (jaxrlhf vs TRL + PEFT). The roofline
-runs every time (the others report shares of it). A run with --only rewrites only those
-sections of BENCHMARKS.md; the others keep their earlier results (each states its date).
+Benchmarks: roofline, decode, multi_adapter, rm, padding, dpo, grpo, ppo, trl (jaxrlhf vs
+TRL + PEFT). The roofline runs every time (the others report shares of it). A run with
+--only rewrites only those sections of BENCHMARKS.md; the others keep their earlier results
+(each states its date).
 """
 
 from __future__ import annotations
@@ -45,10 +46,11 @@ def _setup_env() -> None:
 
 
 ROOFLINE_KEYS = ("matmul_fp32_gflops", "bandwidth_gb_per_s")
-ORDER = ("roofline", "decode", "rm", "padding", "dpo", "grpo", "ppo", "trl")
+ORDER = ("roofline", "decode", "multi_adapter", "rm", "padding", "dpo", "grpo", "ppo", "trl")
 TITLES = {
     "roofline": "Roofline: matmul rate and memory bandwidth",
     "decode": "Decode (KV-cache sampler)",
+    "multi_adapter": "Several adapters in one rollout batch",
     "rm": "Reward-model step: LoRA vs full fine-tuning",
     "padding": "Padding: buckets, length grouping, prompt once",
     "dpo": "DPO step: LoRA vs full fine-tuning",
@@ -71,6 +73,7 @@ FULL = {
     "trl_size": "135M",
     "trl_steps": 3,
     "padding": {"size": "10M", "pairs": 128, "repeats": 1},
+    "multi_adapter": {"model_path": "default", "size": "135M"},  # SmolLM2-135M itself
 }
 QUICK = {
     "sizes": {k: ["2M"] for k in ("decode", "rm", "dpo", "grpo", "ppo")},
@@ -80,6 +83,7 @@ QUICK = {
     "trl_size": "2M",
     "trl_steps": 1,
     "padding": {"size": "2M", "pairs": 32, "repeats": 1},
+    "multi_adapter": {"model_path": None, "size": "2M"},
 }
 
 INTRO = """# Benchmarks
@@ -127,7 +131,7 @@ side by side, interleaved) are the figures to rely on.
 
 
 def run_benchmark(name: str, profile: dict, roofline: dict | None, args) -> dict:
-    from benchmarks import decode, dpo, grpo, padding, ppo, rm, vs_trl
+    from benchmarks import decode, dpo, grpo, multi_adapter, padding, ppo, rm, vs_trl
 
     sizes = lambda n: args.sizes or profile["sizes"][n]  # noqa: E731
     reps = args.repeats or profile["repeats"]
@@ -138,6 +142,8 @@ def run_benchmark(name: str, profile: dict, roofline: dict | None, args) -> dict
             repeats=reps,
             roofline=roofline,
         )
+    if name == "multi_adapter":
+        return multi_adapter.run(**profile["multi_adapter"], repeats=reps)
     if name == "rm":
         return rm.run(
             sizes=sizes("rm"), repeats=reps, roofline=roofline, breakdown_sizes=profile["breakdown"]
@@ -162,11 +168,12 @@ def run_benchmark(name: str, profile: dict, roofline: dict | None, args) -> dict
 
 def render_section(name: str, result: dict) -> str:
     from benchmarks import common as C
-    from benchmarks import decode, dpo, grpo, padding, ppo, rm, roofline, vs_trl
+    from benchmarks import decode, dpo, grpo, multi_adapter, padding, ppo, rm, roofline, vs_trl
 
     body = {
         "roofline": roofline.render,
         "decode": decode.render,
+        "multi_adapter": multi_adapter.render,
         "rm": rm.render,
         "padding": padding.render,
         "dpo": dpo.render,

@@ -8,10 +8,13 @@ from jaxrlhf.algorithms.reward_model import RMConfig
 from jaxrlhf.config import load_config
 from jaxrlhf.lora import (
     LoraConfig,
+    concat_adapters,
     init_lora,
     merge,
     pad_rank,
+    row_scales,
     split_trainable,
+    stack_adapters,
     trainable_summary,
     unmerge,
 )
@@ -50,6 +53,7 @@ from jaxrlhf.rollout import (
     Sampler,
     SamplingConfig,
     generate,
+    generate_with_adapters,
     make_generate_fn,
 )
 from jaxrlhf.sharding import MeshConfig, make_mesh

@@ -376,6 +376,48 @@ def stack_adapters(adapters: list[Any]) -> Any:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *adapters)
 
 
+def concat_adapters(stacked: Params) -> Params:
+    """K stacked adapters (`stack_adapters`: `lora_A [K, L, in, r]`, `lora_B [K, L, r, out]`)
+    as one adapter of rank K·r whose columns k·r … k·r + r − 1 are adapter k:
+
+        A_cat = [A_1 | … | A_K]  [L, in, K·r]        B_cat = [B_1; …; B_K]  [L, K·r, out]
+
+    With per-row column scales (`row_scales`) each row of a batch then runs its own adapter
+    (`models.transformer.linear`). Only the decoder's kernels: an adapter with trained heads
+    (`modules_to_save`) or expert factors is refused."""
+    heads = [h for h in HEADS if h in stacked]
+    if heads:
+        raise ValueError(
+            f"several adapters in one batch: the adapters carry modules_to_save heads {heads}, "
+            f"which a per-row batch cannot switch; pass {{'layers': adapter['layers']}}"
+        )
+    layers = stacked.get("layers", {})
+    if "experts" in layers:
+        raise ValueError(
+            "several adapters in one batch: LoRA on MoE experts is not supported; target the "
+            "attention (or other non-expert) projections only"
+        )
+
+    def cat(ab: Params) -> Params:
+        a, b = ab["lora_A"], ab["lora_B"]  # [K, L, in, r], [K, L, r, out]
+        k, n_layers, fan_in, r = a.shape
+        return {
+            "lora_A": jnp.moveaxis(a, 0, 2).reshape(n_layers, fan_in, k * r),
+            "lora_B": jnp.swapaxes(b, 0, 1).reshape(n_layers, k * r, b.shape[-1]),
+        }
+
+    return {"layers": {proj: cat(ab) for proj, ab in layers.items()}}
+
+
+def row_scales(adapter_ids: jax.Array, scales: jax.Array, rank: int) -> jax.Array:
+    """Per-row column scales [B, K·rank] for `concat_adapters`: row b gets `scales[k − 1]` on
+    adapter k's columns when `adapter_ids[b] = k`, 0 elsewhere; id 0 is no adapter (the
+    base, the reference), all zeros. `scales`: [K] (each adapter's alpha/r)."""
+    scales = jnp.asarray(scales, jnp.float32)
+    picked = jax.nn.one_hot(jnp.asarray(adapter_ids) - 1, scales.shape[0]) * scales
+    return jnp.repeat(picked, rank, axis=-1)
+
+
 def adapter_member(stacked: Any, k: int) -> Any:
     """Adapter k of a stacked tree (`stack_adapters`)."""
     return jax.tree.map(lambda x: x[k], stacked)

@@ -219,7 +219,13 @@ def linear(
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
 ) -> jax.Array:
-    """`x·W (+b)`, plus the unmerged LoRA term `s·(dropout(x)·A)·B` when an adapter is given."""
+    """`x·W (+b)`, plus the unmerged LoRA term `s·(dropout(x)·A)·B` when an adapter is given.
+
+    `lora_scale` is a scalar `s`, or per-row column scales `S: [B, r]` for several adapters
+    in one batch (`lora.concat_adapters`: K adapters side by side as one of rank K·r, and
+    `lora.row_scales`): `y_b = x_b·W + ((x_b·A) ⊙ S_b)·B`, where row b's scales are its
+    adapter's `s` on that adapter's r columns and 0 elsewhere, so a row sees only its own
+    adapter (all zero: the base). x is then [B, T, in]."""
     y = jnp.einsum("...i,io->...o", x, read_kernel(weights, x.dtype))
     if "bias" in weights:
         y = y + weights["bias"].astype(y.dtype)
@@ -230,8 +236,19 @@ def linear(
             xa = jnp.where(keep, x / (1.0 - dropout_rate), 0).astype(x.dtype)
         a = lora["lora_A"].astype(x.dtype)
         b = lora["lora_B"].astype(x.dtype)
-        y = y + lora_delta(xa, a, b, jnp.asarray(lora_scale, x.dtype))
+        if jnp.ndim(lora_scale) == 2:  # several adapters, one per row
+            y = y + row_lora_delta(xa, a, b, jnp.asarray(lora_scale, x.dtype))
+        else:
+            y = y + lora_delta(xa, a, b, jnp.asarray(lora_scale, x.dtype))
     return y
+
+
+def row_lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, row_scales: jax.Array) -> jax.Array:
+    """`((x·A) ⊙ S)·B` for x [B, T, in], A [in, R], B [R, out], S [B, R]: each row's own
+    scaled columns of a concatenated adapter (see `linear`). One dense dot per factor, no
+    gather: on CPU a decode step costs what one adapter's does (docs/rollout_engine.md)."""
+    xa = jnp.einsum("bti,ir->btr", x, a) * row_scales[:, None, :]
+    return jnp.einsum("btr,ro->bto", xa, b)
 
 
 @jax.custom_vjp

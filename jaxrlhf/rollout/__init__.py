@@ -3,7 +3,13 @@
 compile and prompt batches on the mesh."""
 
 from jaxrlhf.rollout.continuous import ContinuousEngine, RolloutMetrics
-from jaxrlhf.rollout.engine import Rollout, RolloutEngine, Sampler, eos_ids
+from jaxrlhf.rollout.engine import (
+    Rollout,
+    RolloutEngine,
+    Sampler,
+    eos_ids,
+    generate_with_adapters,
+)
 from jaxrlhf.rollout.prompts import prompt_batch
 from jaxrlhf.rollout.sampling import (
     SampleOutput,
@@ -26,6 +32,7 @@ __all__ = [
     "decode_text",
     "eos_ids",
     "generate",
+    "generate_with_adapters",
     "make_generate_fn",
     "prompt_batch",
 ]

@@ -26,6 +26,10 @@ the static sampler's. Every sequence draws token i from its own stream,
 `uniform(fold_in(fold_in(key, b), i))` with b its row in the prompt batch
 (`sampling.sequence_uniforms`), so its tokens do not depend on the slot or the company it
 ran in, and equal `Sampler(..., per_sequence_rng=True)`'s row b for the same key.
+
+Several adapters in one batch (`generate(..., adapter_ids=)`): each slot carries its row's
+adapter id (`SlotState.adapter`; 0 is the base), a refilled slot takes the new row's, and the
+adapters run as one concatenated adapter with per-row column scales (`slot_scales`).
 """
 
 from __future__ import annotations
@@ -40,12 +44,13 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxrlhf import sharding as S
-from jaxrlhf.lora import LoraConfig, merge, pad_rank
+from jaxrlhf.lora import LoraConfig, concat_adapters, merge, pad_rank, row_scales
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.transformer import KVCache, Params, unstack_layers
-from jaxrlhf.rollout.engine import Rollout, _per_block
+from jaxrlhf.rollout.engine import Rollout, _per_block, stacked_layers
 from jaxrlhf.rollout.sampling import (
     SamplingConfig,
+    check_adapter_ids,
     check_left_padded,
     check_repeated_prompts,
     choose_tokens,
@@ -92,6 +97,7 @@ class SlotState(NamedTuple):
     step: jax.Array  # [S] int32: tokens emitted so far
     n_prompt: jax.Array  # [S] int32: real prompt tokens (position of response token 0)
     seq: jax.Array  # [S] int32: the sequence (prompt row) in the slot: its RNG stream
+    adapter: jax.Array  # [S] int32: the slot's adapter (0: none; several adapters in a batch)
     budget: jax.Array  # [S] int32: the most tokens this sequence may emit
     active: jax.Array  # [S] bool: the row is still running
     eos: jax.Array  # [S] bool: the row stopped at an EOS
@@ -122,6 +128,7 @@ def init_slots(
         step=zeros_i(),
         n_prompt=zeros_i(),
         seq=zeros_i(),
+        adapter=zeros_i(),
         budget=zeros_i(),
         active=jnp.zeros((slots,), bool),
         eos=jnp.zeros((slots,), bool),
@@ -145,13 +152,15 @@ def prefill_slots(
     seqs: jax.Array,
     budgets: jax.Array,
     key: jax.Array,
+    adapters: jax.Array,
     *,
     cfg: ModelConfig,
     sampling: SamplingConfig,
 ) -> SlotState:
     """Run K left-padded prompts [K, P] in one prefill into `slots` [K] (their cache rows
     rebuilt from scratch; a slot index >= the number of slots marks an unused row, dropped)
-    and emit each sequence's token 0 from its stream (`start_rows`)."""
+    and emit each sequence's token 0 from its stream (`start_rows`). `adapters` [K]: each
+    prompt's adapter when `lora_scale` is per adapter ([A], see `slot_scales`)."""
     logits, cache = prefill(
         params,
         prompt_ids,
@@ -159,7 +168,7 @@ def prefill_slots(
         cfg=cfg,
         cache_length=state.k.shape[3],
         lora=lora,
-        lora_scale=lora_scale,
+        lora_scale=slot_scales(lora, lora_scale, adapters),
     )
     rows = KVCache(
         k=jnp.moveaxis(cache.k, 1, 0),  # [K, L, C, KVH, hd]
@@ -168,7 +177,21 @@ def prefill_slots(
         index=jnp.broadcast_to(cache.index, slots.shape),
     )
     n_prompt = jnp.sum(prompt_mask, axis=-1)
-    return start_rows(state, slots, rows, logits, n_prompt, seqs, budgets, key, sampling=sampling)
+    return start_rows(
+        state, slots, rows, logits, n_prompt, seqs, budgets, key, adapters, sampling=sampling
+    )
+
+
+def slot_scales(lora: Params | None, lora_scale: jax.Array, adapters: jax.Array) -> jax.Array:
+    """The LoRA scale of these rows: the scalar as it is (one adapter), or, for per-adapter
+    scales [A] over a concatenated adapter of rank A·r (`lora.concat_adapters`), each row's
+    column scales [rows, A·r] from its adapter id (`lora.row_scales`; 0: none)."""
+    if lora is None or jnp.ndim(lora_scale) == 0:
+        return lora_scale
+    layers = lora["layers"]
+    first = layers[0] if isinstance(layers, list) else layers
+    total_rank = next(iter(first.values()))["lora_A"].shape[-1]
+    return row_scales(adapters, lora_scale, total_rank // lora_scale.shape[0])
 
 
 def clone_slot(
@@ -202,6 +225,7 @@ def clone_slot(
         seq[None],
         budget[None],
         key,
+        state.adapter[source][None],
         sampling=sampling,
     )
 
@@ -215,6 +239,7 @@ def start_rows(
     seqs: jax.Array,
     budgets: jax.Array,
     key: jax.Array,
+    adapters: jax.Array,
     *,
     sampling: SamplingConfig,
 ) -> SlotState:
@@ -237,6 +262,7 @@ def start_rows(
         step=put(state.step, jnp.ones_like(tok)),
         n_prompt=put(state.n_prompt, n_prompt),
         seq=put(state.seq, seqs),
+        adapter=put(state.adapter, adapters),
         budget=put(state.budget, budgets),
         active=put(state.active, ~stopped & (budgets > 1)),
         eos=put(state.eos, stopped),
@@ -268,8 +294,9 @@ def decode_until_free(
     pad = jnp.int32(sampling.pad_token_id)
     columns = jnp.arange(sampling.max_new_tokens)
     slots = state.active.shape[0]
+    per_row = lora is not None and jnp.ndim(lora_scale) == 1  # several adapters
 
-    def one_slot(tok, pos, k, v, valid, index):
+    def one_slot(tok, pos, k, v, valid, index, scale):
         logits, cache = decode_step(
             params,
             tok[None],
@@ -277,7 +304,7 @@ def decode_until_free(
             KVCache(k=k, v=v, valid=valid, index=index),
             cfg=cfg,
             lora=lora,
-            lora_scale=lora_scale,
+            lora_scale=scale[None] if per_row else scale,
         )
         return logits[0], cache
 
@@ -286,8 +313,14 @@ def decode_until_free(
         return (running > 0) & ((free_target == 0) | (slots - running < free_target))
 
     def body(s: SlotState) -> SlotState:
-        logits, cache = jax.vmap(one_slot)(
-            s.last, s.n_prompt + s.step - 1, s.k, s.v, s.valid, s.index
+        logits, cache = jax.vmap(one_slot, in_axes=(0,) * 6 + (0 if per_row else None,))(
+            s.last,
+            s.n_prompt + s.step - 1,
+            s.k,
+            s.v,
+            s.valid,
+            s.index,
+            slot_scales(lora, lora_scale, s.adapter),
         )
         uniforms = sequence_uniforms(key, s.seq, s.step)
         tok, logp = choose_tokens(logits, key, sampling, uniforms)
@@ -405,6 +438,7 @@ class ContinuousEngine:
         self._merge = jax.jit(
             lambda base, lora: _per_block(merge(base, lora, lora_cfg, with_heads=False))
         )
+        self._concat = jax.jit(concat_adapters)
         self.last_metrics: RolloutMetrics | None = None
 
     def num_programs(self) -> int:
@@ -412,7 +446,21 @@ class ContinuousEngine:
         more with `prefill_batch` > 1, and one more once a repeated prompt is copied."""
         return sum(f._cache_size() for f in (self._prefill, self._decode, self._clone))
 
-    def _weights(self, policy: Any, frozen: Any) -> tuple[Params, Params | None, float]:
+    def _weights(
+        self, policy: Any, frozen: Any, stacked: bool = False
+    ) -> tuple[Params, Params | None, Any]:
+        if stacked:  # K adapters as one of rank K·r, a scale per adapter (`slot_scales`)
+            if self.lora_cfg is None:
+                raise ValueError(
+                    "adapter_ids: several adapters in one batch need a LoRA run (lora_cfg); "
+                    "full fine-tuning has no adapters to switch"
+                )
+            layers = stacked_layers(policy, self.gen.max_rank)
+            k = jax.tree.leaves(layers)[0].shape[0]
+            lora = self._concat(layers)
+            params = {**frozen, "layers": unstack_layers(frozen["layers"])}
+            scales = jnp.full((k,), self.lora_cfg.scale, jnp.float32)
+            return params, {"layers": unstack_layers(lora["layers"])}, scales
         if self.lora_cfg is None:
             return {**policy, "layers": unstack_layers(policy["layers"])}, None, 1.0
         if self.gen.merge_adapter:
@@ -430,11 +478,19 @@ class ContinuousEngine:
         *,
         prompt_repeats: int = 1,
         budgets: Any = None,
+        adapter_ids: Any = None,
+        sequence_ids: Any = None,
     ) -> Rollout:
         """`RolloutEngine.generate`. Copies of a repeated prompt (`prompt_repeats`) run as
         separate sequences; the prompt is prefilled once while one of its copies holds a
-        slot and copied from that slot's cache for the others. `budgets` [B] (ints in [1, max_new_tokens], default all
-        max_new_tokens): the most tokens row b may emit."""
+        slot and copied from that slot's cache for the others. `budgets` [B] (ints in
+        [1, max_new_tokens], default all max_new_tokens): the most tokens row b may emit.
+
+        Several adapters in one batch: with `adapter_ids` [B] (0: no adapter, the
+        reference; k: adapter k−1) `policy` is K adapters stacked on a leading axis
+        (`lora.stack_adapters`), run unmerged; each slot carries its row's adapter id, and a
+        refilled slot takes the new row's. `sequence_ids` [B]: each row's RNG stream
+        (default its row index), so a row can be given the stream it has in another batch."""
         ids = np.asarray(S.host_view(prompts["input_ids"]), np.int32)
         mask = np.asarray(S.host_view(prompts["attention_mask"]), np.int32)
         check_left_padded(mask)
@@ -455,9 +511,22 @@ class ContinuousEngine:
             )
         run_ids = np.pad(ids, ((0, 0), (width - p, 0)), constant_values=self.sampling.pad_token_id)
         run_mask = np.pad(mask, ((0, 0), (width - p, 0)))
+        stacked = adapter_ids is not None
+        if stacked:
+            n_adapters = jax.tree.leaves(policy["layers"])[0].shape[0]
+            check_adapter_ids(adapter_ids, b, n_adapters, prompt_repeats)
+        row_adapter = np.zeros((b,), np.int32) if not stacked else np.asarray(adapter_ids)
+        row_adapter = row_adapter.astype(np.int32)
+        streams = np.arange(b, dtype=np.int32)
+        if sequence_ids is not None:
+            streams = np.asarray(S.host_view(sequence_ids), np.int32)
+            if streams.shape != (b,):
+                raise ValueError(
+                    f"sequence_ids must be [{b}] ints (one stream per row), got {streams.shape}"
+                )
 
         start = time.perf_counter()
-        params, lora, scale = self._weights(policy, frozen)
+        params, lora, scale = self._weights(policy, frozen, stacked)
         scale = jnp.asarray(scale, jnp.float32)
         state = init_slots(self.model_cfg, self.slots, width + n, n, self.sampling.pad_token_id)
         if self.mesh is not None:
@@ -503,9 +572,10 @@ class ContinuousEngine:
                     slots_,
                     run_ids[rows],
                     run_mask[rows],
-                    rows,
+                    streams[rows],
                     budgets[rows].astype(np.int32),
                     key,
+                    row_adapter[rows],
                 )
             return state
 
@@ -525,7 +595,7 @@ class ContinuousEngine:
                             state,
                             jnp.int32(s),
                             jnp.int32(source),
-                            jnp.int32(row),
+                            jnp.int32(streams[row]),
                             jnp.int32(budgets[row]),
                             key,
                         )

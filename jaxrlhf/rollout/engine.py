@@ -10,6 +10,10 @@ rollout phase (the merged kernels live only while sampling) or, with
 `generation.merge_adapter: false`, applied unmerged at a fixed `max_rank`, so adapters of
 any smaller rank reuse one compiled program. Another engine plugs in by implementing
 `RolloutEngine`.
+
+Several adapters in one batch: `generate(stacked, frozen, prompts, key, adapter_ids=ids)`
+with K adapters stacked on a leading axis and `ids[b]` in 0..K (0: no adapter, the
+reference), or `generate_with_adapters(engine, [a1, a2], ...)`; see docs/rollout_engine.md.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from jaxrlhf.lora import LoraConfig, merge, pad_rank
+from jaxrlhf.lora import HEADS, LoraConfig, merge, pad_rank, stack_adapters
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.transformer import unstack_layers
 from jaxrlhf.rollout.sampling import SamplingConfig, make_generate_fn
@@ -131,14 +135,44 @@ class Sampler:
         return self._merge(frozen, policy)
 
     def generate(
-        self, policy: Any, frozen: Any, prompts: dict, key: jax.Array, *, prompt_repeats: int = 1
+        self,
+        policy: Any,
+        frozen: Any,
+        prompts: dict,
+        key: jax.Array,
+        *,
+        prompt_repeats: int = 1,
+        adapter_ids: Any = None,
+        sequence_ids: Any = None,
     ) -> Rollout:
+        """`RolloutEngine.generate`. Several adapters in one batch: with `adapter_ids` [B]
+        (0: no adapter, the reference; k: adapter k−1), `policy` is K adapters stacked on a
+        leading axis (`lora.stack_adapters`), applied unmerged at the engine's scale (padded
+        to `gen.max_rank` if set), one program per number of adapters. `sequence_ids` [B]
+        (with `per_sequence_rng`): each row's stream, default its row index."""
         ids, mask = prompts["input_ids"], prompts["attention_mask"]
-        if self.lora_cfg is None:
-            out = self._generate(policy, ids, mask, key, prompt_repeats=prompt_repeats)
+        common = dict(prompt_repeats=prompt_repeats, sequence_ids=sequence_ids)
+        if adapter_ids is not None:
+            if self.lora_cfg is None:
+                raise ValueError(
+                    "adapter_ids: several adapters in one batch need a LoRA run (lora_cfg); "
+                    "full fine-tuning has no adapters to switch"
+                )
+            out = self._generate(
+                frozen,
+                ids,
+                mask,
+                key,
+                lora=stacked_layers(policy, self.gen.max_rank),
+                lora_scale=self.lora_cfg.scale,
+                adapter_ids=adapter_ids,
+                **common,
+            )
+        elif self.lora_cfg is None:
+            out = self._generate(policy, ids, mask, key, **common)
         elif self.gen.merge_adapter:
             merged = self.merged(frozen, policy)
-            out = self._generate(merged, ids, mask, key, prompt_repeats=prompt_repeats)
+            out = self._generate(merged, ids, mask, key, **common)
             del merged
         else:
             lora = policy if self.gen.max_rank is None else pad_rank(policy, self.gen.max_rank)
@@ -149,7 +183,7 @@ class Sampler:
                 key,
                 lora={"layers": lora["layers"]},
                 lora_scale=self.lora_cfg.scale,
-                prompt_repeats=prompt_repeats,
+                **common,
             )
         full_ids, full_mask = _join(ids, mask, out.tokens, out.response_mask)
         return Rollout(
@@ -162,6 +196,54 @@ class Sampler:
         )
 
     __call__ = generate
+
+
+def stacked_layers(stacked: Any, max_rank: int | None) -> Any:
+    """The decoder factors of K stacked adapters (`lora.stack_adapters`), rank-padded to
+    `max_rank` when set; trained heads (modules_to_save) are refused, as a per-row batch
+    cannot switch them (`lora.concat_adapters`)."""
+    if not isinstance(stacked, dict) or "layers" not in stacked:
+        raise ValueError("adapter_ids needs policy = K stacked adapters (lora.stack_adapters)")
+    heads = [h for h in HEADS if h in stacked]
+    if heads:
+        raise ValueError(
+            f"adapter_ids: the stacked adapters carry modules_to_save heads {heads}; a rollout "
+            f"uses the decoder only: pass {{'layers': stacked['layers']}}"
+        )
+    tree = {"layers": stacked["layers"]}
+    return tree if max_rank is None else pad_rank(tree, max_rank)
+
+
+def generate_with_adapters(
+    engine: Any,
+    adapters: list[Any],
+    frozen: Any,
+    prompts: dict,
+    key: jax.Array,
+    adapter_ids: Any,
+    *,
+    prompt_repeats: int = 1,
+    sequence_ids: Any = None,
+) -> Rollout:
+    """Sample one batch in which row b runs adapter `adapter_ids[b]`: 0 the base (the
+    reference, no adapter), k ≥ 1 `adapters[k − 1]` (LoRA trees of one rank and targets on
+    `frozen`; trained heads are dropped, a rollout needs the decoder only). `engine`: a
+    `Sampler` or `ContinuousEngine`; with per-sequence streams a row's tokens are those it
+    gets when its adapter samples it alone with the same key and sequence id. The adapters
+    run unmerged as one adapter of rank K·r with per-row column scales
+    (`lora.concat_adapters`): one decode step serves all of them."""
+    if not adapters:
+        raise ValueError("generate_with_adapters: pass at least one adapter")
+    stacked = stack_adapters([{"layers": a["layers"]} for a in adapters])
+    return engine.generate(
+        stacked,
+        frozen,
+        prompts,
+        key,
+        prompt_repeats=prompt_repeats,
+        adapter_ids=adapter_ids,
+        sequence_ids=sequence_ids,
+    )
 
 
 def eos_ids(model_cfg: ModelConfig, tokenizer: Any) -> tuple[int, ...]:

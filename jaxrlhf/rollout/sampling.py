@@ -305,8 +305,18 @@ def generate(
     lora_scale: Any = 1.0,
     mesh: Mesh | None = None,
     prompt_repeats: int = 1,
+    adapter_ids: jax.Array | None = None,
+    sequence_ids: jax.Array | None = None,
 ) -> SampleOutput:
     """Sample `sampling.max_new_tokens` tokens after left-padded prompts [B, P].
+
+    Several adapters in one batch: with `adapter_ids` [B] int32, `lora` is K adapters stacked
+    on a leading axis (`lora.stack_adapters`, [K, L, ...]) and `lora_scale` a scalar or [K];
+    row b runs adapter `adapter_ids[b]` (1..K) or none (0: the base, the reference). They
+    run as one adapter of rank K·r with per-row column scales (`lora.concat_adapters`,
+    `lora.row_scales`); the rows of a `prompt_repeats` group must share their adapter.
+    `sequence_ids` [B]: each row's stream with `per_sequence_rng` (default: its row index),
+    so a row sampled in another batch draws the same tokens.
 
     `prompt_repeats=k`: the rows come in groups of k copies of one prompt (GRPO's groups,
     several samples per prompt): each prompt is run through the model once and its KV cache
@@ -323,20 +333,33 @@ def generate(
     transient copy; pass `unstack_layers` output, as the PPO/GRPO `Sampler` does with the
     merged policy, to avoid it).
     """
-    params = {**params, "layers": unstack_layers(params["layers"])}
-    if lora is not None and "layers" in lora:
-        lora = {**lora, "layers": unstack_layers(lora["layers"])}
     b, p = prompt_ids.shape
     n = sampling.max_new_tokens
     k = prompt_repeats
     if k < 1 or b % k:
         raise ValueError(f"prompt_repeats={k} must be >= 1 and divide the batch of {b} rows")
+    prefill_scale = lora_scale
+    if adapter_ids is not None:
+        if lora is None:
+            raise ValueError("adapter_ids needs lora: K adapters stacked on a leading axis")
+        lora, lora_scale = multi_adapter_lora(lora, lora_scale, adapter_ids)
+        prefill_scale = lora_scale[::k]  # a group's rows share their prompt and adapter
+    params = {**params, "layers": unstack_layers(params["layers"])}
+    if lora is not None and "layers" in lora:
+        lora = {**lora, "layers": unstack_layers(lora["layers"])}
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
     eos_ids = jnp.asarray(sampling.eos_token_ids or (-1,), jnp.int32)
     pad = jnp.int32(sampling.pad_token_id)
     n_prompt = jnp.sum(prompt_mask, axis=-1)  # position of response token 0
-    rows = jnp.arange(b, dtype=jnp.int32)  # each row's stream with `per_sequence_rng`
+    if sequence_ids is not None and not sampling.per_sequence_rng:
+        raise ValueError("sequence_ids name per-row streams: set SamplingConfig.per_sequence_rng")
+    # each row's stream with `per_sequence_rng`
+    rows = (
+        jnp.arange(b, dtype=jnp.int32)
+        if sequence_ids is None
+        else jnp.asarray(sequence_ids, jnp.int32)
+    )
 
     def emit(i, logits, tokens, response_mask, logprobs, finished):
         """Choose token i for every running row and write it into the outputs."""
@@ -361,7 +384,7 @@ def generate(
         cfg=cfg,
         cache_length=p + n,
         lora=lora,
-        lora_scale=lora_scale,
+        lora_scale=prefill_scale,
         mesh=mesh,
     )
     if k > 1:
@@ -405,6 +428,47 @@ def generate(
     )
 
 
+def multi_adapter_lora(
+    stacked: Params, scales: Any, adapter_ids: jax.Array
+) -> tuple[Params, jax.Array]:
+    """(one adapter of rank K·r, per-row column scales [B, K·r]) for K stacked adapters
+    [K, ...] with per-adapter `scales` (scalar or [K]) and `adapter_ids` [B] in 0..K (0: no
+    adapter): what `generate` and `models.transformer.linear` run (`lora.concat_adapters`)."""
+    from jaxrlhf.lora import concat_adapters, lora_rank, row_scales
+
+    k = jax.tree.leaves(stacked["layers"])[0].shape[0]
+    rank = lora_rank(stacked)
+    scales = jnp.broadcast_to(jnp.asarray(scales, jnp.float32), (k,))
+    return concat_adapters(stacked), row_scales(adapter_ids, scales, rank)
+
+
+def check_adapter_ids(adapter_ids: Any, batch: int, adapters: int, repeats: int = 1) -> None:
+    """Raise unless `adapter_ids` is [batch] ints in 0..adapters (0: no adapter) and the rows
+    of each `repeats` group share one id (they share a prefill). Traced arrays pass."""
+    if isinstance(adapter_ids, jax.core.Tracer) or (
+        isinstance(adapter_ids, jax.Array) and not adapter_ids.is_fully_addressable
+    ):
+        return
+    ids = np.asarray(adapter_ids)
+    if ids.shape != (batch,) or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(
+            f"adapter_ids must be [{batch}] integers (one per row), got shape {ids.shape} "
+            f"of {ids.dtype}"
+        )
+    if ids.size and (ids.min() < 0 or ids.max() > adapters):
+        raise ValueError(
+            f"adapter_ids must be in [0, {adapters}] (0: no adapter, k: stacked adapter k-1), "
+            f"got range [{ids.min()}, {ids.max()}]"
+        )
+    groups = ids.reshape(-1, repeats)
+    bad = np.flatnonzero((groups != groups[:, :1]).any(axis=1))
+    if bad.size:
+        raise ValueError(
+            f"prompt_repeats={repeats}: the rows of group(s) {bad[:5].tolist()} name different "
+            f"adapters; a group shares one prefill, so give its rows one adapter id"
+        )
+
+
 def check_left_padded(prompt_mask: Any) -> None:
     """Raise if a concrete prompt mask is not left-padded (a row's last column is padding,
     or a row is empty). Traced masks and arrays spread over several hosts pass unchecked."""
@@ -445,25 +509,39 @@ def check_repeated_prompts(prompt_ids: Any, prompt_mask: Any, repeats: int) -> N
 
 
 def generate_shardings(
-    mesh: Mesh, params: Params, prompt_ids: Any, lora: Params | None = None
+    mesh: Mesh,
+    params: Params,
+    prompt_ids: Any,
+    lora: Params | None = None,
+    adapter_ids: Any = None,
+    sequence_ids: Any = None,
 ) -> tuple[tuple, SampleOutput]:
     """(in_shardings, out_shardings) of the compiled sampler on `mesh` for these arguments:
     params and LoRA by their logical axes, prompt ids/mask and every per-row output over
     ("data", "fsdp") (whole when data x fsdp does not divide the batch, as `shard_batch`
-    places such a batch), the key and the LoRA scale replicated."""
+    places such a batch), the key and the LoRA scale replicated; a stacked adapter tree
+    (with `adapter_ids`) replicated too (adapters are small), the ids like the rows."""
     rows = S.batch_shardings(jax.ShapeDtypeStruct(np.shape(prompt_ids), jnp.int32), mesh)
     rows_1d = S.batch_shardings(jax.ShapeDtypeStruct(np.shape(prompt_ids)[:1], jnp.int32), mesh)
-    lora_sh = None if lora is None else S.tree_shardings(lora, mesh)
     rep = S.replicated(mesh)
-    in_sh = (S.tree_shardings(params, mesh), rows, rows, rep, lora_sh, rep)
+    if lora is None:
+        lora_sh = None
+    elif adapter_ids is not None:  # [K, ...]: the logical axes are one position off
+        lora_sh = jax.tree.map(lambda _: rep, lora)
+    else:
+        lora_sh = S.tree_shardings(lora, mesh)
+    ids_sh = tuple(None if x is None else rows_1d for x in (adapter_ids, sequence_ids))
+    in_sh = (S.tree_shardings(params, mesh), rows, rows, rep, lora_sh, rep, *ids_sh)
     return in_sh, SampleOutput(tokens=rows, response_mask=rows, logprobs=rows, finished=rows_1d)
 
 
 def make_generate_fn(
     cfg: ModelConfig, sampling: SamplingConfig, mesh: Mesh | None = None
 ) -> Callable[..., SampleOutput]:
-    """`fn(params, prompt_ids, prompt_mask, key, lora=None, lora_scale=1.0) -> SampleOutput`,
-    compiled once per shape (and per LoRA tree structure) with `cfg`/`sampling` baked in.
+    """`fn(params, prompt_ids, prompt_mask, key, lora=None, lora_scale=1.0, prompt_repeats=1,
+    adapter_ids=None, sequence_ids=None) -> SampleOutput`, compiled once per shape (and per
+    LoRA tree structure) with `cfg`/`sampling` baked in; several adapters in one batch
+    (`adapter_ids`, see `generate`) compile once per number of adapters, never per mix.
 
     `lora_scale` is cast to a float32 array before the compiled call, so adapters with
     different alpha/r share one program.
@@ -478,7 +556,9 @@ def make_generate_fn(
     """
 
     def run_for(prompt_repeats: int):
-        def run(params, prompt_ids, prompt_mask, key, lora, lora_scale):
+        def run(
+            params, prompt_ids, prompt_mask, key, lora, lora_scale, adapter_ids=None, seq_ids=None
+        ):
             return generate(
                 params,
                 prompt_ids,
@@ -490,6 +570,8 @@ def make_generate_fn(
                 lora_scale=lora_scale,
                 mesh=mesh,
                 prompt_repeats=prompt_repeats,
+                adapter_ids=adapter_ids,
+                sequence_ids=seq_ids,
             )
 
         return run
@@ -499,8 +581,9 @@ def make_generate_fn(
         programs[None] = jax.jit(run_for(1))
 
     def shardings(args: tuple) -> tuple[tuple, SampleOutput]:
-        params, prompt_ids, _, _, lora, _ = args
-        return generate_shardings(mesh, params, prompt_ids, lora)
+        params, prompt_ids, _, _, lora, _, *ids = args
+        in_sh, out_sh = generate_shardings(mesh, params, prompt_ids, lora, *ids)
+        return in_sh[: len(args)], out_sh  # callers may leave the two id arrays out
 
     def jitted_for(*args, prompt_repeats: int = 1):
         if mesh is None:
@@ -526,10 +609,29 @@ def make_generate_fn(
         lora: Params | None = None,
         lora_scale: Any = 1.0,
         prompt_repeats: int = 1,
+        adapter_ids: Any = None,
+        sequence_ids: Any = None,
     ) -> SampleOutput:
         check_left_padded(prompt_mask)
         check_repeated_prompts(prompt_ids, prompt_mask, prompt_repeats)
-        args = (params, prompt_ids, prompt_mask, key, lora, jnp.asarray(lora_scale, jnp.float32))
+        if adapter_ids is not None:
+            if lora is None:
+                raise ValueError("adapter_ids needs lora: K adapters stacked on a leading axis")
+            n_adapters = jax.tree.leaves(lora)[0].shape[0]
+            check_adapter_ids(adapter_ids, np.shape(prompt_ids)[0], n_adapters, prompt_repeats)
+            adapter_ids = jnp.asarray(adapter_ids, jnp.int32)
+        if sequence_ids is not None:
+            sequence_ids = jnp.asarray(sequence_ids, jnp.int32)
+        args = (
+            params,
+            prompt_ids,
+            prompt_mask,
+            key,
+            lora,
+            jnp.asarray(lora_scale, jnp.float32),
+            adapter_ids,
+            sequence_ids,
+        )
         if mesh is not None:
             args = jax.device_put(args, shardings(args)[0])
         return jitted_for(*args, prompt_repeats=prompt_repeats)(*args)
