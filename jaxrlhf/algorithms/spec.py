@@ -67,6 +67,10 @@ class IterationPlan:
     """Iterations in the run."""
     whole_groups: bool = False
     """Shuffle whole groups, so every minibatch holds complete groups."""
+    generation_rounds: int = 1
+    """Most generation rounds an iteration may run to fill its batch with groups the
+    algorithm keeps (`OnlineAlgorithm.keep_groups`: DAPO's dynamic sampling); round r > 1
+    samples the next `prompts` of the data order."""
 
     @property
     def batch(self) -> int:
@@ -130,3 +134,8 @@ class OnlineAlgorithm:
     bar_keys: tuple[str, ...] = ()
     drop_metrics: tuple[str, ...] = ()
     """Scorer metrics this algorithm does not report."""
+    keep_groups: Callable[[Any, Any, Any], Any] = lambda cfg, scores, rollout: None
+    """`(cfg, scores [B] numpy, rollout) -> keep [B / group] bool numpy, or None (keep
+    all)`: which groups of a generation round may train. When fewer than `plan.prompts`
+    are kept, the driver samples further rounds (at most `plan.generation_rounds`) and
+    trains on the first `plan.prompts` kept groups (`train.dynamic_sampling`)."""
