@@ -45,7 +45,15 @@ class PreferenceAlgorithm:
     precompute_reference: Callable[[Any], bool] = lambda cfg: False
     prepare_rows: Callable[[Any, list], list] | None = None
     """`(cfg, rows) -> rows`: rewrites the loaded rows (train and eval) into preference
-    pairs before tokenization (KTO: unpaired feedback → (completion, KL completion) pairs)."""
+    pairs before tokenization (KTO: unpaired feedback → (completion, completion) pairs,
+    the second rotated into the KL completion by `prepare_data`)."""
+    prepare_data: Callable[[Any, Any], Any] | None = None
+    """`(cfg, PreferenceData) -> PreferenceData`: rewrites each tokenized split (train and
+    eval, after the split) before training (KTO: each row's KL completion)."""
+    block_batches: Callable[[Any], bool] = lambda cfg: False
+    """Batches are fixed blocks of consecutive pairs, visited in a shuffled block order
+    (`data.block_batch_indices`), instead of the length-grouped order (KTO: the KL
+    completions of a batch are its own completions)."""
     summary_keys: tuple[str, ...] = ("loss",)
     """Eval metrics printed before and after training."""
     bar_keys: tuple[str, ...] = ("loss",)
