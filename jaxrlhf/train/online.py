@@ -8,7 +8,9 @@
 
 The algorithm (`algorithms.spec.OnlineAlgorithm`) supplies its config, its trainable layout,
 its `prepare`/`update` steps and how an iteration is cut into optimizer steps; everything
-else is here. The engine is `rollout.Sampler` unless another `RolloutEngine` is passed.
+else is here. An algorithm that filters groups (`keep_groups`: GRPO's dynamic sampling) has
+the rollout and scoring repeated on the next prompts until the batch is full of kept groups
+or `plan.generation_rounds` ran (`train.dynamic_sampling`). The engine is `rollout.Sampler` unless another `RolloutEngine` is passed.
 """
 
 from __future__ import annotations
