@@ -146,7 +146,6 @@ def _group_mean(g):
     return g * GROUP + (GROUP - 1) / 2
 
 
-@pytest.mark.slow
 def test_refill_fills_the_batch_then_the_cap_masks_the_rest(tmp_path):
     """Iteration 1: round 1 ties groups 1, 3; round 2 ties 0, 2, 3; round 3 none → the batch
     is round 1's groups 0, 2, round 2's group 1 and round 3's group 0 (3 rounds, 5 groups
@@ -174,7 +173,6 @@ def test_refill_fills_the_batch_then_the_cap_masks_the_rest(tmp_path):
     assert _data_position(tmp_path, 2) == 6 * PROMPTS
 
 
-@pytest.mark.slow
 def test_cap_reached_tops_up_with_masked_tied_groups(tmp_path):
     """max_num_gen_batches=2: round 1 keeps groups 0, 2, round 2 keeps group 1 → three kept
     groups; round 1's group 1 (the earliest dropped) fills the fourth slot, masked."""
