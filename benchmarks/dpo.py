@@ -79,20 +79,36 @@ def token_counts(batch: dict) -> tuple[int, int, int, int]:
 
 
 def build_case(
-    mode: str, cfg, params_host: dict, batch: dict, *, flops: bool = True, seed: int = 0
+    mode: str,
+    cfg,
+    params_host: dict,
+    batch: dict,
+    *,
+    flops: bool = True,
+    seed: int = 0,
+    algorithm: str = "dpo",
+    options: dict | None = None,
 ) -> Case:
-    from jaxrlhf.algorithms import dpo as A
+    """One step of the preference algorithm `jaxrlhf.algorithms.<algorithm>` (its config
+    with `lora` and `options`; DPO: β = 0.1), as its driver runs it. Full fine-tuning keeps
+    a frozen reference copy only where the algorithm has a reference (DPO, KTO)."""
+    import importlib
+
     from jaxrlhf.algorithms.common import init_train_state
     from jaxrlhf.lora import split_trainable
 
+    algo = importlib.import_module(f"jaxrlhf.algorithms.{algorithm}").ALGORITHM
     lora_cfg = C.lora_config() if mode == "lora" else None
+    hyper = algo.config(lora=lora_cfg, **({"beta": 0.1} if options is None else options))
+    has_reference = algo.needs_reference(hyper)
     key = jax.random.PRNGKey(seed)
-    frozen = C.copy_tree(params_host)  # LoRA: the base; full: the reference copy
+    # LoRA: the base; full: the reference copy (none for a reference-free algorithm)
+    frozen = C.copy_tree(params_host) if lora_cfg or has_reference else None
     trainable, _ = split_trainable(key, frozen if lora_cfg else params_host, cfg, lora_cfg)
     trainable = C.copy_tree(trainable)
     opt = C.optimizer()
     state = init_train_state(trainable, opt, jax.random.fold_in(key, 1))
-    step = A.make_train_step(A.DPOConfig(lora=lora_cfg, beta=0.1), model_cfg=cfg, optimizer=opt)
+    step = algo.make_train_step(hyper, model_cfg=cfg, optimizer=opt)
     compiled, stats = C.compile_program(step, state, frozen, batch, donate_argnums=(0,))
     holder = {"state": state}
 
@@ -102,9 +118,11 @@ def build_case(
         holder["state"] = new
 
     tokens, run_tokens, lm, seq = token_counts(batch)
-    analytic = C.forward_flops(cfg, tokens=run_tokens, context=seq, lm_tokens=lm) + C.train_flops(
+    analytic = C.train_flops(
         cfg, lora=lora_cfg is not None, tokens=run_tokens, context=seq, lm_tokens=lm
     )
+    if has_reference:  # the reference's no-grad forward
+        analytic += C.forward_flops(cfg, tokens=run_tokens, context=seq, lm_tokens=lm)
     return Case(
         mode=mode,
         run=run,
@@ -112,7 +130,7 @@ def build_case(
         hlo=compiled.as_text,
         trainable_bytes=C.tree_bytes(state.trainable),
         optimizer_bytes=C.tree_bytes(state.opt_state),
-        frozen_bytes=C.tree_bytes(frozen),
+        frozen_bytes=C.tree_bytes(frozen) if frozen is not None else 0,
         tokens=tokens,
         flops_xla=C.xla_flops(step, state, frozen, batch) if flops else None,
         flops_analytic=analytic,

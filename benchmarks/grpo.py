@@ -38,9 +38,14 @@ def build_case(
     reward: Callable[[np.ndarray], np.ndarray] = default_reward,
     flops: bool = True,
     seed: int = 0,
+    algorithm: str = "grpo",
+    options: dict | None = None,
 ) -> Case:
-    """`prompt_ids`: [prompts, P]; each prompt is repeated `generations` times."""
-    from jaxrlhf.algorithms import grpo as G
+    """`prompt_ids`: [prompts, P]; each prompt is repeated `generations` times. One
+    iteration of the group-rollout algorithm `jaxrlhf.algorithms.<algorithm>` (GRPO, RLOO,
+    REINFORCE++) with `options` over its defaults (GRPO: β = 0, loss "dapo")."""
+    import importlib
+
     from jaxrlhf.algorithms.common import init_train_state
     from jaxrlhf.config import GenerationConfig
     from jaxrlhf.lora import split_trainable
@@ -64,24 +69,28 @@ def build_case(
         new_tokens=new_tokens,
         prompt_repeats=generations,
     )
-    hyper = G.GRPOConfig(
+    algo = importlib.import_module(f"jaxrlhf.algorithms.{algorithm}").ALGORITHM
+    if options is None:
+        options = {"beta": 0.0, "loss_type": "dapo"} if algorithm == "grpo" else {}
+    hyper = algo.config(
         lora=lora_cfg,
         reward_funcs=(RewardFuncConfig(fn="char_share", kwargs={"chars": "a"}),),
         num_generations=generations,
         prompts_per_iteration=b // generations,
-        beta=0.0,
-        loss_type="dapo",
         generation=GenerationConfig(max_new_tokens=new_tokens, temperature=1.0),
         share_prompt=True,
+        **options,
     )
-    prepare = G.make_prepare_fn(hyper, model_cfg=cfg, prompt_len=p)
-    update = G.make_update_fn(hyper, model_cfg=cfg, optimizer=opt, prompt_len=p)
+    prepare = algo.make_prepare(hyper, model_cfg=cfg, adapters=None, prompt_len=p)
+    update = algo.make_update(hyper, model_cfg=cfg, adapters=None, optimizer=opt, prompt_len=p)
+    kl_coef = jnp.float32(algo.kl_control(hyper).initial)
     example = rollout(state.trainable, jax.random.PRNGKey(1))
     keys = ("input_ids", "attention_mask", "response_mask", "finished")
     r_in = {k: example[k] for k in keys}
     scores = jnp.asarray(reward(np.asarray(example["tokens"])))
-    prep_c, prep_stats = C.compile_program(prepare, state.trainable, frozen, r_in, scores)
-    batch, _ = prep_c(state.trainable, frozen, r_in, scores)
+    args = (state.trainable, frozen, r_in, scores, kl_coef)
+    prep_c, prep_stats = C.compile_program(prepare, *args)
+    batch, _ = prep_c(*args)
     indices = jnp.arange(b)
     upd_c, upd_stats = C.compile_program(update, state, frozen, batch, indices, donate_argnums=(0,))
     holder = {"state": state, "step": 0}
@@ -93,7 +102,7 @@ def build_case(
         t1 = time.perf_counter()
         sc = jnp.asarray(reward(np.asarray(ro["tokens"])))
         t2 = time.perf_counter()
-        bt, m = prep_c(holder["state"].trainable, frozen, {k: ro[k] for k in keys}, sc)
+        bt, m = prep_c(holder["state"].trainable, frozen, {k: ro[k] for k in keys}, sc, kl_coef)
         C.block((bt, m))
         t3 = time.perf_counter()
         new, m = upd_c(holder["state"], frozen, bt, indices)
@@ -104,13 +113,18 @@ def build_case(
 
     n_tok = b * (p + new_tokens)  # the tokens of the iteration's rows (throughput counts these)
     flops_upd = C.xla_flops(update, state, frozen, batch, indices) if flops else None
-    analytic_upd = C.train_flops(
-        cfg,
-        lora=lora_cfg is not None,
+    shape = dict(
         tokens=(b // generations) * p + b * new_tokens,  # packed: each prompt once
         context=p + new_tokens,
         lm_tokens=b * new_tokens,
     )
+    analytic_upd = C.train_flops(cfg, lora=lora_cfg is not None, **shape)
+    # prepare's no-grad passes (reference, old policy) where the algorithm runs them
+    passes = sum(k in batch for k in ("ref_logprobs", "old_logprobs"))
+    if passes:
+        analytic_upd += passes * C.forward_flops(cfg, **shape)
+        if flops_upd:
+            flops_upd += C.xla_flops(prepare, *args) or 0.0
     return Case(
         mode=mode,
         run=run,

@@ -5,10 +5,11 @@
     python benchmarks/run_all.py --quick         # a 1–2 minute smoke version (a 2M model);
                                                  # results/quick/*.json, BENCHMARKS.md untouched
 
-Benchmarks: roofline, decode, multi_adapter, rm, padding, dpo, grpo, ppo, trl (jaxrlhf vs
-TRL + PEFT). The roofline runs every time (the others report shares of it). A run with
---only rewrites only those sections of BENCHMARKS.md; the others keep their earlier results
-(each states its date).
+Benchmarks: roofline, decode, multi_adapter, rm, padding, dpo, grpo, ppo, algorithms (KTO,
+ORPO, CPO, SimPO, RLOO, REINFORCE++ on SmolLM2-135M's own weights), trl (jaxrlhf vs TRL +
+PEFT). The roofline runs every time (the others report shares of it). A run with --only
+rewrites only those sections of BENCHMARKS.md; the others keep their earlier results (each
+states its date).
 """
 
 from __future__ import annotations
@@ -46,7 +47,18 @@ def _setup_env() -> None:
 
 
 ROOFLINE_KEYS = ("matmul_fp32_gflops", "bandwidth_gb_per_s")
-ORDER = ("roofline", "decode", "multi_adapter", "rm", "padding", "dpo", "grpo", "ppo", "trl")
+ORDER = (
+    "roofline",
+    "decode",
+    "multi_adapter",
+    "rm",
+    "padding",
+    "dpo",
+    "grpo",
+    "ppo",
+    "algorithms",
+    "trl",
+)
 TITLES = {
     "roofline": "Roofline: matmul rate and memory bandwidth",
     "decode": "Decode (KV-cache sampler)",
@@ -56,6 +68,7 @@ TITLES = {
     "dpo": "DPO step: LoRA vs full fine-tuning",
     "grpo": "GRPO iteration: LoRA vs full fine-tuning",
     "ppo": "PPO iteration: LoRA vs full fine-tuning",
+    "algorithms": "KTO, ORPO, CPO, SimPO steps and RLOO, REINFORCE++ iterations: LoRA vs full fine-tuning",
     "trl": "jaxrlhf vs TRL + PEFT (PyTorch)",
 }
 
@@ -70,6 +83,7 @@ FULL = {
     "repeats": 3,
     "decode_batches": (1, 16),
     "breakdown": ("135M",),
+    "algorithms_model": "default",
     "trl_size": "135M",
     "trl_steps": 3,
     "padding": {"size": "10M", "pairs": 128, "repeats": 1},
@@ -80,6 +94,7 @@ QUICK = {
     "repeats": 2,
     "decode_batches": (16,),
     "breakdown": ("2M",),
+    "algorithms_model": "2M",
     "trl_size": "2M",
     "trl_steps": 1,
     "padding": {"size": "2M", "pairs": 32, "repeats": 1},
@@ -131,7 +146,7 @@ side by side, interleaved) are the figures to rely on.
 
 
 def run_benchmark(name: str, profile: dict, roofline: dict | None, args) -> dict:
-    from benchmarks import decode, dpo, grpo, multi_adapter, padding, ppo, rm, vs_trl
+    from benchmarks import algorithms, decode, dpo, grpo, multi_adapter, padding, ppo, rm, vs_trl
 
     sizes = lambda n: args.sizes or profile["sizes"][n]  # noqa: E731
     reps = args.repeats or profile["repeats"]
@@ -159,6 +174,9 @@ def run_benchmark(name: str, profile: dict, roofline: dict | None, args) -> dict
         return grpo.run(sizes=sizes("grpo"), repeats=reps, roofline=roofline)
     if name == "ppo":
         return ppo.run(sizes=sizes("ppo"), repeats=reps, roofline=roofline)
+    if name == "algorithms":
+        size = (args.sizes or [profile["algorithms_model"]])[0]
+        return algorithms.run(repeats=reps, roofline=roofline, size=size)
     if name == "trl":
         return vs_trl.run(
             size=args.trl_size or profile["trl_size"], steps=args.repeats or profile["trl_steps"]
@@ -167,8 +185,19 @@ def run_benchmark(name: str, profile: dict, roofline: dict | None, args) -> dict
 
 
 def render_section(name: str, result: dict) -> str:
+    from benchmarks import (
+        algorithms,
+        decode,
+        dpo,
+        grpo,
+        multi_adapter,
+        padding,
+        ppo,
+        rm,
+        roofline,
+        vs_trl,
+    )
     from benchmarks import common as C
-    from benchmarks import decode, dpo, grpo, multi_adapter, padding, ppo, rm, roofline, vs_trl
 
     body = {
         "roofline": roofline.render,
@@ -179,6 +208,7 @@ def render_section(name: str, result: dict) -> str:
         "dpo": dpo.render,
         "grpo": grpo.render,
         "ppo": ppo.render,
+        "algorithms": algorithms.render,
         "trl": vs_trl.render,
     }[name](result)
     meta = result.get("meta", {})

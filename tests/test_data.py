@@ -591,6 +591,24 @@ def test_batch_indices_resume_and_epochs(grouped):
         assert full[0] == D.epoch_order(n, seed=7, epoch=0)[:4].tolist()
 
 
+def test_block_batch_indices_visit_whole_blocks_each_epoch():
+    n, bs = 23, 4  # blocks [0-3] … [16-19]; rows 20-22 (the incomplete block) never train
+    kw = dict(batch_size=bs, seed=7)
+    batches, position = [], 0
+    for _ in range(15):
+        idx, position = D.block_batch_indices(n, position=position, **kw)
+        batches.append(idx.tolist())
+    assert position == 15 * bs
+    blocks = [list(range(4 * b, 4 * b + 4)) for b in range(5)]
+    for e in range(3):  # each epoch: every block once, in that epoch's own order
+        assert sorted(batches[5 * e : 5 * e + 5]) == blocks
+    assert batches[:5] != batches[5:10]
+    for p in range(0, 15 * bs, bs):  # a pure function of the position: resume is exact
+        assert D.block_batch_indices(n, position=p, **kw)[0].tolist() == batches[p // bs]
+    with pytest.raises(ValueError, match="multiple of batch_size"):
+        D.block_batch_indices(n, position=3, **kw)
+
+
 def test_length_grouping_reduces_padding():
     n, bs = 256, 8
     lengths = np.random.default_rng(1).integers(1, 512, n)

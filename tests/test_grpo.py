@@ -8,6 +8,7 @@ import json
 import os
 import random
 import signal
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -228,7 +229,12 @@ def test_trl_reward_options_in_prepare(setup):
     batch, metrics = _prepare(setup, _hyper(dynamic_sampling=True), scores=tied)
     keep = np.repeat(np.arange(N_PROMPTS) != 1, G_SIZE)
     np.testing.assert_array_equal(np.asarray(batch["response_mask"]), resp * keep[:, None])
-    assert float(metrics["dynamic_sampling/dropped_groups"]) == 1.0
+    assert float(metrics["dynamic_sampling/masked_groups"]) == 1.0
+    # The driver's host filter agrees with the mask prepare applies.
+    rollout = SimpleNamespace(response_mask=setup["rollout_in"]["response_mask"])
+    keep_groups = G.keep_groups(_hyper(dynamic_sampling=True), tied, rollout)
+    np.testing.assert_array_equal(keep_groups, np.arange(N_PROMPTS) != 1)
+    assert G.keep_groups(_hyper(), tied, rollout) is None  # off: keep everything
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "cispo"])

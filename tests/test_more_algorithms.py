@@ -21,7 +21,7 @@ from jaxrlhf import config as C
 from jaxrlhf import data as D
 from jaxrlhf import sharding
 from jaxrlhf.algorithms import grpo, reinforce_pp, rloo
-from jaxrlhf.data.unpaired import kto_pairs
+from jaxrlhf.data.unpaired import kto_rows
 from jaxrlhf.train import setup as run_setup
 from jaxrlhf.train.loop import TrainingInterrupted
 from jaxrlhf.train.runs import ALGORITHMS, run_algorithm
@@ -74,15 +74,32 @@ def _leaves(tree):
 # --------------------------------------------------------------------------- data and options
 
 
-def test_kto_pairs_rotate_completions_within_blocks():
+def _kto_data(rows, *, block, max_length=64, max_prompt_length=None):
+    """`kto_rows` tokenized by the byte tokenizer, with their KL completions."""
+    from jaxrlhf.models.byte_tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    data, _ = D.tokenize_preferences(
+        kto_rows(rows), tok, max_length=max_length, max_prompt_length=max_prompt_length
+    )
+    return D.with_kl_completions(data, block=block, max_length=max_length), tok
+
+
+def _which_row(completions, candidates):
+    """For each completion (token ids), the index of the candidate row it equals."""
+    keys = [tuple(np.asarray(c).tolist()) for c in candidates]
+    assert len(set(keys)) == len(keys), "completions must be distinct"
+    return [keys.index(tuple(np.asarray(c).tolist())) for c in completions]
+
+
+def test_kto_kl_completions_rotate_within_blocks():
     rows = [{"prompt": f"p{i}", "completion": f"c{i}", "label": i % 2 == 0} for i in range(5)]
-    pairs = kto_pairs(rows, block=2)
+    data, _ = _kto_data(rows, block=2)
     # Blocks [0, 1], [2, 3], [4]: row i takes the completion of the previous row of its block
     # (TRL's rotation), a one-row block takes its own.
-    assert [p["rejected"] for p in pairs] == ["c1", "c0", "c3", "c2", "c4"]
-    assert [p["chosen"] for p in pairs] == [f"c{i}" for i in range(5)]
-    assert [p["margin"] for p in pairs] == [1.0, 0.0, 1.0, 0.0, 1.0]
-    paired = kto_pairs([{"prompt": "x", "chosen": "A", "rejected": "a"}] * 2, block=8)
+    assert _which_row(data.rejected_ids, data.chosen_ids) == [1, 0, 3, 2, 4]
+    np.testing.assert_array_equal(data.margin, [1.0, 0.0, 1.0, 0.0, 1.0])
+    paired = kto_rows([{"prompt": "x", "chosen": "A", "rejected": "a"}] * 2)
     # unpaired as TRL: chosen rows (label True) then rejected rows (False)
     assert [(p["chosen"], p["margin"]) for p in paired] == [
         ("A", 1.0),
@@ -90,18 +107,106 @@ def test_kto_pairs_rotate_completions_within_blocks():
         ("a", 0.0),
         ("a", 0.0),
     ]
+    # A KL completion is cut to fit after its own prompt: prompt "p" * 40 (40 byte tokens,
+    # no BOS) leaves 64 − 40 = 24 tokens for the 30 + EOS of the other row's completion.
+    long = [
+        {"prompt": "p" * 40, "completion": "a", "label": True},
+        {"prompt": "q", "completion": "b" * 30, "label": False},
+    ]
+    data, _ = _kto_data(long, block=2, max_prompt_length=48)
+    assert len(data.prompt_ids[0]) == 40 and len(data.rejected_ids[0]) == 24
+    np.testing.assert_array_equal(data.rejected_ids[0], data.chosen_ids[1][:24])
+
+
+def test_kto_kl_pairing_is_trls_on_the_same_rows(tmp_path):
+    """TRL 1.16's own dataset preparation (`KTOTrainer._prepare_dataset`, called unbound
+    with what it reads of the trainer) on 11 rows with per_device_train_batch_size 4: its
+    `KL_completion_ids` pair each row with the same row's completion as ours with block 4
+    (blocks [0-3], [4-7], [8-10], each rotated by one), and TRL's sequential batches are
+    exactly our blocks."""
+    from types import SimpleNamespace
+
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl.trainer.kto_trainer import KTOTrainer
+
+    rows = [
+        {"prompt": f"question {i}: ", "completion": f"answer {i * 7}", "label": i % 3 != 0}
+        for i in range(11)
+    ]
+    ours, tok = _kto_data(rows, block=4, max_length=64)
+    args = trl.KTOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_length=64,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+    )
+    trainer = SimpleNamespace(
+        _tokenizer=tok, calculate_KL=True, desirable_weight=1.0, undesirable_weight=1.0
+    )
+    theirs = KTOTrainer._prepare_dataset(trainer, Dataset.from_list(rows), tok, args, "train")
+    trl_kl = _which_row(theirs["KL_completion_ids"], theirs["completion_ids"])
+    our_kl = _which_row(ours.rejected_ids, ours.chosen_ids)
+    assert our_kl == trl_kl == [3, 0, 1, 2, 7, 4, 5, 6, 10, 8, 9]
+    # The same completions on both sides (TRL appends the EOS text, we the EOS id).
+    for mine, trls in zip(ours.chosen_ids, theirs["completion_ids"], strict=True):
+        assert tok.decode(mine) == tok.decode(trls)
+    # TRL requires the sequential sampler: batch k is rows 4k .. 4k + 3, one KL block. Ours
+    # visits whole blocks (in a seeded order), so every batch is one of those blocks.
+    batches = {
+        tuple(D.block_batch_indices(11, batch_size=4, seed=0, position=4 * k)[0]) for k in range(2)
+    }
+    assert batches == {(0, 1, 2, 3), (4, 5, 6, 7)}
+
+
+def test_kto_micro_batches_hold_their_own_kl_completions(tmp_path, one_device, monkeypatch):
+    """In a real run (two micro-batches of 4 per step, a held-out eval split), every micro-
+    batch the step receives is one KL block: row r's KL completion is row r − 1's completion
+    (cyclically) of the same micro-batch."""
+    from jaxrlhf.train import preference
+
+    seen, real = [], preference.micro_batches
+
+    def recording(batch, n, **kw):
+        out = real(batch, n, **kw)
+        seen.append(jax.tree.map(np.asarray, out))
+        return out
+
+    monkeypatch.setattr(preference, "micro_batches", recording)
+    cfg = _cfg(
+        "kto",
+        tmp_path,
+        "batch_size=8",
+        "optim.grad_accum_steps=2",
+        "share_prompt=false",
+        "max_steps=3",
+        "data.eval_fraction=0.25",
+    )
+    run_algorithm("kto", cfg, source=case_preference_rows(24, seed=3))
+    assert len(seen) == 3
+
+    def completions(mb, m, side):
+        ids, resp = mb[f"{side}_input_ids"][m], mb[f"{side}_response_mask"][m]
+        return [tuple(row[r == 1].tolist()) for row, r in zip(ids, resp, strict=True)]
+
+    for mb in seen:
+        for m in range(2):
+            chosen, rejected = completions(mb, m, "chosen"), completions(mb, m, "rejected")
+            assert len(set(chosen)) > 1  # not vacuous
+            assert rejected == chosen[-1:] + chosen[:-1]
 
 
 def test_kto_rows_without_a_label_are_refused():
     with pytest.raises(ValueError, match="label"):
-        kto_pairs([{"prompt": "x", "completion": "y"}] * 2, block=2)
+        kto_rows([{"prompt": "x", "completion": "y"}] * 2)
     with pytest.raises(ValueError, match="row 2: field 'label'"):  # rows count from 1
-        kto_pairs(
+        kto_rows(
             [
                 {"prompt": "x", "completion": "y", "label": True},
                 {"prompt": "x", "completion": "y", "label": "yes"},
-            ],
-            block=2,
+            ]
         )
 
 
@@ -143,7 +248,12 @@ def test_bad_option_combinations_name_the_option():
         ("cpo", ["loss_type=kto"], "loss_type"),
         ("kto", ["loss_type=sigmoid"], "loss_type"),
         ("kto", ["desirable_weight=0"], "desirable_weight"),
-        ("kto", ["batch_size=1"], "batch_size must be >= 2"),
+        ("kto", ["batch_size=1"], "batch_size / optim.grad_accum_steps must be >= 2"),
+        (
+            "kto",
+            ["batch_size=4", "optim.grad_accum_steps=4"],
+            "batch_size / optim.grad_accum_steps must be >= 2",
+        ),
         ("orpo", ["lora.modules_to_save=[score]"], "modules_to_save"),
     ]
     for name, overrides, message in pref:
@@ -196,7 +306,8 @@ def test_preference_resume_after_sigterm_is_exact(tmp_path, one_device, monkeypa
     overrides = (*overrides, "run.save_every=1000")
     full = run_algorithm(name, _cfg(name, tmp_path / "full", *overrides), source=rows)
 
-    real = D.batch_indices
+    order = "block_batch_indices" if name == "kto" else "batch_indices"  # KTO: whole KL blocks
+    real = getattr(D, order)
 
     def interrupting(n, *, position, **kw):
         if position == 2 * 8:  # fetching the 3rd batch: step 3 finishes, then it stops
@@ -204,10 +315,10 @@ def test_preference_resume_after_sigterm_is_exact(tmp_path, one_device, monkeypa
         return real(n, position=position, **kw)
 
     cfg = _cfg(name, tmp_path / "cut", *overrides)
-    monkeypatch.setattr(D, "batch_indices", interrupting)
+    monkeypatch.setattr(D, order, interrupting)
     with pytest.raises(TrainingInterrupted, match="step 3"):
         run_algorithm(name, cfg, source=rows)
-    monkeypatch.setattr(D, "batch_indices", real)
+    monkeypatch.setattr(D, order, real)
     resumed = run_algorithm(name, cfg, resume=True, source=rows)
     for a, b in zip(_leaves(full["trainable"]), _leaves(resumed["trainable"]), strict=True):
         np.testing.assert_array_equal(a, b)

@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxrlhf.advantages import (
@@ -51,6 +52,7 @@ from jaxrlhf.losses import (
 )
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.transformer import backbone, token_logprobs
+from jaxrlhf.sharding import host_view
 
 GRPO_LOSS_TYPES = (
     "grpo",
@@ -208,9 +210,16 @@ class GRPOConfig(GroupRolloutTraining):
     `soft_punish_cache` = this and `max_completion_len` = generation.max_new_tokens): the
     reward falls linearly from 0 to −1 over the last `overlong_buffer` tokens. null: off."""
     dynamic_sampling: bool = False
-    """DAPO's dynamic sampling filter without refilling: groups whose rewards all tie are
-    left out of the loss (their response masks zeroed); their number is reported as
-    `dynamic_sampling/dropped_groups`."""
+    """DAPO's dynamic sampling: groups whose rewards all tie are dropped and the batch is
+    refilled with the next prompts of the data order, round after round, until it holds
+    `prompts_per_iteration` groups with some spread or `max_num_gen_batches` rounds ran
+    (`train.dynamic_sampling`). Short of that, the batch is topped up with tied groups that
+    stay out of the loss (response masks zeroed) and `dynamic_sampling/cap_reached` is 1."""
+    max_num_gen_batches: int = 4
+    """With `dynamic_sampling`: the most generation rounds (of `prompts_per_iteration`
+    prompts each, the first included) one iteration samples; verl's
+    `algorithm.filter_groups.max_num_gen_batches`, except that verl's 0 (no limit, and an
+    error once the data runs dry) is refused here: 1 filters without refilling."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -246,6 +255,12 @@ class GRPOConfig(GroupRolloutTraining):
             raise ValueError(
                 f"overlong_buffer must be in [1, generation.max_new_tokens="
                 f"{self.generation.max_new_tokens}] or null, got {self.overlong_buffer}"
+            )
+        if self.max_num_gen_batches < 1:
+            raise ValueError(
+                f"max_num_gen_batches must be >= 1 (generation rounds per iteration, the first "
+                f"included; 1 filters tied groups without refilling), got "
+                f"{self.max_num_gen_batches}"
             )
         for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
             if getattr(self, name) <= 0:
@@ -371,20 +386,17 @@ def make_prepare_fn(
         ids, mask, resp, scores, finished, length = rollout_inputs(rollout, scores, cfg)
         extra = {}
         if cfg.overlong_buffer is not None:
-            penalty = soft_overlong_punishment(
-                length,
-                max_completion_len=cfg.generation.max_new_tokens,
-                soft_punish_cache=cfg.overlong_buffer,
-            )
+            penalty = overlong_penalty(cfg, length)
             scores = scores + penalty
             extra["rewards/soft_overlong_punishment"] = jnp.mean(penalty)
         advantages, group_std = group_advantages(
             scores, cfg.num_generations, scale_rewards=cfg.scale_rewards
         )
         if cfg.dynamic_sampling:
-            keep, dropped = dynamic_sampling_keep_mask(scores, cfg.num_generations)
+            # Tied groups left in the batch (the refill ran out of rounds) train on nothing.
+            keep, masked = dynamic_sampling_keep_mask(scores, cfg.num_generations)
             resp = resp * keep[:, None].astype(resp.dtype)
-            extra["dynamic_sampling/dropped_groups"] = dropped.astype(jnp.float32)
+            extra["dynamic_sampling/masked_groups"] = masked.astype(jnp.float32)
         batch = {
             "input_ids": ids,
             "attention_mask": mask,
@@ -413,6 +425,29 @@ def make_prepare_fn(
         return jax.lax.stop_gradient(batch), jax.lax.stop_gradient(metrics)
 
     return prepare
+
+
+def overlong_penalty(cfg: GRPOConfig, length: jax.Array) -> jax.Array:
+    """DAPO's soft overlong punishment [B] of completions of `length` tokens."""
+    return soft_overlong_punishment(
+        length,
+        max_completion_len=cfg.generation.max_new_tokens,
+        soft_punish_cache=cfg.overlong_buffer,
+    )
+
+
+def keep_groups(cfg: GRPOConfig, scores: np.ndarray, rollout: Any) -> np.ndarray | None:
+    """Dynamic sampling's filter on the host (`OnlineAlgorithm.keep_groups`): keep [groups]
+    is False where the group's rewards all tie, on the same shaped scores (overlong
+    punishment added) that `prepare` computes its advantages and its mask from."""
+    if not cfg.dynamic_sampling:
+        return None
+    shaped = jnp.asarray(scores, jnp.float32)
+    if cfg.overlong_buffer is not None:
+        length = jnp.sum(jnp.asarray(host_view(rollout.response_mask)), axis=-1)
+        shaped = shaped + overlong_penalty(cfg, length.astype(jnp.float32))
+    keep, _ = dynamic_sampling_keep_mask(shaped, cfg.num_generations)
+    return np.asarray(keep).reshape(-1, cfg.num_generations)[:, 0]
 
 
 def micro_logprobs(
@@ -562,6 +597,12 @@ def plan(cfg: GroupRolloutTraining) -> IterationPlan:
     )
 
 
+def grpo_plan(cfg: GRPOConfig) -> IterationPlan:
+    """`plan`, with up to `max_num_gen_batches` generation rounds under dynamic sampling."""
+    rounds = cfg.max_num_gen_batches if cfg.dynamic_sampling else 1
+    return dataclasses.replace(plan(cfg), generation_rounds=rounds)
+
+
 def kl_control(cfg: GRPOConfig) -> KLControlSettings:
     """β fixed, or with `kl_budget` steered by the budget controller on the update's
     per-sequence KL (`advantages.update_kl_budget`)."""
@@ -574,7 +615,7 @@ ALGORITHM = OnlineAlgorithm(
     name="grpo",
     help="GRPO: group-relative advantages, no critic",
     config=GRPOConfig,
-    plan=plan,
+    plan=grpo_plan,
     init_trainable=init_trainable,
     policy=lambda trainable: trainable,
     make_prepare=make_prepare_fn,
@@ -582,4 +623,5 @@ ALGORITHM = OnlineAlgorithm(
     kl_control=kl_control,
     bar_keys=("reward", "kl"),
     drop_metrics=("rewards/total",),
+    keep_groups=keep_groups,
 )

@@ -8,10 +8,13 @@ h = log π(y|x) − log π_ref(y|x) and the reference point z0 estimated from mi
     z0   = max(0, mean_i sg[log π(y'_i|x_i) − log π_ref(y'_i|x_i)])
     loss = mean  λ_D·(1 − σ(β(h − z0)))  (desirable)  |  λ_U·(1 − σ(β(z0 − h)))  (undesirable)
 
-Each row arrives as a pair (`jaxrlhf.data.unpaired.kto_pairs`): "chosen" = its completion,
+Each row arrives as a pair (`jaxrlhf.data.unpaired`): "chosen" = its completion,
 "rejected" = its KL completion, `margin` = its label; so one packed forward (prompt once)
 gives both log-probs, and the reference is the base with the adapter off (or precomputed
-once, `precompute_ref_logps`), exactly as DPO's (`algorithms.dpo`).
+once, `precompute_ref_logps`), exactly as DPO's (`algorithms.dpo`). As TRL, the KL
+completions are the completions rotated by one within blocks of one micro-batch per
+process (TRL's `per_device_train_batch_size`), and each micro-batch is one such block, so
+z0 is estimated from the batch's own completions under other prompts.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from jaxrlhf.algorithms.dpo import make_ref_logps_step, policy_logps, reference_
 from jaxrlhf.algorithms.orpo import check_policy_lora
 from jaxrlhf.algorithms.spec import PreferenceAlgorithm
 from jaxrlhf.config import PreferenceTraining, check_literal
-from jaxrlhf.data.unpaired import kto_pairs
+from jaxrlhf.data.unpaired import kto_rows, with_kl_completions
 from jaxrlhf.lora import LoraConfig
 from jaxrlhf.losses import KTO_LOSS_TYPES, kto_loss
 from jaxrlhf.models.config import ModelConfig
@@ -60,10 +63,12 @@ class KTOConfig(PreferenceTraining):
         for name in ("desirable_weight", "undesirable_weight"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.loss_type == "kto" and self.batch_size < 2:
+        if self.loss_type == "kto" and self.batch_size < 2 * self.optim.grad_accum_steps:
             raise ValueError(
-                "loss_type: kto pairs each row's prompt with another row's completion for its "
-                "KL estimate: batch_size must be >= 2 (or use loss_type: apo_zero_unpaired)"
+                "loss_type: kto pairs each row's prompt with another row's completion of its "
+                "micro-batch for its KL estimate: batch_size / optim.grad_accum_steps must be "
+                f">= 2, got {self.batch_size} / {self.optim.grad_accum_steps} (or use "
+                "loss_type: apo_zero_unpaired)"
             )
         check_policy_lora(self, "KTO")
 
@@ -127,6 +132,17 @@ def eval_metrics(cfg: KTOConfig, outputs: tuple, pair_mask, margin=None) -> dict
     return out
 
 
+def kl_block(cfg: KTOConfig) -> int:
+    """Rows per KL block: one process's micro-batch (TRL's `per_device_train_batch_size`;
+    each process feeds a contiguous slice of every micro-batch)."""
+    return max(1, cfg.batch_size // cfg.optim.grad_accum_steps // jax.process_count())
+
+
+def kl_data(cfg: KTOConfig, data):
+    """`PreferenceAlgorithm.prepare_data`: each row's KL completion (`with_kl_completions`)."""
+    return with_kl_completions(data, block=kl_block(cfg), max_length=cfg.data.max_length)
+
+
 ALGORITHM = PreferenceAlgorithm(
     name="kto",
     config=KTOConfig,
@@ -138,7 +154,9 @@ ALGORITHM = PreferenceAlgorithm(
     needs_reference=lambda cfg: True,
     make_reference_step=make_ref_logps_step,
     precompute_reference=lambda cfg: cfg.precompute_ref_logps,
-    prepare_rows=lambda cfg, rows: kto_pairs(rows, block=cfg.batch_size),
+    prepare_rows=lambda cfg, rows: kto_rows(rows),
+    prepare_data=kl_data,
+    block_batches=lambda cfg: cfg.loss_type == "kto",
     summary_keys=("loss", "kl", "rewards/margins", "rewards/accuracies"),
     bar_keys=("loss", "kl", "rewards/margins"),
 )

@@ -45,7 +45,15 @@ class PreferenceAlgorithm:
     precompute_reference: Callable[[Any], bool] = lambda cfg: False
     prepare_rows: Callable[[Any, list], list] | None = None
     """`(cfg, rows) -> rows`: rewrites the loaded rows (train and eval) into preference
-    pairs before tokenization (KTO: unpaired feedback → (completion, KL completion) pairs)."""
+    pairs before tokenization (KTO: unpaired feedback → (completion, completion) pairs,
+    the second rotated into the KL completion by `prepare_data`)."""
+    prepare_data: Callable[[Any, Any], Any] | None = None
+    """`(cfg, PreferenceData) -> PreferenceData`: rewrites each tokenized split (train and
+    eval, after the split) before training (KTO: each row's KL completion)."""
+    block_batches: Callable[[Any], bool] = lambda cfg: False
+    """Batches are fixed blocks of consecutive pairs, visited in a shuffled block order
+    (`data.block_batch_indices`), instead of the length-grouped order (KTO: the KL
+    completions of a batch are its own completions)."""
     summary_keys: tuple[str, ...] = ("loss",)
     """Eval metrics printed before and after training."""
     bar_keys: tuple[str, ...] = ("loss",)
@@ -67,6 +75,10 @@ class IterationPlan:
     """Iterations in the run."""
     whole_groups: bool = False
     """Shuffle whole groups, so every minibatch holds complete groups."""
+    generation_rounds: int = 1
+    """Most generation rounds an iteration may run to fill its batch with groups the
+    algorithm keeps (`OnlineAlgorithm.keep_groups`: DAPO's dynamic sampling); round r > 1
+    samples the next `prompts` of the data order."""
 
     @property
     def batch(self) -> int:
@@ -130,3 +142,8 @@ class OnlineAlgorithm:
     bar_keys: tuple[str, ...] = ()
     drop_metrics: tuple[str, ...] = ()
     """Scorer metrics this algorithm does not report."""
+    keep_groups: Callable[[Any, Any, Any], Any] = lambda cfg, scores, rollout: None
+    """`(cfg, scores [B] numpy, rollout) -> keep [B / group] bool numpy, or None (keep
+    all)`: which groups of a generation round may train. When fewer than `plan.prompts`
+    are kept, the driver samples further rounds (at most `plan.generation_rounds`) and
+    trains on the first `plan.prompts` kept groups (`train.dynamic_sampling`)."""

@@ -60,6 +60,7 @@ from jaxrlhf.data.batches import (
 from jaxrlhf.data.buckets import bucket_length, check_buckets, default_buckets, packed_buckets
 from jaxrlhf.data.order import (
     batch_indices,
+    block_batch_indices,
     epoch_order,
     process_slice,
     steps_per_epoch,
@@ -74,7 +75,7 @@ from jaxrlhf.data.tokenize import (
     tokenize_preferences,
     tokenize_prompts,
 )
-from jaxrlhf.data.unpaired import kto_pairs, unpaired_rows
+from jaxrlhf.data.unpaired import kto_rows, unpaired_rows, with_kl_completions
 
 __all__ = [
     "PreferenceData",
@@ -83,11 +84,12 @@ __all__ = [
     "PromptSplits",
     "TokenizeReport",
     "batch_indices",
+    "block_batch_indices",
     "bucket_length",
     "check_buckets",
     "default_buckets",
     "epoch_order",
-    "kto_pairs",
+    "kto_rows",
     "load_preferences",
     "load_prompts",
     "load_rows",
@@ -103,4 +105,5 @@ __all__ = [
     "tokenize_prompts",
     "train_eval_split",
     "unpaired_rows",
+    "with_kl_completions",
 ]

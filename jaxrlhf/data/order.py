@@ -12,6 +12,7 @@ import numpy as np
 # in its own non-zero tag at a fixed position; `epoch_order` keeps the plain (seed, epoch).
 _TAG_WINDOW = 1
 _TAG_SPLIT = 2
+_TAG_BLOCKS = 3
 
 
 def epoch_order(n: int, *, seed: int, epoch: int) -> np.ndarray:
@@ -75,6 +76,26 @@ def batch_indices(
     batches = members.reshape(-1, batch_size)
     shuffle = np.random.default_rng((seed, epoch, w, _TAG_WINDOW)).permutation(len(batches))
     return batches[shuffle[within // batch_size]], position + batch_size
+
+
+def block_batch_indices(
+    n: int, *, batch_size: int, seed: int, position: int
+) -> tuple[np.ndarray, int]:
+    """The batch at `position` when batches are fixed blocks of consecutive examples: block
+    b is range(b·batch_size, (b+1)·batch_size), and epoch e visits the n // batch_size
+    blocks in the order `np.random.default_rng((seed, e, 3)).permutation` (the incomplete
+    last block is dropped). For data whose rows belong together in a batch (KTO's KL
+    completions are the batch's own completions, rotated). Returns (indices, next
+    position); a pure function of its arguments, like `batch_indices`."""
+    blocks = steps_per_epoch(n, batch_size)
+    if position < 0 or position % batch_size:
+        raise ValueError(
+            f"position must be a non-negative multiple of batch_size {batch_size}, got {position}"
+        )
+    epoch, offset = divmod(position // batch_size, blocks)
+    order = np.random.default_rng((seed, epoch, _TAG_BLOCKS)).permutation(blocks)
+    start = int(order[offset]) * batch_size
+    return np.arange(start, start + batch_size), position + batch_size
 
 
 def train_eval_split(

@@ -8,7 +8,9 @@
 
 The algorithm (`algorithms.spec.OnlineAlgorithm`) supplies its config, its trainable layout,
 its `prepare`/`update` steps and how an iteration is cut into optimizer steps; everything
-else is here. The engine is `rollout.Sampler` unless another `RolloutEngine` is passed.
+else is here. An algorithm that filters groups (`keep_groups`: GRPO's dynamic sampling) has
+the rollout and scoring repeated on the next prompts until the batch is full of kept groups
+or `plan.generation_rounds` ran (`train.dynamic_sampling`). The engine is `rollout.Sampler` unless another `RolloutEngine` is passed.
 """
 
 from __future__ import annotations
@@ -36,8 +38,16 @@ from jaxrlhf.algorithms.spec import IterationPlan, OnlineAlgorithm
 from jaxrlhf.lora import LoraConfig
 from jaxrlhf.models.transformer import sequence_logprobs
 from jaxrlhf.rollout import ContinuousEngine, RolloutEngine, Sampler, eos_ids, prompt_batch
-from jaxrlhf.sharding import ShardedStep, host_view, put_tree, replicated, tree_shardings
+from jaxrlhf.sharding import (
+    ShardedStep,
+    host_view,
+    put_tree,
+    replicated,
+    shard_batch,
+    tree_shardings,
+)
 from jaxrlhf.text_metrics import degeneration_metrics
+from jaxrlhf.train.dynamic_sampling import is_first_round, join_groups, pick_groups
 from jaxrlhf.train.loop import train_with_evals
 from jaxrlhf.train.optim import make_optimizer
 from jaxrlhf.train.scoring import Scorer
@@ -178,30 +188,81 @@ def train_online(
     host = {"position": position}
     n_train, pad_id = len(splits.train), tokenizer.pad_token_id
 
-    def iteration(state: OnlineState):
+    def generate_round(train_state: TrainState, key: jax.Array) -> dict:
+        """Sample and score the next `plan.prompts` prompts of the data order."""
         idx, host["position"] = D.batch_indices(
             n_train, batch_size=plan.prompts, seed=cfg.run.seed, position=host["position"]
         )
         prompts, values, columns = prompt_batch(
             splits.train, idx, pad_id=pad_id, buckets=splits.buckets, mesh=mesh, repeat=plan.group
         )
-        rng, k_sample, k_perm = jax.random.split(state.train.rng, 3)
-        train_state = state.train.replace(rng=rng)
         t0 = time.perf_counter()
         rollout = engine.generate(
-            algo.policy(train_state.trainable), frozen, prompts, k_sample, prompt_repeats=plan.group
+            algo.policy(train_state.trainable), frozen, prompts, key, prompt_repeats=plan.group
         )
         scores, score_metrics, _ = scorer(rollout, values, columns)
         jax.block_until_ready(rollout.input_ids)
+        return {
+            "rollout": rollout,
+            "scores": scores,
+            "metrics": score_metrics,
+            "engine": engine_report(engine),
+            "seconds": time.perf_counter() - t0,
+        }
+
+    def sample_batch(train_state: TrainState, key: jax.Array) -> tuple[dict, Any, dict, list]:
+        """(prepare's rollout inputs, scores, dynamic-sampling metrics, the rounds): one
+        round, or with `algo.keep_groups` as many as fill the batch with kept groups (at
+        most `plan.generation_rounds`; round r > 0 samples with `fold_in(key, r)`)."""
+        rounds, keeps = [], []
+        for r in range(plan.generation_rounds):
+            rounds.append(
+                generate_round(train_state, key if r == 0 else jax.random.fold_in(key, r))
+            )
+            keep = algo.keep_groups(cfg, rounds[-1]["scores"], rounds[-1]["rollout"])
+            if keep is None:
+                break
+            keeps.append(np.asarray(keep, bool))
+            if sum(int(k.sum()) for k in keeps) >= plan.prompts:
+                break
+        first = rounds[0]
+        if not keeps:
+            return first["rollout"].step_inputs(), first["scores"], {}, rounds
+        picks, fillers = pick_groups(keeps, plan.prompts)
+        report = {
+            "dynamic_sampling/dropped_groups": float(sum(int((~k).sum()) for k in keeps)),
+            "dynamic_sampling/generation_rounds": float(len(rounds)),
+            "dynamic_sampling/cap_reached": float(fillers > 0),
+        }
+        if is_first_round(picks):
+            return first["rollout"].step_inputs(), first["scores"], report, rounds
+        joined, scores = join_groups(
+            [jax.tree.map(host_view, x["rollout"].step_inputs()) for x in rounds],
+            [x["scores"] for x in rounds],
+            picks,
+            group=plan.group,
+            pad_id=pad_id,
+        )
+        local = D.process_slice(
+            np.arange(plan.batch),
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        return shard_batch({k: v[local] for k, v in joined.items()}, mesh), scores, report, rounds
+
+    def iteration(state: OnlineState):
+        rng, k_sample, k_perm = jax.random.split(state.train.rng, 3)
+        train_state = state.train.replace(rng=rng)
+        rollout_in, scores, sampling_metrics, rounds = sample_batch(train_state, k_sample)
         t1 = time.perf_counter()
-        engine_metrics = engine_report(engine)
-        prepare_step, update_step = steps_for(prompts["input_ids"].shape[1])
+        gen_seconds = sum(x["seconds"] for x in rounds)
+        gen_tokens = sum(float(np.sum(host_view(x["rollout"].response_mask))) for x in rounds)
+        engine_metrics = mean_over_rounds([x["engine"] for x in rounds])
+        score_metrics = mean_over_rounds([x["metrics"] for x in rounds])
+        n = rollout_in["response_mask"].shape[1]
+        prepare_step, update_step = steps_for(rollout_in["input_ids"].shape[1] - n)
         batch, metrics = prepare_step(
-            train_state.trainable,
-            frozen,
-            rollout.step_inputs(),
-            jnp.asarray(scores),
-            state.kl.value,
+            train_state.trainable, frozen, rollout_in, jnp.asarray(scores), state.kl.value
         )
         update_metrics, epochs_run = [], 0
         for epoch in range(plan.epochs):
@@ -216,14 +277,15 @@ def train_online(
                 break
         jax.block_until_ready(train_state.step)
         t2 = time.perf_counter()
-        n_tokens = float(np.sum(host_view(rollout.response_mask)))
+        n_tokens = float(np.sum(host_view(rollout_in["response_mask"])))
         score_metrics = {k: v for k, v in score_metrics.items() if k not in algo.drop_metrics}
         out = {
             **metrics,
             **mean_metrics(update_metrics),
             **score_metrics,
             **engine_metrics,
-            "time/rollout_tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
+            **sampling_metrics,
+            "time/rollout_tokens_per_s": gen_tokens / max(gen_seconds, 1e-9),
             "time/update_tokens_per_s": n_tokens * epochs_run / max(t2 - t1, 1e-9),
         }
         kl_state = state.kl
@@ -290,6 +352,14 @@ def train_online(
         "model_cfg": model_cfg,
         "frozen": frozen,
     }
+
+
+def mean_over_rounds(records: list[dict[str, float]]) -> dict[str, float]:
+    """Each host metric's mean over an iteration's generation rounds (equal-sized batches,
+    so the mean of the rounds' means is the mean over all their rows); one round as is."""
+    if len(records) == 1:
+        return records[0]
+    return {k: float(np.mean([r[k] for r in records])) for k in records[0]}
 
 
 def make_engine(cfg: Any, generation: Any, model_cfg, tokenizer, mesh) -> RolloutEngine:

@@ -12,6 +12,7 @@ are computed once over the data and attached to every batch by pair index.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -83,6 +84,12 @@ def train_preference(
         log=log,
         prepare_rows=prepare_rows,
     )
+    if algo.prepare_data is not None:
+        splits = dataclasses.replace(
+            splits,
+            train=algo.prepare_data(cfg, splits.train),
+            eval=None if splits.eval is None else algo.prepare_data(cfg, splits.eval),
+        )
     n_train = len(splits.train)
     # Computed once: the per-step batch order reads it for every pair of the train set.
     train_lengths = splits.train.batching_lengths(cfg.share_prompt)
@@ -158,17 +165,23 @@ def train_preference(
     )
     checkpointer, state, position, start_step = restore_or_start(cfg, state, resume=resume)
     host = {"position": position}
+    block_batches = algo.block_batches(cfg)
 
     def member_batch(k: int, position: int) -> dict:
         """Member k's batch (this process's rows) at `position`, in its own data order
         (seed + k)."""
-        idx, _ = D.batch_indices(
-            n_train,
-            batch_size=cfg.batch_size,
-            seed=cfg.run.seed + k,
-            position=position,
-            lengths=train_lengths,
-        )
+        if block_batches:
+            idx, _ = D.block_batch_indices(
+                n_train, batch_size=cfg.batch_size, seed=cfg.run.seed + k, position=position
+            )
+        else:
+            idx, _ = D.batch_indices(
+                n_train,
+                batch_size=cfg.batch_size,
+                seed=cfg.run.seed + k,
+                position=position,
+                lengths=train_lengths,
+            )
         batch = D.pair_batch(
             splits.train, idx, batch_size=len(idx), per_pair=train_extra, **batching
         )
