@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -314,14 +315,28 @@ def keeps_earlier(result: dict, earlier: dict | None) -> bool:
     return bool(result.get("skipped")) and earlier is not None and not earlier.get("skipped")
 
 
+def hand_written_sections(text: str) -> list[str]:
+    """The `## ` sections of an existing BENCHMARKS.md that no benchmark here renders (notes
+    and measurements of other benchmarks, written by hand), in their order: a regeneration
+    keeps them."""
+    generated = {"Headline", *TITLES.values()}
+    sections = re.split(r"^(?=## )", text, flags=re.MULTILINE)[1:]
+    return [
+        sec.rstrip() + "\n"
+        for sec in sections
+        if sec.splitlines()[0].removeprefix("## ").strip() not in generated
+    ]
+
+
 def write_markdown() -> Path:
     from benchmarks import common as C
 
+    path = ROOT / "BENCHMARKS.md"
+    kept = hand_written_sections(path.read_text()) if path.is_file() else []
     results = {n: r for n in ORDER if (r := C.load_result(n)) is not None}
     parts = [INTRO, headline(results)]
     parts += [render_section(n, r) for n, r in results.items()]
-    path = ROOT / "BENCHMARKS.md"
-    path.write_text("\n".join(parts).rstrip() + "\n")
+    path.write_text("\n".join(parts + kept).rstrip() + "\n")
     return path
 
 
