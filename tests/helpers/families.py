@@ -66,10 +66,17 @@ MOE_FAMILIES = ("qwen3_moe", "mixtral")
 
 def save_tiny_family(family: str, folder: Path, *, seed: int = 0, **config: object) -> Path:
     """A random `family` model (transformers' own init, fp32) and the byte tokenizer, saved in
-    `folder` with `save_pretrained`; `config` overrides the config's fields."""
+    `folder` with `save_pretrained`; `config` overrides the config's fields. The untied
+    lm_head is re-drawn with std 1/sqrt(D), as `transformer.init_params` does: transformers'
+    0.02 pins a 64-wide model's output distribution near uniform, which no adapter of the
+    blocks can steer far (a policy must be able to learn)."""
     lm_cls, config_cls, switches = FAMILY_MODELS[family]
     torch.manual_seed(seed)
     model = lm_cls(config_cls(**{**TINY_HF, **switches, **config})).eval()
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        if head.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+            head.normal_(0.0, model.config.hidden_size**-0.5)
     folder = Path(folder)
     model.save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
