@@ -218,10 +218,12 @@ def xla_flops(fn: Callable, *args: Any) -> float | None:
 
 
 def matmul_params(cfg) -> int:
-    """Weights that take part in a matmul per token, excluding the vocabulary projection."""
+    """Weights that take part in a matmul per token, excluding the vocabulary projection (a
+    mixture of experts: the router and the k experts a token is routed to)."""
     d, f = cfg.hidden_size, cfg.intermediate_size
     attn = d * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * d
-    return cfg.num_layers * (attn + 3 * d * f)
+    mlp = 3 * d * f * max(cfg.num_experts_per_tok, 1) + d * cfg.num_experts
+    return cfg.num_layers * (attn + mlp)
 
 
 def forward_flops(
@@ -235,7 +237,8 @@ def forward_flops(
     flops += 2.0 * cfg.hidden_size * cfg.vocab_size * lm_tokens
     if lora_r:
         d, f = cfg.hidden_size, cfg.intermediate_size
-        io = (d + cfg.q_size) * 2 + (d + cfg.kv_size) * 2 + (d + f) * 3
+        io = (d + cfg.q_size) * 2 + (d + cfg.kv_size) * 2
+        io += (d + f) * 3 * max(cfg.num_experts_per_tok, 1)  # LoRA on each routed expert
         flops += 2.0 * lora_r * io * cfg.num_layers * tokens
     return flops
 
@@ -312,7 +315,22 @@ SIZES: dict[str, dict] = {
     ),
     # SmolLM2-135M(-Instruct)'s own config (as loaded from its GGUF), random weights.
     "135M": SMOLLM2_135M,
+    # Other families at SmolLM2-135M's shape (benchmarks/families.py): Qwen3 (per-head q/k
+    # RMSNorm), and a Qwen3-MoE whose 8 experts of half the MLP width, top-2, keep the
+    # active parameters per token equal to the dense model's (total ~374M).
+    "135M-qwen3": {**SMOLLM2_135M, "model_type": "qwen3", "qk_norm": "head"},
+    "135M-moe": {
+        **SMOLLM2_135M,
+        "model_type": "qwen3_moe",
+        "qk_norm": "head",
+        "intermediate_size": SMOLLM2_135M["intermediate_size"] // 2,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "norm_topk_prob": True,
+        "router_aux_loss_coef": 0.001,  # Qwen3-MoE's own: the RM step adds the aux term
+    },
 }
+SIZES["135M-moe-dense"] = {**SIZES["135M-moe"], "moe_dispatch": "dense"}
 
 
 def model_config(size: str):

@@ -45,11 +45,20 @@ class ModelSection:
     """How the frozen base is stored (QLoRA-style): `none`, `int8`, `nf4` or `gguf` (a .gguf
     file's own Q4_0/Q4_1/Q8_0 blocks); `model.quant=nf4` is short for `model.quant.kind=nf4`.
     Adapters and heads stay float32; see docs/quantization.md."""
+    router_aux_loss_coef: float | None = None
+    """Mixture of experts: the weight of the router's load-balancing loss added to every
+    training loss (logged as `aux_loss`), as TRL's option of this name. None: the
+    checkpoint's `router_aux_loss_coef`; 0 turns it off. Refused on a dense model."""
 
     def __post_init__(self) -> None:
         check_literal(self, "dtype", ("float32", "bfloat16"))
         check_literal(self, "param_dtype", ("float32", "bfloat16"))
         check_literal(self, "remat", ("none", "block"))
+        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
+            raise ValueError(
+                f"model.router_aux_loss_coef must be >= 0 (0 turns the MoE aux loss off), "
+                f"got {self.router_aux_loss_coef}"
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

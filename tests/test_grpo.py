@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from jaxrlhf import config as C
+from jaxrlhf.algorithms import common as AC
 from jaxrlhf.algorithms import grpo as G
 from jaxrlhf.algorithms.common import init_train_state
 from jaxrlhf.data import load_prompts
@@ -264,15 +265,16 @@ def test_global_token_losses_are_independent_of_micro_batching(setup, loss_type)
 
 def _count_backbone_calls(monkeypatch):
     """Record, at trace time, every backbone pass the GRPO steps make: True for a pass with
-    an adapter (the policy), False for one without (the reference)."""
+    an adapter (the policy), False for one without (the reference). Every training forward
+    runs through `algorithms.common.hidden_and_aux`, so its `backbone` is the one to count."""
     calls: list[bool] = []
-    real = G.backbone
+    real = AC.backbone
 
     def counting(params, *args, lora=None, **kwargs):
         calls.append(lora is not None)
         return real(params, *args, lora=lora, **kwargs)
 
-    monkeypatch.setattr(G, "backbone", counting)
+    monkeypatch.setattr(AC, "backbone", counting)
     return calls
 
 

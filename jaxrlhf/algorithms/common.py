@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import optax
 
 from jaxrlhf.lora import LoraConfig
-from jaxrlhf.models.transformer import backbone
+from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.models.transformer import backbone, load_balancing_loss
 
 
 @flax.struct.dataclass
@@ -60,23 +61,77 @@ def apply_update(
     }
 
 
+def router_aux_active(model_cfg: ModelConfig) -> bool:
+    """Whether a training loss adds the MoE router's load-balancing term: a mixture of experts
+    whose `router_aux_loss_coef` (the checkpoint's, or `model.router_aux_loss_coef`) is not 0."""
+    return model_cfg.num_experts > 0 and model_cfg.router_aux_loss_coef != 0.0
+
+
+def hidden_and_aux(
+    params: Any,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    model_cfg: ModelConfig,
+    **forward: Any,
+) -> tuple[jax.Array, jax.Array | None]:
+    """The backbone's hidden states [B, T, D] and, when `router_aux_active`, the
+    load-balancing loss of the same forward over its real tokens (transformers' `aux_loss`,
+    see `load_balancing_loss`); None otherwise. `forward`: the other `backbone` arguments."""
+    if not router_aux_active(model_cfg):
+        hidden, _ = backbone(params, input_ids, attention_mask, cfg=model_cfg, **forward)
+        return hidden, None
+    hidden, _, router_logits = backbone(
+        params, input_ids, attention_mask, cfg=model_cfg, with_router_logits=True, **forward
+    )
+    aux = load_balancing_loss(router_logits, attention_mask, top_k=model_cfg.num_experts_per_tok)
+    return hidden, aux
+
+
+def add_router_aux_loss(
+    loss: jax.Array,
+    metrics: dict,
+    aux_loss: jax.Array | None,
+    *,
+    model_cfg: ModelConfig,
+    loss_key: str | None = "loss",
+) -> tuple[jax.Array, dict]:
+    """TRL's MoE term: loss + router_aux_loss_coef · aux_loss, with `aux_loss` (the unscaled
+    load-balancing loss) in the metrics and the metric `loss_key` (when present) updated to
+    the new total. Unchanged when `aux_loss` is None (a dense model, or the coefficient 0)."""
+    if aux_loss is None:
+        return loss, metrics
+    total = loss + model_cfg.router_aux_loss_coef * aux_loss
+    metrics = {**metrics, "aux_loss": jax.lax.stop_gradient(aux_loss)}
+    if loss_key is not None and loss_key in metrics:
+        metrics[loss_key] = jax.lax.stop_gradient(total)
+    return total, metrics
+
+
 def packed_hidden(
-    params: Any, packed: dict, *, model_cfg: Any, prefix: str = "packed_", **forward: Any
-) -> jax.Array:
+    params: Any,
+    packed: dict,
+    *,
+    model_cfg: Any,
+    prefix: str = "packed_",
+    with_aux_loss: bool = False,
+    **forward: Any,
+):
     """The backbone's hidden states [B, T, D] of packed rows (prefix-shared: a prompt once,
     then its responses as segments; see `data.packing`), read from `packed[prefix + key]`
     for input_ids, attention_mask, positions and segment_ids. `forward`: lora, lora_scale,
-    dropout."""
-    hidden, _ = backbone(
+    dropout. With `with_aux_loss`: (hidden, aux loss or None) as `hidden_and_aux`, over the
+    packed tokens (a shared prompt counts once)."""
+    hidden, aux = hidden_and_aux(
         params,
         packed[prefix + "input_ids"],
         packed[prefix + "attention_mask"],
-        cfg=model_cfg,
+        model_cfg=model_cfg,
         positions=packed[prefix + "positions"],
         segment_ids=packed[prefix + "segment_ids"],
         **forward,
     )
-    return hidden
+    return (hidden, aux) if with_aux_loss else hidden
 
 
 def float_metrics(metrics: dict) -> dict[str, float]:
@@ -162,14 +217,19 @@ def make_minibatch_update(
 def steps_from_outputs(outputs_fn: Callable, loss_from_outputs: Callable):
     """(make_train_step, make_eval_step, eval_metrics) of a preference algorithm whose loss
     is a function of per-pair outputs: `outputs_fn(trainable, frozen, batch, *, cfg,
-    model_cfg, rng=None) -> tuple of [B]` and `loss_from_outputs(cfg, outputs, pair_mask)
-    -> (loss, metrics)`. The eval step returns the outputs; the metrics are the loss's over
-    the whole eval set (ORPO, CPO/SimPO)."""
+    model_cfg, rng=None, with_aux_loss=False) -> tuple of [B]` (with `with_aux_loss`:
+    (that tuple, MoE aux loss or None)) and `loss_from_outputs(cfg, outputs, pair_mask)
+    -> (loss, metrics)`. The train step adds the router's aux loss (`add_router_aux_loss`);
+    the eval step returns the outputs; the metrics are the loss's over the whole eval set
+    (ORPO, CPO/SimPO)."""
 
     def make_train_step(cfg: Any, *, model_cfg: Any, optimizer: optax.GradientTransformation):
         def loss_fn(trainable, batch, frozen, rng):
-            outputs = outputs_fn(trainable, frozen, batch, cfg=cfg, model_cfg=model_cfg, rng=rng)
-            return loss_from_outputs(cfg, outputs, batch["pair_mask"])
+            outputs, aux = outputs_fn(
+                trainable, frozen, batch, cfg=cfg, model_cfg=model_cfg, rng=rng, with_aux_loss=True
+            )
+            loss, metrics = loss_from_outputs(cfg, outputs, batch["pair_mask"])
+            return add_router_aux_loss(loss, metrics, aux, model_cfg=model_cfg)
 
         return make_batch_step(loss_fn, optimizer)
 

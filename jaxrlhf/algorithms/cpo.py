@@ -65,14 +65,18 @@ class CPOConfig(PreferenceTraining):
         return self.loss_type in ("ipo", "simpo")
 
 
-def cpo_outputs(trainable, frozen, batch, *, cfg: CPOConfig, model_cfg, rng=None):
-    """(r_c, r_r, nll sum, nll tokens) [B] under the policy."""
+def cpo_outputs(
+    trainable, frozen, batch, *, cfg: CPOConfig, model_cfg, rng=None, with_aux_loss=False
+):
+    """(r_c, r_r, nll sum, nll tokens) [B] under the policy (with `with_aux_loss`:
+    (them, the MoE router's aux loss or None))."""
     tokens = pair_token_logps(
         trainable, frozen, batch, model_cfg=model_cfg, lora_cfg=cfg.lora, rng=rng
     )
     p_c, p_r = sequence_pair_logps(tokens, average=cfg.average_logps)
     nll_sum, nll_count = chosen_nll_terms(tokens, with_prompt=False)
-    return p_c, p_r, nll_sum, nll_count
+    outputs = p_c, p_r, nll_sum, nll_count
+    return (outputs, tokens["aux_loss"]) if with_aux_loss else outputs
 
 
 def _loss(cfg: CPOConfig, outputs, pair_mask):

@@ -25,8 +25,10 @@ import jax.numpy as jnp
 import optax
 
 from jaxrlhf.algorithms.common import (
+    add_router_aux_loss,
     dropout_args,
     float_metrics,
+    hidden_and_aux,
     make_batch_step,
     model_views,
     packed_hidden,
@@ -36,7 +38,7 @@ from jaxrlhf.config import PreferenceTraining, check_literal
 from jaxrlhf.lora import LoraConfig
 from jaxrlhf.losses import dpo_loss, masked_mean, masked_sum
 from jaxrlhf.models.config import ModelConfig
-from jaxrlhf.models.transformer import backbone, token_logprobs
+from jaxrlhf.models.transformer import token_logprobs
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
@@ -107,9 +109,11 @@ def sequence_logps(
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     chunk_size: int = 128,
-) -> tuple[jax.Array, jax.Array]:
+    with_aux_loss: bool = False,
+) -> tuple[jax.Array, ...]:
     """(chosen_logps, rejected_logps) [B] in float32: the sum (mean with `average`) of
-    log p(token | its prefix) over each response's tokens.
+    log p(token | its prefix) over each response's tokens; with `with_aux_loss` a third
+    entry, the MoE router's aux loss of this forward or None (`common.hidden_and_aux`).
 
     Packed batch: one forward over prompt + chosen + rejected; each response token is
     predicted by the hidden state at its `response_prev` slot (the last prompt token for
@@ -123,8 +127,14 @@ def sequence_logps(
         else {}
     )
     if "packed_input_ids" in batch:
-        hidden = packed_hidden(
-            params, batch, model_cfg=model_cfg, lora=lora, lora_scale=scale, **extra
+        hidden, aux = packed_hidden(
+            params,
+            batch,
+            model_cfg=model_cfg,
+            lora=lora,
+            lora_scale=scale,
+            with_aux_loss=True,
+            **extra,
         )
         # Response tokens only: the vocabulary projection never runs on prompt slots.
         prev = jnp.take_along_axis(hidden, batch["packed_response_prev"][..., None], axis=1)
@@ -135,15 +145,18 @@ def sequence_logps(
             chunk_size=chunk_size,
             logit_softcap=model_cfg.final_logit_softcap,
         )
-        return (
+        logps = (
             _reduce(lp, batch["packed_response_chosen"], average),
             _reduce(lp, batch["packed_response_rejected"], average),
         )
+        return (*logps, aux) if with_aux_loss else logps
     n = batch["chosen_input_ids"].shape[0]
     ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     mask = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
     response = jnp.concatenate([batch["chosen_response_mask"], batch["rejected_response_mask"]])
-    hidden, _ = backbone(params, ids, mask, cfg=model_cfg, lora=lora, lora_scale=scale, **extra)
+    hidden, aux = hidden_and_aux(
+        params, ids, mask, model_cfg=model_cfg, lora=lora, lora_scale=scale, **extra
+    )
     lp, _ = token_logprobs(
         params,
         hidden[:, :-1],
@@ -152,7 +165,7 @@ def sequence_logps(
         logit_softcap=model_cfg.final_logit_softcap,
     )
     logps = _reduce(lp, response[:, 1:], average)
-    return logps[:n], logps[n:]
+    return (logps[:n], logps[n:], aux) if with_aux_loss else (logps[:n], logps[n:])
 
 
 def policy_logps(
@@ -164,11 +177,22 @@ def policy_logps(
     lora_cfg: LoraConfig | None,
     average: bool = False,
     rng: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Sequence log-probs under the policy: base + adapter (LoRA) or the trainable tree (full)."""
+    with_aux_loss: bool = False,
+) -> tuple[jax.Array, ...]:
+    """Sequence log-probs under the policy: base + adapter (LoRA) or the trainable tree (full);
+    with `with_aux_loss` also the MoE router's aux loss (see `sequence_logps`)."""
     params, lora, scale = model_views(trainable, frozen, lora_cfg)
     extra = dropout_args(lora_cfg, rng) if rng is not None else {}
-    return sequence_logps(params, lora, scale, batch, model_cfg=model_cfg, average=average, **extra)
+    return sequence_logps(
+        params,
+        lora,
+        scale,
+        batch,
+        model_cfg=model_cfg,
+        average=average,
+        with_aux_loss=with_aux_loss,
+        **extra,
+    )
 
 
 def reference_logps(
@@ -200,13 +224,21 @@ def dpo_objective(
     loss_type: str,
     label_smoothing: float,
 ) -> tuple[jax.Array, dict]:
-    """(loss, metrics) of one batch; differentiable w.r.t. `trainable` only."""
+    """(loss, metrics) of one batch; differentiable w.r.t. `trainable` only. A MoE policy
+    adds its router's aux term (`add_router_aux_loss`)."""
     average = loss_type == "ipo"
     ref_c, ref_r = reference_logps(frozen, batch, model_cfg=model_cfg, average=average)
-    pi_c, pi_r = policy_logps(
-        trainable, frozen, batch, model_cfg=model_cfg, lora_cfg=lora_cfg, average=average, rng=rng
+    pi_c, pi_r, aux = policy_logps(
+        trainable,
+        frozen,
+        batch,
+        model_cfg=model_cfg,
+        lora_cfg=lora_cfg,
+        average=average,
+        rng=rng,
+        with_aux_loss=True,
     )
-    return dpo_loss(
+    loss, metrics = dpo_loss(
         pi_c,
         pi_r,
         ref_c,
@@ -216,6 +248,7 @@ def dpo_objective(
         label_smoothing=label_smoothing,
         weights=batch.get("pair_mask"),
     )
+    return add_router_aux_loss(loss, metrics, aux, model_cfg=model_cfg)
 
 
 def make_train_step(

@@ -38,7 +38,12 @@ from jaxrlhf.advantages import (
     group_advantages,
     soft_overlong_punishment,
 )
-from jaxrlhf.algorithms.common import make_minibatch_update, model_views
+from jaxrlhf.algorithms.common import (
+    add_router_aux_loss,
+    hidden_and_aux,
+    make_minibatch_update,
+    model_views,
+)
 from jaxrlhf.algorithms.spec import IterationPlan, KLControlSettings, OnlineAlgorithm
 from jaxrlhf.config import GenerationConfig, OnlineTraining, check_literal
 from jaxrlhf.data.packing import pack_groups
@@ -51,8 +56,12 @@ from jaxrlhf.losses import (
     masked_mean,
 )
 from jaxrlhf.models.config import ModelConfig
+<<<<<<< HEAD
 from jaxrlhf.models.transformer import backbone, token_logprobs
 from jaxrlhf.sharding import host_view
+=======
+from jaxrlhf.models.transformer import token_logprobs
+>>>>>>> moe
 
 GRPO_LOSS_TYPES = (
     "grpo",
@@ -280,21 +289,24 @@ def response_logprobs(
     chunk_size: int = 128,
     with_entropy: bool = False,
     group: int = 1,
-) -> tuple[jax.Array, jax.Array | None]:
+    with_aux_loss: bool = False,
+) -> tuple[jax.Array, ...]:
     """log p (and the entropy) of the response tokens, [B, N], from `[prompt | response]`
     sequences [B, P + N]: token P + j is predicted from the hidden state at P + j − 1.
     With `group` > 1 the rows are consecutive groups of one prompt's completions and run
-    packed, the prompt once per group (same numbers, fewer tokens).
+    packed, the prompt once per group (same numbers, fewer tokens). With `with_aux_loss` a
+    third entry: the MoE router's aux loss over the forward's real tokens, or None
+    (`common.hidden_and_aux`).
 
     `lora=None` is the base model: the reference policy when `params` is the frozen base."""
     n = input_ids.shape[1] - prompt_len
     if group > 1:
         packed = pack_groups(input_ids, attention_mask, prompt_len, group)
-        hidden, _ = backbone(
+        hidden, aux = hidden_and_aux(
             params,
             packed["input_ids"],
             packed["attention_mask"],
-            cfg=model_cfg,
+            model_cfg=model_cfg,
             lora=lora,
             lora_scale=lora_scale,
             positions=packed["positions"],
@@ -303,11 +315,16 @@ def response_logprobs(
         h = jnp.take_along_axis(hidden, packed["prev_index"][..., None], axis=1)
         h = h.reshape(input_ids.shape[0], n, h.shape[-1])
     else:
-        hidden, _ = backbone(
-            params, input_ids, attention_mask, cfg=model_cfg, lora=lora, lora_scale=lora_scale
+        hidden, aux = hidden_and_aux(
+            params,
+            input_ids,
+            attention_mask,
+            model_cfg=model_cfg,
+            lora=lora,
+            lora_scale=lora_scale,
         )
         h = hidden[:, prompt_len - 1 : prompt_len - 1 + n]
-    return token_logprobs(
+    lp, entropy = token_logprobs(
         params,
         h,
         input_ids[:, prompt_len:],
@@ -316,6 +333,7 @@ def response_logprobs(
         with_entropy=with_entropy,
         logit_softcap=model_cfg.final_logit_softcap,
     )
+    return (lp, entropy, aux) if with_aux_loss else (lp, entropy)
 
 
 def policy_logprobs(
@@ -328,9 +346,10 @@ def policy_logprobs(
     model_cfg: ModelConfig,
     cfg: GroupRolloutTraining,
     with_entropy: bool = False,
-) -> tuple[jax.Array, jax.Array | None]:
+    with_aux_loss: bool = False,
+) -> tuple[jax.Array, ...]:
     """log π_θ of the response tokens: the frozen base + the unmerged adapter `cfg.lora`
-    (LoRA) or the trained params (full fine-tuning)."""
+    (LoRA) or the trained params (full fine-tuning); see `response_logprobs`."""
     params, lora, scale = model_views(trainable, frozen, cfg.lora)
     return response_logprobs(
         params,
@@ -344,6 +363,7 @@ def policy_logprobs(
         chunk_size=cfg.logprob_chunk,
         with_entropy=with_entropy,
         group=cfg.num_generations if cfg.share_prompt else 1,
+        with_aux_loss=with_aux_loss,
     )
 
 
@@ -452,9 +472,10 @@ def keep_groups(cfg: GRPOConfig, scores: np.ndarray, rollout: Any) -> np.ndarray
 
 def micro_logprobs(
     trainable: Any, micro: dict, frozen: Any, *, cfg: Any, model_cfg: ModelConfig, prompt_len: int
-) -> tuple[jax.Array, jax.Array | None]:
-    """log π_θ (and, with `cfg.log_entropy`, the entropy) of a micro-batch's responses: what
-    every group-rollout loss (GRPO, RLOO, REINFORCE++) starts from."""
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """(log π_θ, the entropy with `cfg.log_entropy` or None, the MoE router's aux loss or None)
+    of a micro-batch's responses: what every group-rollout loss (GRPO, RLOO, REINFORCE++)
+    starts from; the loss adds the aux term with `common.add_router_aux_loss`."""
     return policy_logprobs(
         trainable,
         frozen,
@@ -464,6 +485,7 @@ def micro_logprobs(
         model_cfg=model_cfg,
         cfg=cfg,
         with_entropy=cfg.log_entropy,
+        with_aux_loss=True,
     )
 
 
@@ -488,9 +510,10 @@ def grpo_objective(
     cfg: GRPOConfig,
     prompt_len: int,
 ) -> tuple[jax.Array, dict]:
-    """`grpo_loss` of one micro-batch, times `micro["loss_scale"]` (see `make_update_fn`)."""
+    """`grpo_loss` of one micro-batch, times `micro["loss_scale"]` (see `make_update_fn`), plus
+    a MoE policy's router aux term (`add_router_aux_loss`)."""
     resp = micro["response_mask"]
-    lp, entropy = micro_logprobs(
+    lp, entropy, aux = micro_logprobs(
         trainable, micro, frozen, cfg=cfg, model_cfg=model_cfg, prompt_len=prompt_len
     )
     loss, m = grpo_loss(
@@ -525,7 +548,8 @@ def grpo_objective(
     metrics["kl_per_sequence"] = m["kl"] * jnp.sum(resp) / resp.shape[0]
     if cfg.log_entropy:
         metrics["entropy"] = masked_mean(entropy, resp)
-    return loss, jax.lax.stop_gradient(metrics)
+    # Unscaled by `loss_scale`: each micro-batch's aux loss counts alike, as in TRL.
+    return add_router_aux_loss(loss, jax.lax.stop_gradient(metrics), aux, model_cfg=model_cfg)
 
 
 def make_update_fn(

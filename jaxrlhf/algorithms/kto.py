@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxrlhf.algorithms.common import make_batch_step
+from jaxrlhf.algorithms.common import add_router_aux_loss, make_batch_step
 from jaxrlhf.algorithms.dpo import make_ref_logps_step, policy_logps, reference_logps
 from jaxrlhf.algorithms.orpo import check_policy_lora
 from jaxrlhf.algorithms.spec import PreferenceAlgorithm
@@ -74,13 +74,22 @@ class KTOConfig(PreferenceTraining):
 
 
 def kto_objective(trainable, batch, frozen, rng, *, cfg: KTOConfig, model_cfg: ModelConfig):
+    """KTO loss of one batch (+ a MoE policy's router aux term over the forward's tokens,
+    completions and KL completions alike: `add_router_aux_loss`)."""
     ref, ref_kl = reference_logps(frozen, batch, model_cfg=model_cfg)
-    lp, lp_kl = policy_logps(
-        trainable, frozen, batch, model_cfg=model_cfg, lora_cfg=cfg.lora, rng=rng
+    lp, lp_kl, aux = policy_logps(
+        trainable,
+        frozen,
+        batch,
+        model_cfg=model_cfg,
+        lora_cfg=cfg.lora,
+        rng=rng,
+        with_aux_loss=True,
     )
-    return _loss(
+    loss, metrics = _loss(
         cfg, (lp, jax.lax.stop_gradient(lp_kl), ref, ref_kl), batch["margin"], batch["pair_mask"]
     )
+    return add_router_aux_loss(loss, metrics, aux, model_cfg=model_cfg)
 
 
 def _loss(cfg: KTOConfig, outputs, labels, pair_mask):

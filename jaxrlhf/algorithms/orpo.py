@@ -59,14 +59,18 @@ def check_policy_lora(cfg: Any, name: str) -> None:
         )
 
 
-def orpo_outputs(trainable, frozen, batch, *, cfg: ORPOConfig, model_cfg, rng=None):
-    """(p̄_c, p̄_r, nll sum, nll tokens) [B] under the policy."""
+def orpo_outputs(
+    trainable, frozen, batch, *, cfg: ORPOConfig, model_cfg, rng=None, with_aux_loss=False
+):
+    """(p̄_c, p̄_r, nll sum, nll tokens) [B] under the policy (with `with_aux_loss`:
+    (them, the MoE router's aux loss or None))."""
     tokens = pair_token_logps(
         trainable, frozen, batch, model_cfg=model_cfg, lora_cfg=cfg.lora, with_prompt=True, rng=rng
     )
     p_c, p_r = sequence_pair_logps(tokens, average=True)
     nll_sum, nll_count = chosen_nll_terms(tokens, with_prompt=True)
-    return p_c, p_r, nll_sum, nll_count
+    outputs = p_c, p_r, nll_sum, nll_count
+    return (outputs, tokens["aux_loss"]) if with_aux_loss else outputs
 
 
 def _loss(cfg: ORPOConfig, outputs, pair_mask):

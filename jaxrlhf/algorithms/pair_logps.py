@@ -13,11 +13,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxrlhf.algorithms.common import dropout_args, model_views
+from jaxrlhf.algorithms.common import dropout_args, hidden_and_aux, model_views
 from jaxrlhf.lora import LoraConfig
 from jaxrlhf.losses import masked_mean, masked_sum
 from jaxrlhf.models.config import ModelConfig
-from jaxrlhf.models.transformer import backbone, token_logprobs
+from jaxrlhf.models.transformer import token_logprobs
 
 
 def pair_token_logps(
@@ -34,18 +34,19 @@ def pair_token_logps(
     """Policy log-probs per token: `chosen`/`rejected` [B, R] with their masks
     `chosen_mask`/`rejected_mask`, and with `with_prompt` also `prompt` [B, L] and
     `prompt_mask` (the prompt tokens after the first, which nothing predicts). Every mask is
-    multiplied by the batch's `pair_mask`, so padding pairs count nowhere."""
+    multiplied by the batch's `pair_mask`, so padding pairs count nowhere. `aux_loss`: the
+    MoE router's aux loss of the forward, or None (`common.hidden_and_aux`)."""
     params, lora, scale = model_views(trainable, frozen, lora_cfg)
     extra = dropout_args(lora_cfg, rng) if rng is not None else {}
     pair = batch["pair_mask"][:, None]
-    out: dict[str, jax.Array] = {}
+    out: dict[str, Any] = {}
     if "packed_input_ids" in batch:
         ids = batch["packed_input_ids"]
-        hidden, _ = backbone(
+        hidden, out["aux_loss"] = hidden_and_aux(
             params,
             ids,
             batch["packed_attention_mask"],
-            cfg=model_cfg,
+            model_cfg=model_cfg,
             lora=lora,
             lora_scale=scale,
             positions=batch["packed_positions"],
@@ -79,7 +80,9 @@ def pair_token_logps(
     n = batch["chosen_input_ids"].shape[0]
     ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     mask = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-    hidden, _ = backbone(params, ids, mask, cfg=model_cfg, lora=lora, lora_scale=scale, **extra)
+    hidden, out["aux_loss"] = hidden_and_aux(
+        params, ids, mask, model_cfg=model_cfg, lora=lora, lora_scale=scale, **extra
+    )
     lp, _ = token_logprobs(
         params,
         hidden[:, :-1],

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from jaxrlhf.advantages import gae, whiten
-from jaxrlhf.algorithms.common import make_minibatch_update
+from jaxrlhf.algorithms.common import add_router_aux_loss, hidden_and_aux, make_minibatch_update
 from jaxrlhf.algorithms.spec import IterationPlan, KLControlSettings, OnlineAlgorithm
 from jaxrlhf.config import OnlineTraining, check_literal
 from jaxrlhf.lora import LoraConfig, adapter_member, split_trainable
@@ -137,16 +137,17 @@ def policy_outputs(
     cfg: PPOConfig,
     with_entropy: bool = True,
 ) -> dict:
-    """log π and entropy of the response tokens [B, N], and V [B, N] (shared critic, or
-    the separate critic's own pass)."""
+    """log π and entropy of the response tokens [B, N], V [B, N] (shared critic, or
+    the separate critic's own pass), and `aux_loss`: the policy forward's MoE router aux
+    loss or None (`common.hidden_and_aux`)."""
     n = input_ids.shape[1] - prompt_len
     targets = input_ids[:, prompt_len:]
     if adapters.policy is not None:
         params, lora, scale = frozen, trainable["policy"], adapters.policy.scale
     else:
         params, lora, scale = trainable["policy"], None, 1.0
-    hidden, _ = backbone(
-        params, input_ids, attention_mask, cfg=model_cfg, lora=lora, lora_scale=scale
+    hidden, aux = hidden_and_aux(
+        params, input_ids, attention_mask, model_cfg=model_cfg, lora=lora, lora_scale=scale
     )
     h = _response_hidden(hidden, prompt_len, n)
     logprobs, entropy = token_logprobs(
@@ -158,7 +159,7 @@ def policy_outputs(
         with_entropy=with_entropy,
         logit_softcap=model_cfg.final_logit_softcap,
     )
-    out = {"logprobs": logprobs, "entropy": entropy}
+    out = {"logprobs": logprobs, "entropy": entropy, "aux_loss": aux}
     if cfg.value_model == "shared":
         out["values"] = value_head(params, h, lora)
     else:
@@ -306,7 +307,8 @@ def ppo_loss(
     cfg: PPOConfig,
     prompt_len: int,
 ) -> tuple[jax.Array, dict]:
-    """Clipped policy loss + vf_coef · clipped value loss − entropy_coef · entropy."""
+    """Clipped policy loss + vf_coef · clipped value loss − entropy_coef · entropy
+    (+ router_aux_loss_coef · the MoE policy's aux loss, `add_router_aux_loss`)."""
     resp = minibatch["response_mask"]
     out = policy_outputs(
         trainable,
@@ -345,7 +347,13 @@ def ppo_loss(
         "val/clipfrac": vf_metrics["value_clipfrac"],
         "val/ratio": pg_metrics["ratio_mean"],
     }
-    return loss, jax.lax.stop_gradient(metrics)
+    return add_router_aux_loss(
+        loss,
+        jax.lax.stop_gradient(metrics),
+        out["aux_loss"],
+        model_cfg=model_cfg,
+        loss_key="loss/total",
+    )
 
 
 def make_update_fn(

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxrlhf.advantages import REINFORCE_ESTIMATORS, reinforce_pp_advantages
-from jaxrlhf.algorithms.common import make_minibatch_update
+from jaxrlhf.algorithms.common import add_router_aux_loss, make_minibatch_update
 from jaxrlhf.algorithms.grpo import (
     GroupRolloutTraining,
     init_trainable,
@@ -165,7 +165,7 @@ def make_update_fn(
 
     def loss_fn(trainable, micro, frozen):
         resp = micro["response_mask"]
-        lp, entropy = micro_logprobs(
+        lp, entropy, aux = micro_logprobs(
             trainable, micro, frozen, cfg=cfg, model_cfg=model_cfg, prompt_len=prompt_len
         )
         loss, m = ppo_policy_loss(
@@ -180,7 +180,7 @@ def make_update_fn(
         metrics = {**m, "loss": loss}
         if cfg.log_entropy:
             metrics["entropy"] = masked_mean(entropy, resp)
-        return loss, jax.lax.stop_gradient(metrics)
+        return add_router_aux_loss(loss, jax.lax.stop_gradient(metrics), aux, model_cfg=model_cfg)
 
     def loss_scales(mb: dict) -> dict:
         tokens = jnp.sum(mb["response_mask"], axis=(1, 2)).astype(jnp.float32)

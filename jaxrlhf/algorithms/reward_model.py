@@ -23,8 +23,10 @@ import jax.numpy as jnp
 import optax
 
 from jaxrlhf.algorithms.common import (
+    add_router_aux_loss,
     dropout_args,
     float_metrics,
+    hidden_and_aux,
     make_batch_step,
     model_views,
     packed_hidden,
@@ -66,13 +68,22 @@ def pair_rewards(
     model_cfg: ModelConfig,
     lora_cfg: LoraConfig | None,
     rng: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """(r_chosen, r_rejected) [B] for a pair batch, packed (`packed_*` keys) or not."""
+    with_aux_loss: bool = False,
+) -> tuple[jax.Array, ...]:
+    """(r_chosen, r_rejected) [B] for a pair batch, packed (`packed_*` keys) or not; with
+    `with_aux_loss` a third entry, the MoE router's aux loss of this forward (or None, see
+    `common.hidden_and_aux`)."""
     params, lora, scale = model_views(trainable, frozen, lora_cfg)
     extra = dropout_args(lora_cfg, rng) if rng is not None else {}
     if "packed_input_ids" in batch:
-        hidden = packed_hidden(
-            params, batch, model_cfg=model_cfg, lora=lora, lora_scale=scale, **extra
+        hidden, aux = packed_hidden(
+            params,
+            batch,
+            model_cfg=model_cfg,
+            lora=lora,
+            lora_scale=scale,
+            with_aux_loss=True,
+            **extra,
         )
         w = head_weights(params, lora, "score")["kernel"].astype(hidden.dtype)
 
@@ -80,13 +91,17 @@ def pair_rewards(
             h = jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
             return jnp.einsum("bd,dl->bl", h, w, preferred_element_type=jnp.float32)[:, 0]
 
-        return read(batch["chosen_last"]), read(batch["rejected_last"])
-    ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
-    mask = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-    hidden, _ = backbone(params, ids, mask, cfg=model_cfg, lora=lora, lora_scale=scale, **extra)
-    scores = score_head(params, hidden, mask, lora)
-    n = batch["chosen_input_ids"].shape[0]
-    return scores[:n], scores[n:]
+        rewards = read(batch["chosen_last"]), read(batch["rejected_last"])
+    else:
+        ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+        mask = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+        hidden, aux = hidden_and_aux(
+            params, ids, mask, model_cfg=model_cfg, lora=lora, lora_scale=scale, **extra
+        )
+        scores = score_head(params, hidden, mask, lora)
+        n = batch["chosen_input_ids"].shape[0]
+        rewards = scores[:n], scores[n:]
+    return (*rewards, aux) if with_aux_loss else rewards
 
 
 def reward_loss(
@@ -99,16 +114,24 @@ def reward_loss(
     lora_cfg: LoraConfig | None,
     center_rewards_coefficient: float | None,
 ) -> tuple[jax.Array, dict]:
-    r_c, r_r = pair_rewards(
-        trainable, frozen, batch, model_cfg=model_cfg, lora_cfg=lora_cfg, rng=rng
+    """Bradley–Terry loss of one batch (+ the MoE router's aux term, `add_router_aux_loss`)."""
+    r_c, r_r, aux = pair_rewards(
+        trainable,
+        frozen,
+        batch,
+        model_cfg=model_cfg,
+        lora_cfg=lora_cfg,
+        rng=rng,
+        with_aux_loss=True,
     )
-    return bradley_terry_loss(
+    loss, metrics = bradley_terry_loss(
         r_c,
         r_r,
         margin=batch.get("margin"),
         center_rewards_coefficient=center_rewards_coefficient,
         weights=batch.get("pair_mask"),
     )
+    return add_router_aux_loss(loss, metrics, aux, model_cfg=model_cfg)
 
 
 def make_train_step(

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxrlhf.advantages import rloo_advantages, rloo_rewards
-from jaxrlhf.algorithms.common import make_minibatch_update
+from jaxrlhf.algorithms.common import add_router_aux_loss, make_minibatch_update
 from jaxrlhf.algorithms.grpo import (
     GroupRolloutTraining,
     init_trainable,
@@ -132,7 +132,7 @@ def make_update_fn(
 
     def loss_fn(trainable, micro, frozen):
         resp = micro["response_mask"]
-        lp, entropy = micro_logprobs(
+        lp, entropy, aux = micro_logprobs(
             trainable, micro, frozen, cfg=cfg, model_cfg=model_cfg, prompt_len=prompt_len
         )
         loss, metrics = rloo_loss(
@@ -145,7 +145,7 @@ def make_update_fn(
         )
         if cfg.log_entropy:
             metrics = {**metrics, "entropy": jax.lax.stop_gradient(masked_mean(entropy, resp))}
-        return loss, metrics
+        return add_router_aux_loss(loss, metrics, aux, model_cfg=model_cfg)
 
     return make_minibatch_update(loss_fn, optimizer, micro_batches=cfg.optim.grad_accum_steps)
 

@@ -39,6 +39,7 @@ def load_base(model: ModelSection, *, seed: int = 0, log=print) -> tuple[ModelCo
         cfg, params, tokenizer = load_model(model.path, dtype=jnp.float32)
         params = jax.device_get(params)
     cfg = cfg.replace(dtype=model.dtype, remat=model.remat)
+    cfg = with_router_aux_loss_coef(cfg, model.router_aux_loss_coef, path=model.path)
     if model.adapter:
         params = merge_adapter_into_base(params, cfg, model.adapter, log=log)
     if quant.kind in ("int8", "nf4"):
@@ -50,6 +51,19 @@ def load_base(model: ModelSection, *, seed: int = 0, log=print) -> tuple[ModelCo
     if quant.kind != "none":
         log(f"frozen base stored as {quant.kind}: {quant_summary(params)}")
     return cfg, params, tokenizer
+
+
+def with_router_aux_loss_coef(cfg: ModelConfig, coef: float | None, *, path: str) -> ModelConfig:
+    """`cfg` with the training option `model.router_aux_loss_coef` in place of the
+    checkpoint's (None keeps it); a non-zero one on a dense model is refused (as TRL)."""
+    if coef is None:
+        return cfg
+    if coef != 0.0 and not cfg.num_experts:
+        raise ValueError(
+            f"model.router_aux_loss_coef={coef}: {path} is not a mixture of experts "
+            f"(no router, so no load-balancing loss); remove the option or set it to 0"
+        )
+    return cfg.replace(router_aux_loss_coef=float(coef))
 
 
 def _tiny_base(tiny: dict, seed: int) -> tuple[dict, ModelConfig, Any]:

@@ -101,10 +101,12 @@ def announce(
 
 def run_signature(cfg: Any) -> dict:
     """What a checkpoint must agree with to resume: the base model and the adapters' shapes
-    (compute dtype and remat may change between runs; they do not change the state)."""
+    (compute dtype, remat and the MoE aux-loss weight may change between runs; they do not
+    change the state)."""
     from jaxrlhf.config import to_dict
 
-    model = {k: v for k, v in to_dict(cfg.model).items() if k not in ("dtype", "remat")}
+    free = ("dtype", "remat", "router_aux_loss_coef")
+    model = {k: v for k, v in to_dict(cfg.model).items() if k not in free}
     out = {"model": model, "lora": to_dict(cfg.lora)}
     if hasattr(cfg, "value_lora"):
         out["value_lora"] = to_dict(cfg.value_lora)
