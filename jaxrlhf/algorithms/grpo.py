@@ -56,12 +56,8 @@ from jaxrlhf.losses import (
     masked_mean,
 )
 from jaxrlhf.models.config import ModelConfig
-<<<<<<< HEAD
-from jaxrlhf.models.transformer import backbone, token_logprobs
-from jaxrlhf.sharding import host_view
-=======
 from jaxrlhf.models.transformer import token_logprobs
->>>>>>> moe
+from jaxrlhf.sharding import host_view
 
 GRPO_LOSS_TYPES = (
     "grpo",
