@@ -20,15 +20,21 @@ from jaxrlhf.train.runs import run_ppo
 
 def test_budget_controller_steps():
     state = init_kl_control(0.1)
-    # KL 3× the budget: the step is capped at ×2.
+    # The controller aims at 80% of the budget (2.0 -> 1.6) with the squared ratio:
+    # KL 1.76 = 1.1 x 1.6: x1.21.
+    assert float(update_kl_budget(state, 1.76, budget=2.0).value) == pytest.approx(0.121)
+    # KL 6 = 3.75 x 1.6: the step is capped at x2.
     assert float(update_kl_budget(state, 6.0, budget=2.0).value) == pytest.approx(0.2)
-    # KL 1.5× the budget: ×1.5.
-    assert float(update_kl_budget(state, 3.0, budget=2.0).value) == pytest.approx(0.15)
-    # Under budget: relaxes, by half at most ...
+    # Under its aim: relaxes, by half at most (KL 1.2 = 0.75 x 1.6: x0.5625) ...
+    assert float(update_kl_budget(state, 1.2, budget=2.0).value) == pytest.approx(0.05625)
     assert float(update_kl_budget(state, 0.0, budget=2.0).value) == pytest.approx(0.05)
     # ... and never below the floor (the run's own coefficient).
     assert float(update_kl_budget(state, 0.0, budget=2.0, floor=0.08).value) == pytest.approx(0.08)
     assert float(update_kl_budget(state, 1.0, budget=2.0, floor=0.1).value) == pytest.approx(0.1)
+    # headroom 1: aims at the budget itself (KL 2.2 = 1.1 x 2: x1.21).
+    assert float(update_kl_budget(state, 2.2, budget=2.0, headroom=1.0).value) == pytest.approx(
+        0.121
+    )
     # Capped at max_coef.
     big = init_kl_control(8.0)
     assert float(update_kl_budget(big, 20.0, budget=2.0).value) == pytest.approx(10.0)
