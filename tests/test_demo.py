@@ -54,7 +54,12 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "## Headline" in report and "KL to the base" in report
     assert (tmp_path / "plots" / "eval.png").stat().st_size > 0
-    assert (tmp_path / "rm" / "adapter" / "adapter_config.json").exists()
+    members = json.loads((tmp_path / "rm" / "adapter" / "ensemble.json").read_text())["members"]
+    assert len(members) == 2  # the demo's reward-model ensemble, each member a PEFT adapter
+    for member in members:
+        assert (tmp_path / "rm" / "adapter" / member / "adapter_config.json").exists()
+    assert "## Targets" in report and "distinct-2" in report
+    assert (tmp_path / "plots" / "gold_vs_kl.png").stat().st_size > 0
     assert (tmp_path / "ppo" / "adapter" / "adapter_config.json").exists()
     rows = [json.loads(line) for line in open(tmp_path / "pairs.jsonl")]
     assert len(rows) == out["pairs"]["pairs"] > 0

@@ -35,7 +35,13 @@ def test_the_quick_demo_is_reproducible(tmp_path):
         assert (a / name).read_text() == (b / name).read_text()
     for stage in ("rm", "ppo"):
         assert _metrics(a / stage) == _metrics(b / stage)
-        adapter = Path(stage) / "adapter" / "adapter_model.safetensors"
+    # The reward models (an ensemble: stacked and each member) and the policy, byte for byte.
+    for adapter in (
+        Path("rm/adapter/stacked.safetensors"),
+        Path("rm/adapter/member_0/adapter_model.safetensors"),
+        Path("rm/adapter/member_1/adapter_model.safetensors"),
+        Path("ppo/adapter/adapter_model.safetensors"),
+    ):
         assert (a / adapter).read_bytes() == (b / adapter).read_bytes()
 
 
