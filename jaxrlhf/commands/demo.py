@@ -2,11 +2,15 @@
 an outside scorer (VADER sentiment), with no network.
 
     prompts (fortune openings) ─> 8 base samples each ─VADER─> graded pairs (ties dropped)
-    ─> `rm` (LoRA, SEQ_CLS) ─> `ppo` (LoRA policy + LoRA critic, reference = adapter off)
-    ─> held-out evaluation: gold (VADER) and reward-model scores before/after, KL to the base
+    ─> `rm` (an ensemble of LoRA SEQ_CLS adapters, one vmapped step)
+    ─> `ppo` (LoRA policy + LoRA critic, reference = adapter off; the ensemble's mean − std
+       as the reward, a KL budget)
+    ─> held-out evaluation: gold (VADER) and reward-model scores, KL to the base and the
+       degeneration metrics before/after, against the targets
 
 Writes RUN_DIR/report.md, RUN_DIR/plots/*.png and each stage's own run directory.
-`--quick` runs the same code on a tiny random model for a smoke test.
+`--quick` runs the same code on a tiny random model for a smoke test; `--compare-full` runs
+the pipeline with LoRA and with full fine-tuning on the same pairs (RUN_DIR/compare.md).
 """
 
 from __future__ import annotations
