@@ -174,14 +174,18 @@ def group_advantages(
 
 @flax.struct.dataclass
 class KLControlState:
-    """The current KL coefficient β of the PPO reward `r − β·KL`, as a pytree."""
+    """The current KL coefficient β of the PPO reward `r − β·KL`, and the KL the budget
+    controller read last (NaN before its first reading), as a pytree."""
 
     value: jax.Array
+    last_kl: jax.Array
 
 
 def init_kl_control(init_kl_coef: float) -> KLControlState:
-    """Starts the KL coefficient at `init_kl_coef`."""
-    return KLControlState(value=jnp.asarray(init_kl_coef, jnp.float32))
+    """Starts the KL coefficient at `init_kl_coef`, with no KL read yet."""
+    return KLControlState(
+        value=jnp.asarray(init_kl_coef, jnp.float32), last_kl=jnp.asarray(jnp.nan, jnp.float32)
+    )
 
 
 def update_kl_control(
@@ -469,24 +473,36 @@ def update_kl_budget(
     headroom: float = 0.8,
     max_step: float = 2.0,
     max_coef: float = 10.0,
+    lookahead: float = 2.0,
 ) -> KLControlState:
-    """The KL-budget controller: a multiplicative step after each iteration,
+    """The KL-budget controller: a multiplicative step after each iteration on the KL the
+    policy is heading for,
 
-        r = KL / (headroom · budget)
-        β_new = clip(β · clip(r², 1/max_step, max_step), floor, max_coef)
+        KL̂    = KL + lookahead · (KL − KL_prev)     (KL_prev: the previous iteration's)
+        m     = clip((KL̂ / (headroom · budget))², 1/max_step, max_step)
+        m     = 1 if m > 1 and KL < KL_prev          (the KL is already coming down)
+        β_new = clip(β · m, floor, max_coef)
 
-    It aims at `headroom` (80%) of the budget, because it acts one iteration late: the KL it
-    reads is of the rollouts drawn before the update it steers, and the policy drifts further
-    during that update. The squared ratio answers a 20% overshoot with ×1.44 and doubles β at
-    41%: with the linear ratio a policy that crossed its budget at +3 nats per iteration went
-    50% past it before β caught up (measured on the demo). Under its aim β relaxes, halving at
-    most, never below `floor`, the run's own coefficient: a budget is a cap, not a target —
-    without the floor, β halves on every early iteration while the KL is still small (0.05 to
-    0.0002 in eight) and then needs as many doublings to matter again. Ziegler's
-    proportional rule (`update_kl_control`) moves β by at most ±20% per horizon: right for
-    a soft target, too slow to hold a budget. The cap keeps β finite when the budget is below
-    the KL the optimiser's own noise keeps up (a learning rate too high for it): 10 nats of
-    penalty per nat of KL already dominates any reward."""
-    ratio = jnp.asarray(current_kl, jnp.float32) / (headroom * budget)
-    value = state.value * jnp.clip(jnp.square(ratio), 1.0 / max_step, max_step)
-    return KLControlState(value=jnp.clip(value, floor, max_coef))
+    It reads the trend because it acts late: the KL it reads is of the rollouts drawn before
+    the update it steers, and a raised β takes an iteration or two to turn the policy. On the
+    demo, steering on the KL alone let a KL climbing 3 nats per iteration run 40% past its
+    budget, then doubled β on four more iterations while the KL was already turning (0.06 →
+    1.9), and the last update pulled the policy back to half the budget with half of its
+    gain. Looking one iteration ahead raises β while the KL is still under the budget;
+    holding β while the KL falls stops the wind-up. It aims at `headroom` (80%) of the budget
+    for the drift during the update. The squared ratio answers a 20% overshoot with ×1.44 and
+    doubles β at 41%. Under its aim β relaxes, halving at most, never below `floor`, the
+    run's own coefficient: a budget is a cap, not a target — without the floor β halves on
+    every early iteration while the KL is still small (0.05 to 0.0002 in eight) and then
+    needs as many doublings to matter again. Ziegler's proportional rule
+    (`update_kl_control`) moves β by at most ±20% per horizon: right for a soft target, too
+    slow to hold a budget. The cap keeps β finite when the budget is below the KL the
+    optimiser's own noise keeps up: 10 nats of penalty per nat of KL dominates any reward."""
+    kl = jnp.asarray(current_kl, jnp.float32)
+    first = jnp.isnan(state.last_kl)
+    trend = jnp.where(first, 0.0, kl - state.last_kl)
+    heading = jnp.maximum(kl + lookahead * trend, 0.0)
+    step = jnp.clip(jnp.square(heading / (headroom * budget)), 1.0 / max_step, max_step)
+    step = jnp.where((step > 1.0) & (trend < 0.0), 1.0, step)
+    value = jnp.clip(state.value * step, floor, max_coef)
+    return KLControlState(value=value, last_kl=kl)

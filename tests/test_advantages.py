@@ -155,7 +155,9 @@ def test_adaptive_kl_controller_by_hand():
     # KL 5.4: error 5.4/6 − 1 = −0.1 (inside the clip) → × (1 − 0.1·512/10000) = × 0.99488
     state = jax.jit(update)(state, 5.4, 512)
     close(state.value, 0.2 * 1.01024 * 0.99488, tol=1e-6)
-    assert jax.tree.leaves(state) == [state.value]  # a pytree with one leaf
+    # a pytree: β and the budget controller's last reading (untouched by this rule)
+    assert jax.tree.leaves(state) == [state.value, state.last_kl]
+    assert jnp.isnan(state.last_kl)
 
 
 def test_fixed_kl_controller():

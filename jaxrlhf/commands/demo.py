@@ -286,16 +286,21 @@ class Prepared:
     pair_stats: dict
 
 
-def prepare(cfg: DemoConfig, root: Path, timings: dict) -> Prepared:
-    """Stages 1–2: the prompts, the base model, and the graded preference pairs."""
-    log(f"[1/5] prompts and the base model ({cfg.model.path})")
+def split_prompts(cfg: DemoConfig) -> tuple[list[str], list[str]]:
+    """The training and held-out prompts: one shuffle of the demo's prompts by the seed."""
     prompts = demo_prompts()
-    rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(len(prompts))
+    order = np.random.default_rng(cfg.seed).permutation(len(prompts))
     eval_prompts = [prompts[i] for i in order[: cfg.n_eval_prompts]]
     train_prompts = [
         prompts[i] for i in order[cfg.n_eval_prompts : cfg.n_eval_prompts + cfg.n_train_prompts]
     ]
+    return train_prompts, eval_prompts
+
+
+def prepare(cfg: DemoConfig, root: Path, timings: dict) -> Prepared:
+    """Stages 1–2: the prompts, the base model, and the graded preference pairs."""
+    log(f"[1/5] prompts and the base model ({cfg.model.path})")
+    train_prompts, eval_prompts = split_prompts(cfg)
     model_cfg, base, tokenizer = load_base(cfg.model, seed=cfg.seed)
 
     log(
@@ -323,11 +328,11 @@ def prepare(cfg: DemoConfig, root: Path, timings: dict) -> Prepared:
     return Prepared(train_prompts, eval_prompts, pairs, pair_stats)
 
 
-def train_pipeline(
+def train_reward_model(
     cfg: DemoConfig, data: Prepared, *, pairs_dir: Path, out_dir: Path, timings: dict, peaks: dict
-) -> tuple[dict, dict]:
-    """Stages 3–4: the reward model on the pairs, then PPO against it. Each stage's wall time
-    goes to `timings` and its peak resident memory (bytes) to `peaks`."""
+) -> dict:
+    """Stage 3: the reward model (or ensemble) on the pairs, held-out accuracy on
+    `pairs_dir/pairs_heldout.jsonl`; its wall time to `timings`, peak memory to `peaks`."""
     import datasets
 
     what = "LoRA, SEQ_CLS" if cfg.rm.lora is not None else "full fine-tuning"
@@ -353,14 +358,21 @@ def train_pipeline(
     )
     rm_out, peaks["reward_model"], _ = peak_during(lambda: run_rm(rm_cfg, source=source))
     timings["reward_model"] = time.perf_counter() - t0
+    return rm_out
 
+
+def train_policy(
+    cfg: DemoConfig, data: Prepared, *, reward_model: str, out_dir: Path, timings: dict, peaks: dict
+) -> dict:
+    """Stage 4: PPO against the exported `reward_model`, the gold judge scoring every
+    evaluation; its wall time to `timings`, peak memory to `peaks`."""
     what = "LoRA policy, LoRA critic" if cfg.ppo.lora is not None else "full fine-tuning"
     log(f"[4/5] policy: jaxrlhf ppo ({what}, the critic from the reward model)")
     t0 = time.perf_counter()
     ppo_cfg = dataclasses.replace(
         cfg.ppo,
         model=cfg.model,
-        reward_model=dataclasses.replace(cfg.ppo.reward_model, path=rm_out["export"]),
+        reward_model=dataclasses.replace(cfg.ppo.reward_model, path=reward_model),
         data=dataclasses.replace(cfg.ppo.data, eval_size=0),
         run=dataclasses.replace(
             cfg.ppo.run,
@@ -379,6 +391,20 @@ def train_pipeline(
         lambda: run_ppo(ppo_cfg, source=ppo_source, eval_hook=make_gold_hook(cfg.gold))
     )
     timings["ppo"] = time.perf_counter() - t0
+    return ppo_out
+
+
+def train_pipeline(
+    cfg: DemoConfig, data: Prepared, *, pairs_dir: Path, out_dir: Path, timings: dict, peaks: dict
+) -> tuple[dict, dict]:
+    """Stages 3–4: the reward model on the pairs, then PPO against it. Each stage's wall time
+    goes to `timings` and its peak resident memory (bytes) to `peaks`."""
+    rm_out = train_reward_model(
+        cfg, data, pairs_dir=pairs_dir, out_dir=out_dir, timings=timings, peaks=peaks
+    )
+    ppo_out = train_policy(
+        cfg, data, reward_model=rm_out["export"], out_dir=out_dir, timings=timings, peaks=peaks
+    )
     return rm_out, ppo_out
 
 
