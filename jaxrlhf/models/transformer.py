@@ -66,10 +66,11 @@ class KVCache(NamedTuple):
     products batch over (row, kv head), and a dot's batch axes must lead, so a
     [B, S, KVH, hd] cache was transposed whole, every layer, at every decoded token
     (profiled on CPU: 16% of a batch-64 SmolLM2-135M decode step); this layout is read
-    where it lies."""
+    where it lies. A decode loop carries `k`/`v` as tuples of L per-layer arrays
+    (`split_cache_layers`), so no step slices (copies) a layer out of the stack either."""
 
-    k: jax.Array  # [L, B, KVH, S, hd]
-    v: jax.Array  # [L, B, KVH, S, hd]
+    k: Any  # [L, B, KVH, S, hd], or a tuple of L [B, KVH, S, hd]
+    v: Any
     valid: jax.Array  # [B, S] bool
     index: jax.Array  # int32 scalar: the slot the next token is written to
 
@@ -361,7 +362,8 @@ def _block(
     dropout_rng,
 ):
     """One decoder block. With `kv` = (k cache, v cache, this block's index) — the stacked
-    [L, B, KVH, S, hd] caches — new keys/values are written in place at `write_index` and
+    [L, B, KVH, S, hd] caches — or (k, v, None) — this block's own [B, KVH, S, hd] arrays
+    (`split_cache_layers`) — new keys/values are written in place at `write_index` and
     attention runs over this block's whole cache; the updated caches come back.
     `masks` = (full, sliding-window or None) and `sliding` says which one this layer uses.
     Returns (x, new caches, router logits [B, T, E] or None)."""
