@@ -1,4 +1,6 @@
-"""Decode throughput of the KV-cache sampler against the machine's memory bandwidth.
+"""Decode throughput of the KV-cache sampler against the machine's two limits: memory
+bandwidth (a batch-1 step is a read of every weight) and the fp32 matmul rate (a batch-16
+or -64 step is mostly matrix products), both measured in the same run (`roofline`).
 
 For each model and batch size, `generate` is compiled for N new tokens and for one (prefill
 plus the first token); the decode step time is their difference over N − 1 steps. A decode
@@ -15,6 +17,7 @@ import jax
 import numpy as np
 
 from benchmarks import common as C
+from benchmarks import roofline as R
 from benchmarks.rollout import Rollout
 
 PROMPT_LEN, NEW_TOKENS = 32, 32
@@ -151,3 +154,29 @@ def render(result: dict) -> str:
             ),
         ]
     )
+
+
+def main() -> None:
+    """`python -m benchmarks.decode --sizes 135M --batches 1,16,64`: the roofline, then the
+    decode table, printed (no file is written)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--sizes", default="135M", help="comma-separated model sizes")
+    parser.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lora-batches", default="", help="batches that also run unmerged LoRA")
+    args = parser.parse_args()
+    roof = R.run(quick=True)
+    result = run(
+        sizes=args.sizes.split(","),
+        batches=tuple(int(b) for b in args.batches.split(",")),
+        repeats=args.repeats,
+        roofline=roof,
+        lora_batches=tuple(int(b) for b in args.lora_batches.split(",") if b),
+    )
+    print(R.render(roof), render(result), sep="\n\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -82,7 +82,7 @@ FULL = {
         "ppo": ["10M", "60M"],
     },
     "repeats": 3,
-    "decode_batches": (1, 16),
+    "decode_batches": (1, 16, 64),
     "breakdown": ("135M",),
     "algorithms_model": "default",
     "trl_size": "135M",

@@ -57,10 +57,10 @@ _PROJ_AXES = {
 }
 
 # Logical axes of the sampler's KV cache (`models.transformer.KVCache`): k and v are
-# [layers, batch, slots, kv_heads, head_dim], `valid` is [batch, slots], `index` a scalar.
+# [layers, batch, kv_heads, slots, head_dim], `valid` is [batch, slots], `index` a scalar.
 _CACHE_AXES = {
-    "k": ("layers", "cache_batch", None, "cache_heads", None),
-    "v": ("layers", "cache_batch", None, "cache_heads", None),
+    "k": ("layers", "cache_batch", "cache_heads", None, None),
+    "v": ("layers", "cache_batch", "cache_heads", None, None),
     "valid": ("cache_batch", None),
     "index": (),
 }
@@ -208,14 +208,16 @@ def kv_cache_sharding(cache: Any, mesh: Mesh, rules: dict[str, Any] = RULES) -> 
     """Shardings of a KV cache (a `KVCache` of arrays or `jax.ShapeDtypeStruct`s, same type
     back): rows over ("data", "fsdp") (`cache_batch`), kv heads over "tensor"
     (`cache_heads`); slots, head_dim and layers whole. As everywhere, a dimension its mesh
-    axes do not divide (e.g. 4 kv heads on tensor=8) stays whole."""
+    axes do not divide (e.g. 4 kv heads on tensor=8) stays whole. Per-layer caches (`k`, `v`
+    tuples of [B, KVH, S, hd], `transformer.split_cache_layers`) get the same per array."""
+
+    def one(axes, x):
+        if isinstance(x, tuple):
+            return tuple(one(axes[1:], layer) for layer in x)
+        return NamedSharding(mesh, logical_to_spec(axes, tuple(x.shape), mesh, rules))
+
     return cache._replace(
-        **{
-            name: NamedSharding(
-                mesh, logical_to_spec(axes, tuple(getattr(cache, name).shape), mesh, rules)
-            )
-            for name, axes in _CACHE_AXES.items()
-        }
+        **{name: one(axes, getattr(cache, name)) for name, axes in _CACHE_AXES.items()}
     )
 
 

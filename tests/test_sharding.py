@@ -33,7 +33,7 @@ from jaxrlhf.data import pair_batch
 from jaxrlhf.lora import LoraConfig, init_lora
 from jaxrlhf.models.byte_tokenizer import byte_tokenizer
 from jaxrlhf.models.config import tiny_config
-from jaxrlhf.models.transformer import init_cache, init_params
+from jaxrlhf.models.transformer import init_cache, init_params, split_cache_layers
 from jaxrlhf.rewards import RewardFuncConfig
 from jaxrlhf.rollout import Sampler
 from jaxrlhf.rollout import sampling as sampling_mod
@@ -507,8 +507,8 @@ def spy_on_cache(monkeypatch) -> dict:
         return logits, cache
 
     def decode_step(params, tokens, positions, cache, **kwargs):
-        record("k", cache.k)
-        record("v", cache.v)
+        record("k", cache.k[0])  # the decode loop carries one array per layer
+        record("v", cache.v[-1])
         record("valid", cache.valid)
         return real_decode(params, tokens, positions, cache, **kwargs)
 
@@ -532,8 +532,8 @@ def count_traces(monkeypatch) -> list:
 def test_kv_cache_sharding_rules():
     """Rows over data x fsdp, kv heads over tensor; a dimension the axes do not divide
     (MODEL's 4 kv heads on tensor=8, 6 rows on data x fsdp = 4) stays whole."""
-    cache = jax.eval_shape(lambda: init_cache(MODEL, 8, 12))  # k, v: [L, 8, 12, 4, 8]
-    kv = (L, 8, 12, 4, 8)
+    cache = jax.eval_shape(lambda: init_cache(MODEL, 8, 12))  # k, v: [L, 8, 4, 12, 8]
+    kv = (L, 8, 4, 12, 8)
 
     def shapes(shape, cache=cache):
         sh = kv_cache_sharding(cache, mesh_of(shape))
@@ -544,12 +544,15 @@ def test_kv_cache_sharding_rules():
             sh.index.shard_shape(()),
         )
 
-    assert shapes((8, 1, 1)) == ((L, 1, 12, 4, 8),) * 2 + ((1, 12), ())
-    assert shapes((1, 8, 1)) == ((L, 1, 12, 4, 8),) * 2 + ((1, 12), ())
+    assert shapes((8, 1, 1)) == ((L, 1, 4, 12, 8),) * 2 + ((1, 12), ())
+    assert shapes((1, 8, 1)) == ((L, 1, 4, 12, 8),) * 2 + ((1, 12), ())
     assert shapes((1, 1, 8)) == (kv, kv, (8, 12), ())  # 4 kv heads: not split 8 ways
-    assert shapes((2, 2, 2)) == ((L, 2, 12, 2, 8),) * 2 + ((2, 12), ())
+    assert shapes((2, 2, 2)) == ((L, 2, 2, 12, 8),) * 2 + ((2, 12), ())
     odd = jax.eval_shape(lambda: init_cache(MODEL, 6, 12))
-    assert shapes((2, 2, 2), odd)[0] == (L, 6, 12, 2, 8)
+    assert shapes((2, 2, 2), odd)[0] == (L, 6, 2, 12, 8)
+    # Per-layer caches (what the decode loop carries): each layer's array alike.
+    split = kv_cache_sharding(jax.eval_shape(split_cache_layers, cache), mesh_of((2, 2, 2)))
+    assert [sh.shard_shape((8, 4, 12, 8)) for sh in split.k] == [(2, 2, 12, 8)] * L
 
 
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
@@ -570,9 +573,11 @@ def test_greedy_generation_matches_single_device_with_split_cache(shape, monkeyp
 
     rows, heads = ROWS // (data * fsdp), SAMPLE_MODEL.num_kv_heads // tensor
     slots, hd = PROMPT + NEW, SAMPLE_MODEL.head_dim
-    kv_shape = (SAMPLE_MODEL.num_layers, ROWS, slots, SAMPLE_MODEL.num_kv_heads, hd)
-    for name in ("prefill_k", "k", "v"):
-        assert seen[name].shard_shape(kv_shape) == (SAMPLE_MODEL.num_layers, rows, slots, heads, hd)
+    layer_shape = (ROWS, SAMPLE_MODEL.num_kv_heads, slots, hd)
+    stacked = seen["prefill_k"].shard_shape((SAMPLE_MODEL.num_layers, *layer_shape))
+    assert stacked == (SAMPLE_MODEL.num_layers, rows, heads, slots, hd)
+    for name in ("k", "v"):
+        assert seen[name].shard_shape(layer_shape) == (rows, heads, slots, hd)
     assert seen["valid"].shard_shape((ROWS, slots)) == (rows, slots)
     for name, x in out._asdict().items():
         assert x.sharding.is_equivalent_to(batch_sharding(mesh, x.ndim), x.ndim), name
@@ -608,16 +613,22 @@ def test_sharded_generate_constraints_buckets_and_odd_batches(monkeypatch):
     args = (params, ids, mask, jax.random.key(0), None, np.float32(1.0))
     text = fn.jitted_for(*args).lower(*args).as_text()
     m = SAMPLE_MODEL
-    kv_dims = (m.num_layers, ROWS, PROMPT + NEW, m.num_kv_heads, m.head_dim)
-    kv_type = f"tensor<{'x'.join(map(str, kv_dims))}xf32>"
-    pinned = [
-        line
-        for line in text.splitlines()
-        if ("sharding_constraint" in line or "@Sharding" in line) and kv_type in line
-    ]
-    assert len(pinned) >= 6, text  # k and v: init, prefill, decode loop
+    layer_dims = (ROWS, m.num_kv_heads, PROMPT + NEW, m.head_dim)
+
+    def pinned(dims):
+        kv_type = f"tensor<{'x'.join(map(str, dims))}xf32>"
+        return [
+            line
+            for line in text.splitlines()
+            if ("sharding_constraint" in line or "@Sharding" in line) and kv_type in line
+        ]
+
+    stacked, per_layer = pinned((m.num_layers, *layer_dims)), pinned(layer_dims)
+    assert len(stacked) >= 4, text  # k and v: init, prefill
+    assert len(per_layer) >= 4 * m.num_layers, text  # every layer's k and v: split, loop
     if "sdy.sharding_constraint" in text:  # Shardy (the default partitioner)
-        assert all('[{}, {"data", "fsdp"}, {}, {"tensor"}, {}]' in line for line in pinned)
+        assert all('[{}, {"data", "fsdp"}, {"tensor"}, {}, {}]' in line for line in stacked)
+        assert all('[{"data", "fsdp"}, {"tensor"}, {}, {}]' in line for line in per_layer)
 
 
 def test_sampler_on_mesh_matches_single_device():

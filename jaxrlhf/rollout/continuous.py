@@ -89,7 +89,7 @@ class RolloutMetrics:
 class SlotState(NamedTuple):
     """The engine's device state, every leaf `[slots, ...]` but the two counters."""
 
-    k: jax.Array  # [S, L, 1, C, KVH, hd]: one batch-1 cache per slot
+    k: jax.Array  # [S, L, 1, KVH, C, hd]: one batch-1 cache per slot
     v: jax.Array
     valid: jax.Array  # [S, 1, C] bool
     index: jax.Array  # [S] int32: each slot's next cache write
@@ -114,7 +114,7 @@ def init_slots(
 ) -> SlotState:
     """Empty slots over a zeroed cache of `cache_length` per slot."""
     dtype = jnp.dtype(cfg.dtype)
-    kv = (slots, cfg.num_layers, 1, cache_length, cfg.num_kv_heads, cfg.head_dim)
+    kv = (slots, cfg.num_layers, 1, cfg.num_kv_heads, cache_length, cfg.head_dim)
 
     def zeros_i():  # a buffer per field: the programs donate the state
         return jnp.zeros((slots,), jnp.int32)
@@ -166,12 +166,12 @@ def prefill_slots(
         prompt_ids,
         prompt_mask,
         cfg=cfg,
-        cache_length=state.k.shape[3],
+        cache_length=state.valid.shape[-1],
         lora=lora,
         lora_scale=slot_scales(lora, lora_scale, adapters),
     )
     rows = KVCache(
-        k=jnp.moveaxis(cache.k, 1, 0),  # [K, L, C, KVH, hd]
+        k=jnp.moveaxis(cache.k, 1, 0),  # [K, L, KVH, C, hd]
         v=jnp.moveaxis(cache.v, 1, 0),
         valid=cache.valid,
         index=jnp.broadcast_to(cache.index, slots.shape),
@@ -208,7 +208,7 @@ def clone_slot(
     copy of the same prompt, `prompt_repeats`): its cache slots [0, P) and its prefill
     logits are copied, no model call. Decoding writes only at slots >= P, so the prompt part
     of `source` holds even after its row has stopped."""
-    cache_length = state.k.shape[3]
+    cache_length = state.valid.shape[-1]
     width = cache_length - sampling.max_new_tokens
     prompt = KVCache(
         k=state.k[source, :, 0][None],
@@ -243,7 +243,7 @@ def start_rows(
     *,
     sampling: SamplingConfig,
 ) -> SlotState:
-    """Put K prompts' caches (k, v: [K, L, C, KVH, hd]; valid [K, C]; index [K]) in `slots`
+    """Put K prompts' caches (k, v: [K, L, KVH, C, hd]; valid [K, C]; index [K]) in `slots`
     [K] and emit each sequence's token 0 from `logits` [K, V] with its stream. A slot is
     active unless that token is an EOS or its budget is 1. Out-of-range slots are dropped."""
     tok, logp = choose_tokens(logits, key, sampling, sequence_uniforms(key, seqs, 0))
@@ -344,7 +344,14 @@ def decode_until_free(
             steps=s.steps + 1,
         )
 
-    return jax.lax.while_loop(cond, body, state)
+    # The loop carries one array per layer ([slots, 1, KVH, C, hd] each), so no step slices
+    # a layer out of the stack (`transformer.split_cache_layers`); stacked again after.
+    def per_layer(x):
+        return tuple(x[:, i] for i in range(x.shape[1]))
+
+    state = state._replace(k=per_layer(state.k), v=per_layer(state.v))
+    state = jax.lax.while_loop(cond, body, state)
+    return state._replace(k=jnp.stack(state.k, axis=1), v=jnp.stack(state.v, axis=1))
 
 
 def _eos_array(sampling: SamplingConfig) -> jax.Array:

@@ -44,6 +44,7 @@ from jaxrlhf.models.transformer import (
     init_cache,
     lm_logits,
     positions_from_mask,
+    split_cache_layers,
     unstack_layers,
 )
 
@@ -331,7 +332,8 @@ def generate(
 
     Stacked layers are split into per-block arrays once, before the decode loop (a
     transient copy; pass `unstack_layers` output, as the PPO/GRPO `Sampler` does with the
-    merged policy, to avoid it).
+    merged policy, to avoid it); so is the KV cache after the prefill
+    (`split_cache_layers`): each step then reads and writes every layer's keys in place.
     """
     b, p = prompt_ids.shape
     n = sampling.max_new_tokens
@@ -397,6 +399,8 @@ def generate(
             ),
             mesh,
         )
+    # The loop carries one array per layer, so no step slices a layer out of the stack.
+    cache = constrain_cache(split_cache_layers(cache), mesh)
     outputs = _constrain_rows(
         (
             jnp.full((b, n), pad, jnp.int32),
