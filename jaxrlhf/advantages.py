@@ -471,7 +471,7 @@ def update_kl_budget(
     budget: float,
     floor: float = 0.0,
     headroom: float = 0.8,
-    max_step: float = 2.0,
+    max_step: float = 1.5,
     max_coef: float = 10.0,
     lookahead: float = 2.0,
 ) -> KLControlState:

@@ -23,13 +23,18 @@ def test_budget_controller_steps():
     # The controller aims at 80% of the budget (2.0 -> 1.6) with the squared ratio:
     # KL 1.76 = 1.1 x 1.6: x1.21.
     assert float(update_kl_budget(state, 1.76, budget=2.0).value) == pytest.approx(0.121)
-    # KL 6 = 3.75 x 1.6: the step is capped at x2.
-    assert float(update_kl_budget(state, 6.0, budget=2.0).value) == pytest.approx(0.2)
-    # Under its aim: relaxes, by half at most (KL 1.2 = 0.75 x 1.6: x0.5625) ...
-    assert float(update_kl_budget(state, 1.2, budget=2.0).value) == pytest.approx(0.05625)
-    assert float(update_kl_budget(state, 0.0, budget=2.0).value) == pytest.approx(0.05)
+    # KL 6 = 3.75 x 1.6: the step is capped at x1.5.
+    assert float(update_kl_budget(state, 6.0, budget=2.0).value) == pytest.approx(0.15)
+    assert float(update_kl_budget(state, 6.0, budget=2.0, max_step=2.0).value) == (
+        pytest.approx(0.2)
+    )
+    # Under its aim: relaxes, by 1/1.5 at most (KL 1.2 = 0.75 x 1.6: x0.5625 -> x0.667) ...
+    assert float(update_kl_budget(state, 1.2, budget=2.0).value) == pytest.approx(0.1 / 1.5)
+    assert float(update_kl_budget(state, 1.2, budget=2.0, max_step=2.0).value) == (
+        pytest.approx(0.05625)
+    )
     # ... and never below the floor (the run's own coefficient).
-    assert float(update_kl_budget(state, 0.0, budget=2.0, floor=0.08).value) == pytest.approx(0.08)
+    assert float(update_kl_budget(state, 0.0, budget=2.0, floor=0.09).value) == pytest.approx(0.09)
     assert float(update_kl_budget(state, 1.0, budget=2.0, floor=0.1).value) == pytest.approx(0.1)
     # headroom 1: aims at the budget itself (KL 2.2 = 1.1 x 2: x1.21).
     assert float(update_kl_budget(state, 2.2, budget=2.0, headroom=1.0).value) == pytest.approx(
@@ -46,25 +51,33 @@ def test_budget_controller_reads_the_trend():
     assert float(state.value) == pytest.approx(0.1)
     assert float(state.last_kl) == pytest.approx(1.0)
     # Rising 1.0 -> 1.4, two iterations ahead: heading for 1.4 + 2 x 0.4 = 2.2 = 1.375 x the
-    # aim of 1.6, so β rises (x1.890625) while the KL itself is still under the aim.
+    # aim of 1.6, so β rises (x1.890625, capped at x1.5) while the KL itself is still under
+    # the aim.
     rising = update_kl_budget(state, 1.4, budget=2.0)
-    assert float(rising.value) == pytest.approx(0.1890625)
+    assert float(rising.value) == pytest.approx(0.15)
+    assert float(update_kl_budget(state, 1.4, budget=2.0, max_step=2.0).value) == (
+        pytest.approx(0.1890625)
+    )
     assert float(rising.last_kl) == pytest.approx(1.4)
     # One iteration ahead (lookahead 1): heading for 1.8 = 1.125 x 1.6, x1.265625.
     assert float(update_kl_budget(state, 1.4, budget=2.0, lookahead=1.0).value) == (
         pytest.approx(0.1265625)
     )
-    # Rising slowly under the aim (1.0 -> 1.1, heading for 1.3 = 0.8125 x 1.6): x0.66015625.
-    assert float(update_kl_budget(state, 1.1, budget=2.0).value) == pytest.approx(0.066015625)
+    # Rising slowly under the aim (1.0 -> 1.1, heading for 1.3 = 0.8125 x 1.6): x0.66015625,
+    # a relaxation (at most by 1/1.5).
+    assert float(update_kl_budget(state, 1.1, budget=2.0).value) == pytest.approx(0.1 / 1.5)
+    assert float(update_kl_budget(state, 1.1, budget=2.0, max_step=2.0).value) == (
+        pytest.approx(0.066015625)
+    )
     # Over the aim but coming down (3.0 -> 2.9, heading for 2.7): β holds, no wind-up.
     high = update_kl_budget(init_kl_control(0.1), 3.0, budget=2.0, max_step=1.0)
     assert float(update_kl_budget(high, 2.9, budget=2.0).value) == pytest.approx(0.1)
     # Coming down fast (3.0 -> 2.5, heading for 1.5, under the aim): β relaxes before the KL
     # itself is under the aim (x0.87890625) ...
     assert float(update_kl_budget(high, 2.5, budget=2.0).value) == pytest.approx(0.087890625)
-    # ... by half at most (2.0 -> 1.2, heading below 0).
+    # ... by 1/max_step at most (2.0 -> 1.2, heading below 0).
     down = update_kl_budget(init_kl_control(0.1), 2.0, budget=2.0, max_step=1.0)
-    assert float(update_kl_budget(down, 1.2, budget=2.0).value) == pytest.approx(0.05)
+    assert float(update_kl_budget(down, 1.2, budget=2.0).value) == pytest.approx(0.1 / 1.5)
 
 
 def _rows(n=256, seed=0):

@@ -92,7 +92,7 @@ class DemoConfig:
             rollout_batch_size=32,
             mini_batch_size=16,
             num_ppo_epochs=2,
-            kl_coef=0.05,
+            kl_coef=0.1,
             kl_budget=10.0,
             eval_prompts_batch=32,
             missing_eos_penalty=None,
