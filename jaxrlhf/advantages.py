@@ -488,13 +488,14 @@ def update_kl_budget(
     demo, steering on the KL alone let a KL climbing 3 nats per iteration run 40% past its
     budget, then doubled β on four more iterations while the KL was already turning (0.06 →
     1.9), and the last update pulled the policy back to half the budget with half of its
-    gain. Looking one iteration ahead raises β while the KL is still under the budget;
-    holding β while the KL falls stops the wind-up. It aims at `headroom` (80%) of the budget
-    for the drift during the update. The squared ratio answers a 20% overshoot with ×1.44 and
-    doubles β at 41%. Under its aim β relaxes, halving at most, never below `floor`, the
-    run's own coefficient: a budget is a cap, not a target — without the floor β halves on
-    every early iteration while the KL is still small (0.05 to 0.0002 in eight) and then
-    needs as many doublings to matter again. Ziegler's proportional rule
+    gain. Looking two iterations ahead raises β while the KL is still under the budget;
+    holding β while the KL falls stops the wind-up; steps of ×1.5 rather than ×2 keep the
+    lagged loop from oscillating (with doubling steps the demo's β reached 0.68 where ~0.3
+    held the KL, and the policy recoiled to 40% of the budget). It aims at `headroom` (80%)
+    of the budget for the drift during the update. Under its aim β relaxes, never below
+    `floor`, the run's own coefficient: a budget is a cap, not a target — without the floor
+    β halves on every early iteration while the KL is still small (0.05 to 0.0002 in
+    eight) and then needs as many raises to matter again. Ziegler's proportional rule
     (`update_kl_control`) moves β by at most ±20% per horizon: right for a soft target, too
     slow to hold a budget. The cap keeps β finite when the budget is below the KL the
     optimiser's own noise keeps up: 10 nats of penalty per nat of KL dominates any reward."""

@@ -44,10 +44,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxrlhf import sharding as S
-from jaxrlhf.lora import LoraConfig, concat_adapters, merge, pad_rank, row_scales
+from jaxrlhf.lora import LoraConfig, concat_adapters, pad_rank, row_scales
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.transformer import KVCache, Params, unstack_layers
-from jaxrlhf.rollout.engine import Rollout, _per_block, stacked_layers
+from jaxrlhf.rollout.engine import Rollout, merged_rollout_weights, stacked_layers
 from jaxrlhf.rollout.sampling import (
     SamplingConfig,
     check_adapter_ids,
@@ -442,9 +442,7 @@ class ContinuousEngine:
         self._clone = jax.jit(
             lambda *a: clone_slot(*a, sampling=self.sampling), donate_argnums=(0,)
         )
-        self._merge = jax.jit(
-            lambda base, lora: _per_block(merge(base, lora, lora_cfg, with_heads=False))
-        )
+        self._merge = jax.jit(lambda base, lora: merged_rollout_weights(base, lora, lora_cfg))
         self._concat = jax.jit(concat_adapters)
         self.last_metrics: RolloutMetrics | None = None
 

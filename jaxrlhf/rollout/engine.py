@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 
 from jaxrlhf.lora import HEADS, LoraConfig, merge, pad_rank, stack_adapters
 from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.models.quant import dequantize_params
 from jaxrlhf.models.transformer import unstack_layers
 from jaxrlhf.rollout.sampling import SamplingConfig, make_generate_fn
 from jaxrlhf.sharding import tree_shardings
@@ -72,11 +73,14 @@ class RolloutEngine(Protocol):
         ...
 
 
-def _per_block(params: Any) -> Any:
-    """Merged params with their blocks as separate arrays: what the sampler's decode loop
-    reads in place (`models.transformer.unstack_layers`), made by the merge itself so the
-    rollout holds one merged copy, not a stacked one and a split one."""
-    return {**params, "layers": unstack_layers(params["layers"])}
+def merged_rollout_weights(base: Any, lora: Any, lora_cfg: LoraConfig) -> Any:
+    """The weights a merged rollout decodes from: the adapter folded into the base, any
+    quantized weight left (embedding, LM head, untargeted kernels) dequantized, and the
+    blocks as separate arrays — what the decode loop reads in place
+    (`models.transformer.unstack_layers`), made by the merge itself so the rollout holds
+    one dense copy, not a stacked one and a split one."""
+    merged = dequantize_params(merge(base, lora, lora_cfg, with_heads=False))
+    return {**merged, "layers": unstack_layers(merged["layers"])}
 
 
 @jax.jit
@@ -121,13 +125,11 @@ class Sampler:
             per_sequence_rng=per_sequence_rng,
         )
         self._generate = make_generate_fn(model_cfg, self.sampling, mesh=mesh)
-        self._merge_fn = lambda base, lora: _per_block(
-            merge(base, lora, lora_cfg, with_heads=False)
-        )
+        self._merge_fn = lambda base, lora: merged_rollout_weights(base, lora, lora_cfg)
         self._merge = jax.jit(self._merge_fn) if mesh is None else None  # mesh: on first use
 
     def merged(self, frozen: Any, policy: Any) -> Any:
-        """The base with the policy adapter folded in; on a mesh, in the base's shardings
+        """The base with the policy adapter folded in (dense: a quantized base dequantized); on a mesh, in the base's shardings
         (`tree_shardings`), which is what the sampler is compiled for."""
         if self._merge is None:
             shapes = jax.eval_shape(self._merge_fn, frozen, policy)

@@ -143,11 +143,7 @@ def train_online(
         opt_state=state.train.opt_state,
         extra={"reference copy": frozen} if cfg.lora is None else None,
     )
-    # On a quantized base the adapter is applied unmerged: a merge would make dense kernels.
-    generation = cfg.generation
-    if cfg.model.quant.kind != "none" and generation.merge_adapter:
-        generation = dataclasses.replace(generation, merge_adapter=False)
-    engine = engine or make_engine(cfg, generation, model_cfg, tokenizer, mesh)
+    engine = engine or make_engine(cfg, rollout_generation(cfg), model_cfg, tokenizer, mesh)
 
     @functools.cache
     def steps_for(prompt_len: int) -> tuple[ShardedStep, ShardedStep]:
@@ -360,6 +356,17 @@ def mean_over_rounds(records: list[dict[str, float]]) -> dict[str, float]:
     if len(records) == 1:
         return records[0]
     return {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+
+
+def rollout_generation(cfg: Any) -> Any:
+    """The run's generation settings as the engine applies them. On a quantized base a merge
+    makes a dense copy of the base, so the adapter is merged only with
+    `generation.dequantize_base` (decode from a dense copy per rollout call) and applied
+    unmerged on the quantized kernels otherwise."""
+    generation = cfg.generation
+    if cfg.model.quant.kind == "none":
+        return generation
+    return dataclasses.replace(generation, merge_adapter=generation.dequantize_base)
 
 
 def make_engine(cfg: Any, generation: Any, model_cfg, tokenizer, mesh) -> RolloutEngine:

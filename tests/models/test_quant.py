@@ -417,3 +417,38 @@ def test_sampler_on_mesh_with_quantized_base_equals_single_device(base, adapter,
     want = make_generate_fn(CFG, sampling)(qp, ids, mask, key, lora=lora, lora_scale=lcfg.scale)
     np.testing.assert_array_equal(got.tokens, want.tokens)
     assert rel_err(got.logprobs, want.logprobs) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["nf4_dq", "q4_1"])
+def test_dense_rollout_copy_of_a_quantized_base_equals_the_dequantized_model(
+    name, base, adapter, batch
+):
+    """`generation.dequantize_base`: the sampler merges the adapter into a dense copy of the
+    quantized base (every quantized weight dequantized, the embedding and LM head too) and
+    samples what the float model whose weights are the dequantized values samples."""
+    from jaxrlhf.config import GenerationConfig, ModelSection
+    from jaxrlhf.rollout.engine import Sampler, merged_rollout_weights
+    from jaxrlhf.train.online import rollout_generation
+
+    lcfg, lora = adapter
+    qp = quantized(base, name)
+    ref = Q.dequantize_params(qp)
+    dense = merged_rollout_weights(qp, lora, lcfg)
+    assert not any(Q.is_quantized(x) for x in jax.tree.leaves(dense, is_leaf=Q.is_quantized))
+    gen = GenerationConfig(max_new_tokens=6, temperature=1.0, merge_adapter=True)
+    sampler = Sampler(CFG, gen, lora_cfg=lcfg, eos_token_ids=(1,), pad_token_id=0)
+    ids, mask = batch
+    prompts = {"input_ids": ids, "attention_mask": mask}
+    key = jax.random.PRNGKey(3)
+    got = sampler.generate(lora, qp, prompts, key)
+    want = sampler.generate(lora, ref, prompts, key)
+    np.testing.assert_array_equal(got.input_ids, want.input_ids)
+    assert rel_err(got.sampler_logprobs, want.sampler_logprobs) <= 1e-5
+    # The run's choice: merged (dense copy) only when asked, on a quantized base.
+    run = types.SimpleNamespace(model=ModelSection(quant=Q.QuantConfig(kind="nf4")))
+    for asked in (False, True):
+        run.generation = GenerationConfig(merge_adapter=True, dequantize_base=asked)
+        assert rollout_generation(run).merge_adapter is asked
+    run.model = ModelSection()
+    run.generation = GenerationConfig(merge_adapter=True)
+    assert rollout_generation(run).merge_adapter is True
