@@ -68,47 +68,36 @@ def sweep_reward_models(full: D.DemoConfig, data: D.Prepared, pairs: Path, out: 
     return rows
 
 
-def sweep_policies(
-    full: D.DemoConfig, data: D.Prepared, reward_model: str, out: Path, lrs, lora_kl: float | None
-):
-    rows = []
-    for lr in lrs:
-        timings, peaks = {}, {}
-        run = out / f"ppo_lr{lr:g}"
-        ppo_out = D.train_policy(
-            with_ppo_lr(full, lr),
-            data,
-            reward_model=reward_model,
-            out_dir=run,
-            timings=timings,
-            peaks=peaks,
-        )
-        before, after = ppo_out["eval_before"], ppo_out["eval"]
-        curve = D.eval_curve(run / "ppo")
-        rows.append(
-            {
-                "lr": lr,
-                "gain": D.bootstrap_gain(before["gold_per_prompt"], after["gold_per_prompt"]),
-                "kl": after["kl"],
-                "gold_at_lora_kl": (
-                    D.gold_at_kl(curve, lora_kl) - before["gold"] if lora_kl is not None else None
-                ),
-                "distinct_2": after["distinct_2"],
-                "seconds": timings["ppo"],
-                "peak": peaks["ppo"],
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
+def policy_row(arm: D.DemoConfig, data, reward_model: str, run: Path, lora_kl) -> dict:
+    """One PPO stage of `arm` into `run`: gold gain (95% interval), KL, gold at `lora_kl`."""
+    timings, peaks = {}, {}
+    ppo_out = D.train_policy(
+        arm, data, reward_model=reward_model, out_dir=run, timings=timings, peaks=peaks
+    )
+    before, after = ppo_out["eval_before"], ppo_out["eval"]
+    curve = D.eval_curve(run / "ppo")
+    row = {
+        "lr": arm.ppo.optim.learning_rate,
+        "gain": D.bootstrap_gain(before["gold_per_prompt"], after["gold_per_prompt"]),
+        "kl": after["kl"],
+        "gold_at_lora_kl": (
+            D.gold_at_kl(curve, lora_kl) - before["gold"] if lora_kl is not None else None
+        ),
+        "distinct_2": after["distinct_2"],
+        "seconds": timings["ppo"],
+        "peak": peaks["ppo"],
+    }
+    print(json.dumps(row), flush=True)
+    return row
 
 
-def lora_final_kl(pairs: Path) -> float | None:
-    """The final KL of the comparison's LoRA arm, when that run is there."""
-    curve = D.eval_curve(pairs / "lora" / "ppo") if (pairs / "lora" / "ppo").exists() else []
+def lora_final_kl(arm: Path) -> float | None:
+    """The final KL of the LoRA arm's PPO run under `arm`, when that run is there."""
+    curve = D.eval_curve(arm / "ppo") if (arm / "ppo").exists() else []
     return curve[-1]["kl"] if curve else None
 
 
-def markdown(rm_rows: list[dict], ppo_rows: list[dict], lora_kl: float | None) -> str:
+def markdown(rm_rows: list[dict], ppo_rows: list[dict], lora_kl, lora_row=None) -> str:
     def peak(v):
         return "—" if v is None else f"{v / MIB:,.0f} MiB"
 
@@ -127,11 +116,14 @@ def markdown(rm_rows: list[dict], ppo_rows: list[dict], lora_kl: float | None) -
         "distinct-2 | time, s | peak memory |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in ppo_rows:
+    labelled = [(f"{r['lr']:g}", r) for r in ppo_rows]
+    if lora_row is not None:
+        labelled.append((f"LoRA arm, {lora_row['lr']:g}", lora_row))
+    for label, r in labelled:
         g = "{:+.3f} ({:+.3f} … {:+.3f})".format(*r["gain"])
         m = "—" if r["gold_at_lora_kl"] is None else f"{r['gold_at_lora_kl']:+.3f}"
         lines.append(
-            f"| {r['lr']:g} | {g} | {r['kl']:.2f} | {m} | {r['distinct_2']:.3f} | "
+            f"| {label} | {g} | {r['kl']:.2f} | {m} | {r['distinct_2']:.3f} | "
             f"{r['seconds']:.0f} | {peak(r['peak'])} |"
         )
     return "\n".join(lines) + "\n"
@@ -143,6 +135,12 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=None, help="default: <pairs>/sweep")
     p.add_argument("--rm-lrs", default="2e-5,1e-4,2e-4")
     p.add_argument("--ppo-lrs", default="1e-5,1e-4")
+    p.add_argument(
+        "--with-lora",
+        action="store_true",
+        help="also rerun the LoRA arm's PPO (against <pairs>/lora/rm/adapter) with this code, "
+        "into <out>/lora",
+    )
     p.add_argument("overrides", nargs="*", help="the comparison run's demo options")
     args = p.parse_args(argv)
     for name in ("pairs.jsonl", "pairs_heldout.jsonl"):
@@ -160,11 +158,16 @@ def main(argv=None) -> None:
         full, data, args.pairs, out, [float(x) for x in args.rm_lrs.split(",")]
     )
     best = max(rm_rows, key=lambda r: r["accuracy"])
-    lora_kl = lora_final_kl(args.pairs)
-    ppo_rows = sweep_policies(
-        full, data, best["export"], out, [float(x) for x in args.ppo_lrs.split(",") if x], lora_kl
-    )
-    table = markdown(rm_rows, ppo_rows, lora_kl)
+    lora_row = None
+    if args.with_lora:
+        lora_rm = str(args.pairs / "lora" / "rm" / "adapter")
+        lora_row = policy_row(D.comparison_arms(cfg)["lora"], data, lora_rm, out / "lora", None)
+    lora_kl = lora_final_kl(out / "lora" if args.with_lora else args.pairs / "lora")
+    ppo_rows = [
+        policy_row(with_ppo_lr(full, lr), data, best["export"], out / f"ppo_lr{lr:g}", lora_kl)
+        for lr in (float(x) for x in args.ppo_lrs.split(",") if x)
+    ]
+    table = markdown(rm_rows, ppo_rows, lora_kl, lora_row)
     (out / "sweep.md").write_text(table)
     print(table)
 
