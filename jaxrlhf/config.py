@@ -258,8 +258,9 @@ def from_dict(cls: type, raw: dict, where: str = "") -> Any:
         sub = f"{where}.{name}" if where else name
         default = _field_default(fields[name])
         if isinstance(value, dict) and dataclasses.is_dataclass(default):
-            # A partial section overrides the command's own default section, key by key.
-            value = {**to_dict(default), **value}
+            # A partial section overrides the command's own default section, key by key,
+            # at every depth (`ppo.generation.top_k` keeps the demo's other generation keys).
+            value = _merge_sections(to_dict(default), value)
         kwargs[name] = _convert(hints[name], value, sub)
     try:
         return cls(**kwargs)
@@ -272,6 +273,17 @@ def from_dict(cls: type, raw: dict, where: str = "") -> Any:
         if where and str(e).startswith(prefix):
             raise ValueError(f"{where}.{str(e)[len(prefix) :]}") from e
         raise
+
+
+def _merge_sections(base: dict, top: dict) -> dict:
+    """`base` with `top`'s keys on top, sub-mappings merged key by key rather than replaced."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge_sections(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _field_default(field: dataclasses.Field) -> Any:

@@ -101,6 +101,24 @@ def test_partial_section_keeps_the_commands_defaults(tmp_path):
     assert rm("optim.warmup_steps=3", path=None).optim == OptimConfig(warmup_steps=3)
 
 
+def test_nested_partial_section_keeps_the_commands_defaults(tmp_path):
+    # The demo's PPO section sets generation to 20 tokens at temperature 1; one key two levels
+    # down must keep the others (it used to rebuild generation from GenerationConfig's own
+    # defaults, 53 tokens at 0.7), from an override and from a YAML file alike.
+    from jaxrlhf.commands.demo import DemoConfig
+
+    text = "ppo:\n  generation:\n    top_k: 5\n"
+    for cfg in (
+        load_config(DemoConfig, None, ["ppo.generation.top_k=5"]),
+        load_config(DemoConfig, write_yaml(tmp_path, text)),
+    ):
+        assert cfg.ppo.generation.top_k == 5
+        assert cfg.ppo.generation.max_new_tokens == 20
+        assert cfg.ppo.generation.temperature == 1.0
+        assert cfg.ppo.kl_budget == 10.0
+        assert cfg.ppo.reward_model.ensemble == "mean_minus_std"
+
+
 def test_saved_config_loads_back(tmp_path):
     cfg = rm(
         "lora.target_modules=[q_proj, o_proj]",
