@@ -67,9 +67,10 @@ def markdown(results: list[dict], budget: float) -> str:
     for r in results:
         path = ", ".join(f"{p['gold']:.2f} / {p['kl']:.1f}" for p in r["curve"][1:])
         final = r["curve"][-1]
+        held = "yes" if final["kl"] <= budget else "no"
         lines.append(
             f"| {r['lookahead']:g} | ×{r['max_step']:g} | {r['kl_coef']:g} | {path} | "
-            f"{final['gold']:.3f} | {final['kl']:.2f} | {'yes' if final['kl'] <= budget else 'no'} |"
+            f"{final['gold']:.3f} | {final['kl']:.2f} | {held} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -403,8 +403,8 @@ class GenerationConfig:
     """Continuous batching: rows decoded at once."""
     dequantize_base: bool = False
     """On a quantized base (`model.quant`): sample from a dense copy of the base, dequantized
-    with the adapter merged in once per rollout call and freed after it — a float base's
-    decode speed, for the dense base's bytes during the call. False: decode on the quantized
+    with the adapter merged in once per rollout call and freed after it — the float base's
+    decode program, for the dense base's bytes during the call. False: decode on the quantized
     kernels with the adapter unmerged (no dense copy ever; on XLA:CPU each weight is then
     dequantized at every decode step). Ignored on a float base."""
 

@@ -129,8 +129,9 @@ class Sampler:
         self._merge = jax.jit(self._merge_fn) if mesh is None else None  # mesh: on first use
 
     def merged(self, frozen: Any, policy: Any) -> Any:
-        """The base with the policy adapter folded in (dense: a quantized base dequantized); on a mesh, in the base's shardings
-        (`tree_shardings`), which is what the sampler is compiled for."""
+        """The base with the policy adapter folded in (dense: a quantized base dequantized);
+        on a mesh, in the base's shardings (`tree_shardings`), which is what the sampler is
+        compiled for."""
         if self._merge is None:
             shapes = jax.eval_shape(self._merge_fn, frozen, policy)
             self._merge = jax.jit(self._merge_fn, out_shardings=tree_shardings(shapes, self.mesh))
