@@ -472,6 +472,7 @@ def update_kl_budget(
     floor: float = 0.0,
     headroom: float = 0.8,
     max_step: float = 1.5,
+    max_relax: float = 1.2,
     max_coef: float = 10.0,
     lookahead: float = 2.0,
 ) -> KLControlState:
@@ -479,7 +480,7 @@ def update_kl_budget(
     policy is heading for,
 
         KL̂    = KL + lookahead · (KL − KL_prev)     (KL_prev: the previous iteration's)
-        m     = clip((KL̂ / (headroom · budget))², 1/max_step, max_step)
+        m     = clip((KL̂ / (headroom · budget))², 1/max_relax, max_step)
         m     = 1 if m > 1 and KL < KL_prev          (the KL is already coming down)
         β_new = clip(β · m, floor, max_coef)
 
@@ -498,12 +499,15 @@ def update_kl_budget(
     eight) and then needs as many raises to matter again. Ziegler's proportional rule
     (`update_kl_control`) moves β by at most ±20% per horizon: right for a soft target, too
     slow to hold a budget. The cap keeps β finite when the budget is below the KL the
-    optimiser's own noise keeps up: 10 nats of penalty per nat of KL dominates any reward."""
+    optimiser's own noise keeps up: 10 nats of penalty per nat of KL dominates any reward.
+    It relaxes slower (÷1.2) than it raises (×1.5): relaxing by ×1.5 too, β fell from its
+    peak to the floor in four iterations once the KL turned, and the KL climbed past the
+    budget again (demo, 20 iterations: 7.0 → 11.8 nats)."""
     kl = jnp.asarray(current_kl, jnp.float32)
     first = jnp.isnan(state.last_kl)
     trend = jnp.where(first, 0.0, kl - state.last_kl)
     heading = jnp.maximum(kl + lookahead * trend, 0.0)
-    step = jnp.clip(jnp.square(heading / (headroom * budget)), 1.0 / max_step, max_step)
+    step = jnp.clip(jnp.square(heading / (headroom * budget)), 1.0 / max_relax, max_step)
     step = jnp.where((step > 1.0) & (trend < 0.0), 1.0, step)
     value = jnp.clip(state.value * step, floor, max_coef)
     return KLControlState(value=value, last_kl=kl)
