@@ -66,6 +66,12 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path):
     assert all(r["gold_chosen"] > r["gold_rejected"] for r in rows)
     # the reward model learns the gold ordering beyond chance on held-out prompts' pairs
     assert out["rm"]["eval"]["accuracy"] > 0.6
+    # ... and on all pairs of the held-out samples, each sample scored once as PPO reads it
+    ranking = out["rm"]["ranking"]
+    assert ranking["mean"]["pairs"] > out["pairs"]["heldout_pairs"]
+    assert ranking["mean"]["accuracy"] > 0.6
+    assert len(ranking["members"]) == 2 and "mean_minus_std" in ranking
+    assert "Ranking accuracy on all" in report
     assert out["ppo"]["eval_before"]["kl"] == 0.0
 
 

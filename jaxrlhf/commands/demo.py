@@ -26,6 +26,7 @@ import numpy as np
 from jaxrlhf import config as C
 from jaxrlhf.algorithms.ppo import PPOConfig
 from jaxrlhf.algorithms.reward_model import RMConfig
+from jaxrlhf.commands.ranking import SampleBatch, heldout_ranking
 from jaxrlhf.lora import LoraConfig
 from jaxrlhf.memory import peak_during
 from jaxrlhf.models.base import load_base
@@ -140,9 +141,10 @@ def demo_prompts() -> list[str]:
 
 def make_pairs(
     model_cfg, base, tokenizer, prompts: list[str], cfg: DemoConfig, *, pairing: str = "graded"
-) -> tuple[list, dict]:
+) -> tuple[list, dict, list]:
     """`samples_per_prompt` base samples of each prompt, scored by the gold judge, and the
-    preference pairs they make (pairs closer than `min_gold_gap`, and blank responses, dropped).
+    preference pairs they make (pairs closer than `min_gold_gap`, and blank responses, dropped):
+    (pair rows, counts, the samples as `ranking.SampleBatch`es).
 
     `pairing="graded"`: the samples ranked by gold, the best vs the worst, the 2nd best vs the
     2nd worst, ... (`pairs_per_prompt` pairs, from the widest gap inward), so the reward model
@@ -174,7 +176,7 @@ def make_pairs(
         tokenizer,
         max_prompt_length=cfg.ppo.data.max_prompt_length,
     )
-    rows, candidates, batch = [], 0, max(1, 256 // k)
+    rows, samples, candidates, batch = [], [], 0, max(1, 256 // k)
     # Different prompt sets (train, held-out) get different sample streams.
     key = jax.random.PRNGKey(cfg.seed + 1 + (pairing == "random"))
     buckets = tuple(
@@ -198,6 +200,16 @@ def make_pairs(
         texts = decode_responses(tokenizer, out.tokens, out.response_mask)
         gold = gold_scores(cfg.gold, values, texts)
         bar.update(len(texts))
+        samples.append(
+            SampleBatch(
+                input_ids=np.asarray(out.input_ids),
+                attention_mask=np.asarray(out.attention_mask),
+                finished=np.asarray(out.finished),
+                gold=np.asarray(gold, np.float64),
+                group=np.repeat(idx, k),
+                usable=np.array([bool(t.strip()) for t in texts]),
+            )
+        )
         for g in range(0, len(texts), k):
             group = slice(g, g + k)
             picked, n_candidates = pair_group(
@@ -226,7 +238,7 @@ def make_pairs(
         "pairs": len(rows),
         "ties_dropped": candidates - len(rows),
     }
-    return rows, stats
+    return rows, stats, samples
 
 
 def pair_group(
@@ -284,6 +296,9 @@ class Prepared:
     eval_prompts: list[str]
     pairs: list[dict]
     pair_stats: dict
+    heldout_samples: list | None = None
+    """The held-out prompts' base samples (`ranking.SampleBatch`), for the reward model's
+    ranking accuracy over all their pairs; None: not measured."""
 
 
 def split_prompts(cfg: DemoConfig) -> tuple[list[str], list[str]]:
@@ -309,11 +324,12 @@ def prepare(cfg: DemoConfig, root: Path, timings: dict) -> Prepared:
         f"judge ({cfg.gold.label})"
     )
     t0 = time.perf_counter()
-    pairs, pair_stats = make_pairs(model_cfg, base, tokenizer, train_prompts, cfg)
-    heldout, heldout_stats = make_pairs(
+    pairs, pair_stats, _ = make_pairs(model_cfg, base, tokenizer, train_prompts, cfg)
+    heldout, heldout_stats, heldout_samples = make_pairs(
         model_cfg, base, tokenizer, eval_prompts, cfg, pairing="random"
     )
     pair_stats["heldout_pairs"] = heldout_stats["pairs"]
+    pair_stats["heldout_samples"] = heldout_stats["samples"]
     timings["pairs"] = time.perf_counter() - t0
     for name, rows in (("pairs.jsonl", pairs), ("pairs_heldout.jsonl", heldout)):
         with open(root / name, "w") as f:
@@ -325,7 +341,7 @@ def prepare(cfg: DemoConfig, root: Path, timings: dict) -> Prepared:
     )
     if len(pairs) < 16 or len(heldout) < 4:
         raise ValueError(f"only {len(pairs)} + {len(heldout)} preference pairs; too few")
-    return Prepared(train_prompts, eval_prompts, pairs, pair_stats)
+    return Prepared(train_prompts, eval_prompts, pairs, pair_stats, heldout_samples)
 
 
 def train_reward_model(
@@ -358,6 +374,15 @@ def train_reward_model(
     )
     rm_out, peaks["reward_model"], _ = peak_during(lambda: run_rm(rm_cfg, source=source))
     timings["reward_model"] = time.perf_counter() - t0
+    if data.heldout_samples:
+        t0 = time.perf_counter()
+        rm_out["ranking"] = heldout_ranking(data.heldout_samples, rm_out["export"], cfg)
+        timings["rm_ranking"] = time.perf_counter() - t0
+        r = rm_out["ranking"]["mean"]
+        log(
+            f"      ranking accuracy on all {r['pairs']} pairs of the held-out samples: "
+            f"{r['accuracy']:.3f} (95% {r['low']:.3f} … {r['high']:.3f})"
+        )
     return rm_out
 
 
@@ -533,7 +558,7 @@ def write_comparison(root: Path, cfg: DemoConfig, pair_stats: dict, arms: dict) 
     base_gold = lora["ppo"]["eval_before"].get("gold", float("nan"))
     rows = []
     for label, fn in (
-        ("reward model held-out accuracy", lambda r: f"{r['rm']['eval'].get('accuracy', 0):.3f}"),
+        ("reward model held-out accuracy", lambda r: f"{heldout_accuracy(r['rm']):.3f}"),
         (
             "gold gain (95% bootstrap interval)",
             lambda r: "{:+.3f} ({:+.3f} … {:+.3f})".format(*gain(r)),
@@ -663,14 +688,24 @@ def target_checks(cfg: DemoConfig, before: dict, after: dict, rm_accuracy: float
     ]
 
 
+def heldout_accuracy(rm_out: dict) -> float:
+    """The reward model's held-out accuracy the targets judge: its ranking of all pairs of
+    the held-out samples when measured (`ranking`), else the `rm` command's eval pairs."""
+    ranking = rm_out.get("ranking")
+    if ranking:
+        return ranking["mean"]["accuracy"]
+    return rm_out["eval"].get("accuracy", float("nan"))
+
+
 def rm_summary(pair_stats: dict, rm_out: dict, members: int) -> str:
     acc = rm_out["eval"].get("accuracy", float("nan"))
     text = (
         f"Reward model: {pair_stats['pairs']} graded pairs from {pair_stats['samples']} base "
         f"samples ({pair_stats['ties_dropped']} ties dropped); accuracy on "
         f"{pair_stats['heldout_pairs']} pairs of base samples of the held-out prompts "
+        f"(each sample in one pair, the `rm` command's eval set) "
         f"{rm_out['eval_before'].get('accuracy', float('nan')):.3f} before, "
-        f"**{acc:.3f}** after training"
+        f"{acc:.3f} after training"
     )
     if members > 1:
         each = [rm_out["eval"].get(f"member_{k}/accuracy", float("nan")) for k in range(members)]
@@ -678,7 +713,28 @@ def rm_summary(pair_stats: dict, rm_out: dict, members: int) -> str:
             f" (the mean of an ensemble of {members} LoRA reward models trained together; "
             f"members: {', '.join(f'{a:.3f}' for a in each)})"
         )
-    return text + "."
+    text += "."
+    ranking = rm_out.get("ranking")
+    if ranking:
+        r = ranking["mean"]
+        text += (
+            f" Ranking accuracy on all {r['pairs']} non-tied pairs of the "
+            f"{pair_stats.get('heldout_samples', '')} held-out samples (each sample scored once, "
+            f"as PPO reads it): **{r['accuracy']:.3f}** (95% bootstrap interval over prompts "
+            f"{r['low']:.3f} … {r['high']:.3f})"
+        )
+        extra = [
+            f"{rule} {v['accuracy']:.3f}"
+            for rule, v in ranking.items()
+            if rule not in ("mean", "members")
+        ]
+        extra += [
+            f"member {k} {m['accuracy']:.3f}" for k, m in enumerate(ranking.get("members", []))
+        ]
+        if extra:
+            text += f"; {', '.join(extra)}"
+        text += "."
+    return text
 
 
 def write_report(
@@ -715,8 +771,7 @@ def write_report(
     gain, low, high = bootstrap_gain(
         before.get("gold_per_prompt", []), after.get("gold_per_prompt", [])
     )
-    rm_accuracy = rm_out["eval"].get("accuracy", float("nan"))
-    checks = target_checks(cfg, before, after, rm_accuracy)
+    checks = target_checks(cfg, before, after, heldout_accuracy(rm_out))
 
     def row(name: str, key: str, fmt: str) -> str:
         b, a = before.get(key, float("nan")), after.get(key, float("nan"))
