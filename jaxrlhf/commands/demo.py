@@ -89,7 +89,7 @@ class DemoConfig:
                 ensemble="mean_minus_std",
                 ensemble_coef=1.0,
             ),
-            num_iterations=16,
+            num_iterations=20,
             rollout_batch_size=32,
             mini_batch_size=16,
             num_ppo_epochs=2,
