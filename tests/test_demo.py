@@ -112,5 +112,7 @@ def test_quick_compare_full_writes_one_table_for_both_arms(tmp_path):
     assert (tmp_path / "full" / "ppo" / "model" / "config.json").exists()
     for arm in out["arms"].values():
         assert arm["rm"]["eval"]["accuracy"] > 0.6
+        # the full arm's reward model (an HF folder) is ranked on the held-out samples too
+        assert arm["rm"]["ranking"]["mean"]["pairs"] > out["pairs"]["heldout_pairs"]
         assert arm["ppo"]["eval_before"]["kl"] == 0.0
         assert arm["timings"]["ppo"] > 0

@@ -558,7 +558,7 @@ def write_comparison(root: Path, cfg: DemoConfig, pair_stats: dict, arms: dict) 
     base_gold = lora["ppo"]["eval_before"].get("gold", float("nan"))
     rows = []
     for label, fn in (
-        ("reward model held-out accuracy", lambda r: f"{heldout_accuracy(r['rm']):.3f}"),
+        ("reward model held-out accuracy", lambda r: accuracy_cell(r["rm"])),
         (
             "gold gain (95% bootstrap interval)",
             lambda r: "{:+.3f} ({:+.3f} … {:+.3f})".format(*gain(r)),
@@ -695,6 +695,16 @@ def heldout_accuracy(rm_out: dict) -> float:
     if ranking:
         return ranking["mean"]["accuracy"]
     return rm_out["eval"].get("accuracy", float("nan"))
+
+
+def accuracy_cell(rm_out: dict) -> str:
+    """`heldout_accuracy` for a table: with its interval and pair count when it is the
+    ranking over all held-out pairs."""
+    ranking = rm_out.get("ranking")
+    if not ranking:
+        return f"{heldout_accuracy(rm_out):.3f}"
+    r = ranking["mean"]
+    return f"{r['accuracy']:.3f} ({r['low']:.3f} … {r['high']:.3f}; {r['pairs']} pairs)"
 
 
 def rm_summary(pair_stats: dict, rm_out: dict, members: int) -> str:
