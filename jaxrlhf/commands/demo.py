@@ -61,7 +61,7 @@ class DemoConfig:
         default_factory=lambda: RMConfig(
             lora=LoraConfig(r=8, alpha=16, task_type="SEQ_CLS", modules_to_save=("score",)),
             optim=C.OptimConfig(
-                learning_rate=2e-3, schedule="linear", warmup_ratio=0.1, weight_decay=0.01
+                learning_rate=4e-3, schedule="linear", warmup_ratio=0.1, weight_decay=0.01
             ),
             data=C.PreferenceDataConfig(max_length=48, length_buckets=(32, 48)),
             batch_size=16,
@@ -100,9 +100,10 @@ class DemoConfig:
         )
     )
 
-    full_rm_learning_rate: float = 5e-5
-    """`--compare-full`: the fully fine-tuned reward model's learning rate (LoRA's is ~10-40×
-    higher, as LoRA papers use: its update is low-rank and starts at zero)."""
+    full_rm_learning_rate: float = 3e-4
+    """`--compare-full`: the fully fine-tuned reward model's learning rate, the best of
+    1e-5…3e-4 in `benchmarks/full_ft_sweep.py` (LoRA's is ~10× higher: its update is low-rank
+    and starts at zero)."""
     full_ppo_learning_rate: float = 3e-5
     """`--compare-full`: the fully fine-tuned policy's and critic's learning rate."""
 
