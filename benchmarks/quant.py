@@ -320,12 +320,30 @@ def preference_pairs(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def rm_command(kind: str, pairs: Path, run_dir: Path) -> list[str]:
+# The load alone, as a run does it: `models.base.load_base` (host arrays), then on the device.
+_LOAD_SCRIPT = (
+    "import sys, jax, jax.numpy as jnp\n"
+    "from jaxrlhf.config import ModelSection\n"
+    "from jaxrlhf.models.base import load_base\n"
+    "from jaxrlhf.models.quant import QuantConfig\n"
+    "_, base, _ = load_base(ModelSection(path='default', quant=QuantConfig(kind=sys.argv[1])))\n"
+    "jax.block_until_ready(jax.tree.map(jnp.asarray, base))\n"
+    "from jaxrlhf.lora import tree_bytes\n"
+    "print(f'|| frozen: {tree_bytes(base) / 2**20:.2f} MiB')\n"  # as `frozen_mib` reads it
+)
+
+
+def load_command(kind: str) -> list[str]:
+    return ["-c", _LOAD_SCRIPT, kind]
+
+
+def rm_command(kind: str, pairs: Path, run_dir: Path, *, remat: str = "none") -> list[str]:
     """A LoRA SEQ_CLS reward model on SmolLM2-135M (`configs/rm_tiny.yaml`'s adapter, r 8)."""
     return [
         *("-m", "jaxrlhf.cli", "rm", "--config", str(C.ROOT / "configs/rm_tiny.yaml")),
         *COMMON_OVERRIDES,
         f"model.quant={kind}",
+        f"model.remat={remat}",
         f"data.train={pairs}",
         "data.max_length=48",
         "batch_size=16",
@@ -409,7 +427,12 @@ def whole_runs(out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     pairs = out_dir / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in preference_pairs(RM_PAIRS)))
-    cases = {f"rm/{k}": rm_command(k, pairs, out_dir / f"rm_{k}") for k in RUN_KINDS}
+    cases = {f"load/{k}": load_command(k) for k in RUN_KINDS}
+    cases |= {f"rm/{k}": rm_command(k, pairs, out_dir / f"rm_{k}") for k in RUN_KINDS}
+    # What is left besides the base: the backward's saved activations, which block
+    # rematerialisation trades for a second forward.
+    for k in ("none", "gguf"):
+        cases[f"rm/{k}+remat"] = rm_command(k, pairs, out_dir / f"rm_{k}_remat", remat="block")
     cases |= {f"grpo/{k}": grpo_command(k, out_dir / f"grpo_{k}") for k in RUN_KINDS}
     cases["grpo/gguf+dense"] = grpo_command(
         "gguf", out_dir / "grpo_gguf_dense", dequantize_base=True
@@ -433,7 +456,7 @@ def render_memory(runs: dict) -> str:
         rows.append(
             [
                 command,
-                "fp32" if kind == "none" else kind,
+                kind.replace("none", "fp32"),
                 C.fmt(r["frozen_mib"], 1),
                 f"{r['peak_rss'] / C.MIB:.0f} ({r['peak_rss'] / base['peak_rss']:.2f}x)",
                 f"{r['wall_s']:.0f} ({r['wall_s'] / base['wall_s']:.2f}x)",
@@ -513,9 +536,10 @@ def dense_rollouts(*, repeats: int) -> dict:
     for b in BATCHES:
         for n in DENSE_NEW_TOKENS:
             thunks = rollout_thunks(cfg, ref, kept, lora, lora_cfg, b, n)
-            for name, t in C.interleaved(thunks, repeats=repeats, warmup=1).items():
+            timed = C.interleaved(thunks, repeats=repeats, warmup=1)
+            for name, t in timed.items():
                 result["rollout"][f"{name}/b{b}/n{n}"] = {"call_s": t["median_s"], **t}
-            print(f"[quant] rollout b={b} n={n} {result['rollout']}", flush=True)
+            print(f"[quant] rollout b={b} n={n} {timed}", flush=True)
             del thunks
             _release()
     return result
