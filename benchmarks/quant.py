@@ -19,9 +19,10 @@ Decode and rm programs of every kind are timed interleaved round by round (commo
 the ratios to fp32 share the machine's load.
 
 Two more parts, each with its own results file:
-- memory (`quant_memory.json`): a short real `jaxrlhf rm` and `jaxrlhf grpo` run per kind,
-  each in a fresh process: its peak resident set (`os.wait4`), wall time and the frozen
-  base's bytes as the run itself reports them;
+- memory (`quant_memory.json`): per kind, the base's load alone and a short real
+  `jaxrlhf rm` (also with `model.remat=block`) and `jaxrlhf grpo` run (also with
+  `generation.dequantize_base=true`), each in a fresh process: its peak resident set
+  (`os.wait4`, `run_child`), wall time and the frozen base's bytes as the run reports them;
 - dense (`quant_dense.json`): one whole rollout call (`rollout.engine.Sampler`) on the fp32
   base (adapter merged), on the kept GGUF base unmerged (packed, the default) and from the
   dense copy that `generation.dequantize_base=true` makes per call (its time included), at
@@ -579,7 +580,7 @@ def parse_parts(text: str) -> tuple[str, ...]:
     unknown = [p for p in parts if p not in PARTS]
     if unknown or not parts:
         raise argparse.ArgumentTypeError(
-            f"--only: unknown part(s) {unknown or [text]}; choose from {', '.join(PARTS)}"
+            f"unknown part(s) {unknown or [text]}; choose from {', '.join(PARTS)}"
         )
     return parts
 
