@@ -472,9 +472,10 @@ def render_memory(runs: dict) -> str:
 DENSE_NEW_TOKENS = (16, 32)
 
 
-def _rollout(sampler, lora, base, prompts, key) -> None:
+def _rollout(sampler, lora, base, prompts, key) -> tuple[int, ...]:
     out = sampler.generate(lora, base, prompts, key)
     C.block((out.tokens, out.sampler_logprobs))
+    return tuple(int(n) for n in out.response_mask.sum(-1))  # tokens each row decoded
 
 
 def rollout_thunks(cfg, ref, kept, lora, lora_cfg, batch: int, new_tokens: int) -> dict:
@@ -538,6 +539,9 @@ def dense_rollouts(*, repeats: int) -> dict:
         for n in DENSE_NEW_TOKENS:
             thunks = rollout_thunks(cfg, ref, kept, lora, lora_cfg, b, n)
             timed = C.interleaved(thunks, repeats=repeats, warmup=1)
+            for name, thunk in thunks.items():  # every row ran all n steps (no EOS)
+                if thunk() != (n,) * b:
+                    raise RuntimeError(f"{name}, batch {b}: rows decoded {thunk()}, not {n}")
             for name, t in timed.items():
                 result["rollout"][f"{name}/b{b}/n{n}"] = {"call_s": t["median_s"], **t}
             print(f"[quant] rollout b={b} n={n} {timed}", flush=True)
