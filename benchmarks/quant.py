@@ -18,14 +18,31 @@ Q4_0 made the same way, for scale).
 Decode and rm programs of every kind are timed interleaved round by round (common.py), so
 the ratios to fp32 share the machine's load.
 
-    PYTHONPATH=. python -m benchmarks.quant [--repeats 3]
+Two more parts, each with its own results file:
+- memory (`quant_memory.json`): per kind, the base's load alone and a short real
+  `jaxrlhf rm` (also with `model.remat=block`) and `jaxrlhf grpo` run (also with
+  `generation.dequantize_base=true`), each in a fresh process: its peak resident set
+  (`os.wait4`, `run_child`), wall time and the frozen base's bytes as the run reports them;
+- dense (`quant_dense.json`): one whole rollout call (`rollout.engine.Sampler`) on the fp32
+  base (adapter merged), on the kept GGUF base unmerged (packed, the default) and from the
+  dense copy that `generation.dequantize_base=true` makes per call (its time included), at
+  batch 1 and 16, 16 and 32 new tokens; and `merged_rollout_weights` alone: time and bytes.
+
+    PYTHONPATH=. python -m benchmarks.quant [--repeats 3] [--only quality,hlo,memory,dense]
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -279,28 +296,344 @@ def render(result: dict) -> str:
     return C.table(headers, rows) + f"\n\n({q['_tokens']} tokens of text for KL/perplexity)"
 
 
+# ----------------------------------------------------------------------------- whole runs
+
+RUN_KINDS = ("none", "int8", "nf4", "gguf")
+RM_PAIRS, RM_STEPS = 48, 4  # the demo's reward-model batch (16) and max_length (48)
+GRPO_STEPS, GRPO_NEW_TOKENS = 2, 16
+COMMON_OVERRIDES = ("model.path=default", "mesh.data=1", "run.progress=false")
+
+
+def preference_pairs(n: int, seed: int = 0) -> list[dict]:
+    """`n` pairs of `configs/data/case_pairs.jsonl`'s kind: an upper-case reply is chosen
+    over the same reply in lower case."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    rows = []
+    for _ in range(n):
+        words = [
+            "".join(rng.choice(letters, rng.integers(2, 6))) for _ in range(rng.integers(2, 4))
+        ]
+        reply = " " + " ".join(words)
+        rows.append(
+            {"prompt": f"say: {words[0]}", "chosen": reply.upper(), "rejected": reply.lower()}
+        )
+    return rows
+
+
+# The load alone, as a run does it: `models.base.load_base` (host arrays), then on the device.
+_LOAD_SCRIPT = (
+    "import sys, jax, jax.numpy as jnp\n"
+    "from jaxrlhf.config import ModelSection\n"
+    "from jaxrlhf.models.base import load_base\n"
+    "from jaxrlhf.models.quant import QuantConfig\n"
+    "_, base, _ = load_base(ModelSection(path='default', quant=QuantConfig(kind=sys.argv[1])))\n"
+    "jax.block_until_ready(jax.tree.map(jnp.asarray, base))\n"
+    "from jaxrlhf.lora import tree_bytes\n"
+    "print(f'|| frozen: {tree_bytes(base) / 2**20:.2f} MiB')\n"  # as `frozen_mib` reads it
+)
+
+
+def load_command(kind: str) -> list[str]:
+    return ["-c", _LOAD_SCRIPT, kind]
+
+
+def rm_command(kind: str, pairs: Path, run_dir: Path, *, remat: str = "none") -> list[str]:
+    """A LoRA SEQ_CLS reward model on SmolLM2-135M (`configs/rm_tiny.yaml`'s adapter, r 8)."""
+    return [
+        *("-m", "jaxrlhf.cli", "rm", "--config", str(C.ROOT / "configs/rm_tiny.yaml")),
+        *COMMON_OVERRIDES,
+        f"model.quant={kind}",
+        f"model.remat={remat}",
+        f"data.train={pairs}",
+        "data.max_length=48",
+        "batch_size=16",
+        f"max_steps={RM_STEPS}",
+        f"run.run_dir={run_dir}",
+        "run.eval_every=1000",
+        "run.save_every=1000",
+    ]
+
+
+def grpo_command(kind: str, run_dir: Path, *, dequantize_base: bool = False) -> list[str]:
+    """GRPO on SmolLM2-135M with `configs/grpo_tiny.yaml`'s prompts and Python reward
+    (share of lowercase letters): 4 prompts × 4 completions of 16 tokens per step."""
+    return [
+        *("-m", "jaxrlhf.cli", "grpo", "--config", str(C.ROOT / "configs/grpo_tiny.yaml")),
+        *COMMON_OVERRIDES,
+        f"model.quant={kind}",
+        f"generation.dequantize_base={str(dequantize_base).lower()}",
+        f"generation.max_new_tokens={GRPO_NEW_TOKENS}",
+        "num_generations=4",
+        "prompts_per_iteration=4",
+        f"max_steps={GRPO_STEPS}",
+        f"run.run_dir={run_dir}",
+    ]
+
+
+_FROZEN = re.compile(r"\|\| frozen: ([0-9.]+) MiB")
+
+
+def frozen_mib(log_text: str) -> float | None:
+    """The frozen base's resident MiB from a run's log (`lora.TrainableSummary`'s line, i.e.
+    `tree_bytes` of the base the run holds: packed codes + scales when quantized)."""
+    found = _FROZEN.search(log_text)
+    return float(found.group(1)) if found else None
+
+
+# Runs `sys.argv[2:]` and writes "<wait status> <ru_maxrss KiB>" of that child to sys.argv[1].
+# A separate small process because Linux starts an exec'd child's ru_maxrss at the spawning
+# process's own high-water mark (exec keeps the old memory map's peak in the counter):
+# spawned from this benchmark, a child that allocates nothing would report this process's
+# resident set. Spawned from here, the floor is a bare interpreter's (~10 MiB).
+_PEAK_WRAPPER = (
+    "import os, subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[2:])\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "open(sys.argv[1], 'w').write(f'{status} {usage.ru_maxrss}')\n"
+    "sys.exit(0 if status == 0 else 1)\n"
+)
+
+
+def parse_peak(text: str) -> tuple[int, int]:
+    """(wait status, peak RSS in bytes) from `_PEAK_WRAPPER`'s "<status> <ru_maxrss KiB>"."""
+    status, kib = text.split()
+    return int(status), int(kib) * 1024
+
+
+def run_child(args: list[str], log_path: Path) -> dict:
+    """`python *args` in a fresh process, stdout and stderr to `log_path`: its wall time and
+    peak resident set (`ru_maxrss` of that process alone, from `os.wait4` in a small
+    intermediary process, `_PEAK_WRAPPER`)."""
+    peak_path = log_path.with_suffix(".peak")
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        subprocess.run(
+            [sys.executable, "-c", _PEAK_WRAPPER, str(peak_path), sys.executable, *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(C.ROOT)},
+            check=False,
+        )
+    seconds = time.perf_counter() - t0
+    status, peak = parse_peak(peak_path.read_text()) if peak_path.exists() else (-1, 0)
+    if status != 0:
+        raise RuntimeError(f"python {' '.join(args)} failed (wait status {status}); see {log_path}")
+    return {"wall_s": seconds, "peak_rss": peak}
+
+
+def whole_runs(out_dir: Path) -> dict:
+    """Per command and kind: wall time, peak RSS, resident frozen base (one run each; the
+    peak does not depend on the machine's load, the wall time does)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pairs = out_dir / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in preference_pairs(RM_PAIRS)))
+    cases = {f"load/{k}": load_command(k) for k in RUN_KINDS}
+    cases |= {f"rm/{k}": rm_command(k, pairs, out_dir / f"rm_{k}") for k in RUN_KINDS}
+    # What is left besides the base: the backward's saved activations, which block
+    # rematerialisation trades for a second forward.
+    for k in ("none", "gguf"):
+        cases[f"rm/{k}+remat"] = rm_command(k, pairs, out_dir / f"rm_{k}_remat", remat="block")
+    cases |= {f"grpo/{k}": grpo_command(k, out_dir / f"grpo_{k}") for k in RUN_KINDS}
+    cases["grpo/gguf+dense"] = grpo_command(
+        "gguf", out_dir / "grpo_gguf_dense", dequantize_base=True
+    )
+    result = {}
+    for name, args in cases.items():
+        log_path = out_dir / (name.replace("/", "_").replace("+", "_") + ".log")
+        r = run_child(args, log_path)
+        r["frozen_mib"] = frozen_mib(log_path.read_text())
+        r["loadavg_after"] = C.load_average()
+        result[name] = r
+        print(f"[quant] {name}: {r}", flush=True)
+    return result
+
+
+def render_memory(runs: dict) -> str:
+    rows = []
+    for name, r in runs.items():
+        command, kind = name.split("/")
+        base = runs[f"{command}/none"]
+        rows.append(
+            [
+                command,
+                kind.replace("none", "fp32"),
+                C.fmt(r["frozen_mib"], 1),
+                f"{r['peak_rss'] / C.MIB:.0f} ({r['peak_rss'] / base['peak_rss']:.2f}x)",
+                f"{r['wall_s']:.0f} ({r['wall_s'] / base['wall_s']:.2f}x)",
+            ]
+        )
+    headers = ["command", "kind", "resident base (MiB)", "whole-run peak RSS (MiB)", "wall s"]
+    return C.table(headers, rows)
+
+
+# ----------------------------------------------------------------------------- dense copy
+
+DENSE_NEW_TOKENS = (16, 32)
+
+
+def _rollout(sampler, lora, base, prompts, key) -> tuple[int, ...]:
+    out = sampler.generate(lora, base, prompts, key)
+    C.block((out.tokens, out.sampler_logprobs))
+    return tuple(int(n) for n in out.response_mask.sum(-1))  # tokens each row decoded
+
+
+def rollout_thunks(cfg, ref, kept, lora, lora_cfg, batch: int, new_tokens: int) -> dict:
+    """One whole rollout call per arm. `fp32` and `gguf dense` share one sampler (merge
+    per call, then the float decode program); `gguf packed` decodes on the kept blocks
+    with the adapter unmerged (`generation.dequantize_base=false`, the default)."""
+    from jaxrlhf.config import GenerationConfig
+    from jaxrlhf.rollout.engine import Sampler
+
+    ids = jnp.asarray(
+        C.random_ids(np.random.default_rng(batch), (batch, PROMPT_LEN), cfg.vocab_size)
+    )
+    prompts = {"input_ids": ids, "attention_mask": jnp.ones_like(ids)}
+    key = jax.random.PRNGKey(0)
+
+    def sampler(merge: bool):
+        # No EOS: every row runs all `new_tokens` steps.
+        gen = GenerationConfig(max_new_tokens=new_tokens, temperature=1.0, merge_adapter=merge)
+        return Sampler(cfg, gen, lora_cfg=lora_cfg, eos_token_ids=(), pad_token_id=0)
+
+    merged, unmerged = sampler(True), sampler(False)
+    arms = {"fp32": (merged, ref), "gguf packed": (unmerged, kept), "gguf dense": (merged, kept)}
+    return {
+        name: functools.partial(_rollout, s, lora, base, prompts, key)
+        for name, (s, base) in arms.items()
+    }
+
+
+def dense_copy(ref, kept, lora, lora_cfg, *, repeats: int) -> dict:
+    """`merged_rollout_weights` alone (jitted, as the sampler calls it) on the fp32 and on
+    the kept GGUF base: time per call, the copy's bytes and the program's working set."""
+    from jaxrlhf.rollout.engine import merged_rollout_weights
+
+    def merge(base, lora):
+        return merged_rollout_weights(base, lora, lora_cfg)
+
+    out, thunks = {}, {}
+    for name, base in (("fp32", ref), ("gguf", kept)):
+        compiled, stats = C.compile_program(merge, base, lora)
+        copy = compiled(base, lora)
+        out[name] = {"copy_bytes": C.tree_bytes(copy), "base_bytes": C.tree_bytes(base), **stats}
+        del copy
+        thunks[name] = functools.partial(lambda c, b: C.block(c(b, lora)), compiled, base)
+    for name, t in C.interleaved(thunks, repeats=3 * repeats, warmup=1).items():
+        out[name]["call_s"] = t["median_s"]
+    return out
+
+
+def dense_rollouts(*, repeats: int) -> dict:
+    from jaxrlhf.lora import init_lora
+    from jaxrlhf.models import loading
+
+    cfg, ref, _ = loading.load_model("default")
+    _, kept, _ = loading.load_gguf(loading.default_model_path(), keep_quantized=True)
+    ref, kept = (jax.tree.map(jnp.asarray, p) for p in (ref, kept))
+    lora_cfg = C.lora_config()
+    lora = init_lora(jax.random.PRNGKey(1), ref, lora_cfg, cfg)
+    result: dict = {"merge": dense_copy(ref, kept, lora, lora_cfg, repeats=repeats), "rollout": {}}
+    print(f"[quant] dense copy {result['merge']}", flush=True)
+    for b in BATCHES:
+        for n in DENSE_NEW_TOKENS:
+            thunks = rollout_thunks(cfg, ref, kept, lora, lora_cfg, b, n)
+            timed = C.interleaved(thunks, repeats=repeats, warmup=1)
+            for name, thunk in thunks.items():  # every row ran all n steps (no EOS)
+                if thunk() != (n,) * b:
+                    raise RuntimeError(f"{name}, batch {b}: rows decoded {thunk()}, not {n}")
+            for name, t in timed.items():
+                result["rollout"][f"{name}/b{b}/n{n}"] = {"call_s": t["median_s"], **t}
+            print(f"[quant] rollout b={b} n={n} {timed}", flush=True)
+            del thunks
+            _release()
+    return result
+
+
+def render_dense(result: dict) -> str:
+    ro, merge = result["rollout"], result["merge"]
+    rows = []
+    for b in BATCHES:
+        for n in DENSE_NEW_TOKENS:
+            fp32 = ro[f"fp32/b{b}/n{n}"]["call_s"]
+            row = [f"{b}", f"{n}"]
+            for arm in ("fp32", "gguf packed", "gguf dense"):
+                s = ro[f"{arm}/b{b}/n{n}"]["call_s"]
+                row.append(f"{s:.2f} s ({s / fp32:.2f}x)")
+            rows.append(row)
+    headers = ["batch", "new tokens", "fp32 (merged)", "gguf packed (unmerged)", "gguf dense copy"]
+    lines = [C.table(headers, rows), ""]
+    for name, m in merge.items():
+        lines.append(
+            f"merged_rollout_weights on {name}: {1000 * m['call_s']:.0f} ms per call; "
+            f"base {C.fmt_bytes(m['base_bytes'])} -> copy {C.fmt_bytes(m['copy_bytes'])} "
+            f"(program working set {C.fmt_bytes(m.get('footprint_bytes'))}, "
+            f"temp {C.fmt_bytes(m.get('temp_bytes'))})"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+PARTS = ("quality", "hlo", "memory", "dense")
+
+
+def parse_parts(text: str) -> tuple[str, ...]:
+    """`--only quality,memory` -> ("quality", "memory"); an unknown part is refused."""
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(
+            f"unknown part(s) {unknown or [text]}; choose from {', '.join(PARTS)}"
+        )
+    return parts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--hlo-only", action="store_true", help="only the one-kernel HLO check")
+    ap.add_argument(
+        "--only",
+        type=parse_parts,
+        default=("quality",),
+        help=f"comma-separated parts to run, of {', '.join(PARTS)} (default: quality, the "
+        "quality/bytes/decode/rm table)",
+    )
+    ap.add_argument("--hlo-only", action="store_true", help="the same as --only hlo")
     args = ap.parse_args()
+    parts = ("hlo",) if args.hlo_only else args.only
     machine = C.machine_info()
-    if args.hlo_only:
+    command = f"python -m benchmarks.quant --repeats {args.repeats} --only {','.join(parts)}"
+    meta = {"command": command, "machine": machine}
+    if "hlo" in parts:
         result = {"benchmark": "quant_hlo", "kernel": dequant_in_hlo(repeats=20 * args.repeats)}
-        result["meta"] = {"command": "python -m benchmarks.quant --hlo-only", "machine": machine}
+        result["meta"] = meta
         print(f"wrote {C.save_result('quant_hlo', result)}")
         print(C.machine_line(machine))
         for k, v in result["kernel"].items():
             print(k, v)
-        return
-    result = run(repeats=args.repeats)
-    result["meta"] = {
-        "command": f"python -m benchmarks.quant --repeats {args.repeats}",
-        "machine": machine,
-    }
-    print(f"wrote {C.save_result('quant', result)}")
-    print(C.machine_line(machine))
-    print(render(result))
+    if "memory" in parts:
+        with tempfile.TemporaryDirectory(prefix="quant_memory_") as tmp:
+            runs = whole_runs(Path(tmp))
+        result = {"benchmark": "quant_memory", "runs": runs}
+        result["meta"] = {**meta, "loadavg_end": C.load_average()}
+        print(f"wrote {C.save_result('quant_memory', result)}")
+        print(C.machine_line(machine))
+        print(render_memory(runs))
+    if "dense" in parts:
+        t0 = time.perf_counter()
+        result = {"benchmark": "quant_dense", **dense_rollouts(repeats=args.repeats)}
+        result["elapsed_s"] = time.perf_counter() - t0
+        result["meta"] = {**meta, "loadavg_end": C.load_average()}
+        print(f"wrote {C.save_result('quant_dense', result)}")
+        print(C.machine_line(machine))
+        print(render_dense(result))
+    if "quality" in parts:
+        result = run(repeats=args.repeats)
+        result["meta"] = meta
+        print(f"wrote {C.save_result('quant', result)}")
+        print(C.machine_line(machine))
+        print(render(result))
 
 
 if __name__ == "__main__":
