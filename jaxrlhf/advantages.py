@@ -500,7 +500,7 @@ def update_kl_budget(
     (`update_kl_control`) moves β by at most ±20% per horizon: right for a soft target, too
     slow to hold a budget. The cap keeps β finite when the budget is below the KL the
     optimiser's own noise keeps up: 10 nats of penalty per nat of KL dominates any reward.
-    It relaxes slower (÷1.2) than it raises (×1.5): relaxing by ×1.5 too, β fell from its
+    It relaxes slower (÷1.2) than it raises (×1.5): relaxing by ÷1.5, β fell from its
     peak to the floor in four iterations once the KL turned, and the KL climbed past the
     budget again (demo, 20 iterations: 7.0 → 11.8 nats)."""
     kl = jnp.asarray(current_kl, jnp.float32)
