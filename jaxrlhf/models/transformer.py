@@ -50,7 +50,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf.models.config import ModelConfig, rope_inv_freq
-from jaxrlhf.models.quant import dense, is_quantized, take_rows
+from jaxrlhf.models.quant import (
+    dense,
+    is_one_vector,
+    is_quantized,
+    matmul,
+    take_rows,
+    vector_product,
+)
 
 Params = dict[str, Any]
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -249,7 +256,7 @@ def linear(
     `lora.row_scales`): `y_b = x_b·W + ((x_b·A) ⊙ S_b)·B`, where row b's scales are its
     adapter's `s` on that adapter's r columns and 0 elsewhere, so a row sees only its own
     adapter (all zero: the base). x is then [B, T, in]."""
-    y = jnp.einsum("...i,io->...o", x, read_kernel(weights, x.dtype))
+    y = matmul(x, weights["kernel"])
     if "bias" in weights:
         y = y + weights["bias"].astype(y.dtype)
     if lora is not None:
@@ -756,6 +763,11 @@ def lm_logits(
     params: Params, hidden: jax.Array, *, logit_softcap: float | None = None
 ) -> jax.Array:
     """Vocabulary logits [B, T, V] in float32 (soft-capped: `cfg.final_logit_softcap`)."""
+    head = params["lm_head"]["kernel"] if "lm_head" in params else params["embed"]
+    if is_quantized(head) and head.codes.ndim == 2 and is_one_vector(hidden):
+        # One decode token: read the packed rows (stored [V, D] for both the tied embedding
+        # and an lm_head kernel), no dense [D, V] weight.
+        return softcap(vector_product(hidden, head), logit_softcap)
     logits = jnp.einsum(
         "btd,dv->btv",
         hidden,

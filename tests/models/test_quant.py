@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import types
 
 import gguf
@@ -116,7 +117,8 @@ def test_nf4_round_trip_blocks_of_64():
     w = np.random.default_rng(0).normal(size=(2, 128, 48)).astype(np.float32)  # [L, in, out]
     qa = Q.quantize_nf4(w, double_quant=False)
     assert qa.shape == w.shape and qa.codes.dtype == np.uint8
-    assert qa.codes.shape == (2, 48, 2, 32)  # [L, out, in/64 blocks, 64/2 bytes]
+    assert qa.codes.shape == (2, 48, 64)  # [L, out, 2 blocks of 64 values, 32 bytes each]
+    assert qa.scales.shape == (2, 48, 2) and qa.block_size == 64
     blocks = np.swapaxes(w, 1, 2).reshape(2, 48, 2, 64)
     absmax = np.abs(blocks).max(-1)
     np.testing.assert_array_equal(qa.scales, absmax)  # stored exactly (float32)
@@ -153,7 +155,8 @@ def test_nf4_double_quant_absmax():
 def test_int8_per_output_channel():
     w = np.random.default_rng(2).normal(size=(64, 24)).astype(np.float32)  # [in, out]
     qa = Q.quantize_int8(w)
-    assert qa.codes.dtype == np.int8 and qa.codes.shape == (24, 1, 64)
+    assert qa.codes.dtype == np.int8 and qa.codes.shape == (24, 64)
+    assert qa.scales.shape == (24, 1) and qa.block_size == 64
     scale = np.abs(w).max(0) / 127
     np.testing.assert_allclose(qa.scales[:, 0], scale, rtol=1e-7)
     assert np.abs(qa.codes.astype(int)).max() == 127
@@ -261,6 +264,58 @@ def test_kv_cache_decode_with_unmerged_lora_equals_dequantized(name, base, adapt
     assert rel_err(got.logprobs, want.logprobs) <= 1e-5
 
 
+def top_level_float_buffers(compiled_text: str, size: int) -> list[str]:
+    """Instructions of the optimized HLO's entry computation (the buffers that exist in
+    memory; a fusion's inner instructions do not) holding at least `size` float32s."""
+    entry = compiled_text[compiled_text.index("ENTRY") :]
+    found = []
+    for line in entry.splitlines()[1:]:
+        m = re.match(r"\s*(?:ROOT )?%\S+ = f32\[([\d,]*)\]", line)
+        if m and int(np.prod([int(d) for d in m.group(1).split(",") if d])) >= size:
+            found.append(line.strip()[:120])
+    return found
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+@pytest.mark.parametrize("shape", [(64, 128), (128, 64)])
+def test_one_token_product_reads_the_packed_kernel(name, shape):
+    # `matmul` of one token takes `vector_product`: the dequantized dot's value, and no
+    # weight-sized float buffer in the compiled program (the dequantize is fused).
+    w = (0.1 * np.random.default_rng(3).normal(size=shape)).astype(np.float32)
+    qa = quantized({"layers": {"up_proj": {"kernel": w}}}, name)["layers"]["up_proj"]["kernel"]
+    qa = jax.tree.map(jnp.asarray, qa)
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(1, 1, shape[0])), jnp.float32)
+    fn = jax.jit(Q.matmul)
+    want = x @ Q.dequantize(qa)
+    assert fn(x, qa).shape == want.shape and rel_err(fn(x, qa), want) <= 1e-5
+    assert top_level_float_buffers(fn.lower(x, qa).compile().as_text(), w.size) == []
+    # More than one token: the dot with the dequantized weight (materialised per call).
+    x3 = jnp.concatenate([x] * 3, axis=1)
+    assert rel_err(fn(x3, qa), x3 @ Q.dequantize(qa)) <= 1e-5
+    assert top_level_float_buffers(fn.lower(x3, qa).compile().as_text(), w.size) != []
+
+
+@pytest.mark.parametrize("name", ["int8", "nf4_dq", "q4_1", "q8_0"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_batch_one_decode_equals_dequantized(name, tied, base, adapter, batch):
+    # One row: every decode step is one token per weight (the fused `vector_product`, the
+    # LM head or tied embedding included); prefill and the reference take the dense dot.
+    lcfg, lora = adapter
+    cfg = dataclasses.replace(CFG, tie_word_embeddings=tied)
+    params = {k: v for k, v in base.items() if not (tied and k == "lm_head")}
+    qp = quantized(params, name)
+    assert Q.is_quantized(qp["embed"] if tied else qp["lm_head"]["kernel"])
+    ref = Q.dequantize_params(qp)
+    ids, mask = batch
+    sampling = SamplingConfig.for_model(cfg, max_new_tokens=6, temperature=1.0)
+    gen = make_generate_fn(cfg, sampling)
+    key = jax.random.PRNGKey(7)
+    got = gen(qp, ids[1:], mask[1:], key, lora=lora, lora_scale=lcfg.scale)
+    want = gen(ref, ids[1:], mask[1:], key, lora=lora, lora_scale=lcfg.scale)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    assert rel_err(got.logprobs, want.logprobs) <= 1e-5
+
+
 def test_tied_quantized_embedding_is_the_lm_head(batch):
     cfg = dataclasses.replace(CFG, tie_word_embeddings=True)
     params = init_params(jax.random.PRNGKey(5), cfg)
@@ -285,14 +340,13 @@ def test_sharded_quantized_forward_equals_single_device(name, base, adapter, bat
     got = jax.jit(fwd)(placed, put_tree(lora, mesh))
     assert rel_err(got, jax.jit(fwd)(qp, lora)) <= 1e-5
     # The packed values and the scales are split along their kernel's [L, in=64, out=128]
-    # axes, stored [L, out, blocks, values]: "fsdp" (the `embed` input axis) goes to the
-    # blocks when fsdp=2 divides their number (Q4_1: 2 blocks of 32), else within them
-    # (int8: one block per row; NF4: one block of 64).
+    # axes, stored [L, out, bytes] and [L, out, blocks]: "fsdp" (the `embed` input axis)
+    # splits every row's bytes, and the blocks' scales when fsdp=2 divides their number
+    # (Q4_1: 2 blocks of 32; int8: one block per row; NF4: one block of 64).
     specs = tree_shardings(qp, mesh)["layers"]["gate_proj"]["kernel"]
-    n_blocks = qp["layers"]["gate_proj"]["kernel"].codes.shape[2]
+    n_blocks = qp["layers"]["gate_proj"]["kernel"].scales.shape[2]
     P = jax.sharding.PartitionSpec
-    want = P(None, "tensor", "fsdp", None) if n_blocks % 2 == 0 else P(None, "tensor", None, "fsdp")
-    assert specs.codes.spec == want
+    assert specs.codes.spec == P(None, "tensor", "fsdp")
     assert specs.scales.spec == P(None, "tensor", "fsdp" if n_blocks % 2 == 0 else None)
     assert per_device_bytes(placed) < tree_bytes(qp) / 2
 
