@@ -195,6 +195,24 @@ def _unrolled_scans():
         jax.lax.scan, jax.lax.map = _orig_scan, _orig_map
 
 
+def entry_float_buffers(compiled_text: str, shape: tuple[int, ...]) -> list[str]:
+    """Instructions of an optimized HLO module's entry computation that make a float32
+    array of `shape` (or a transpose of it), parameters left out: the weight-sized buffers
+    the program puts in memory (a fusion's inner instructions are computed element by
+    element and are not among them)."""
+    import re
+
+    entry = compiled_text[compiled_text.index("\nENTRY") :]
+    found = []
+    for line in entry.splitlines()[2:]:
+        m = re.match(r"\s*(?:ROOT )?%\S+ = f32\[([\d,]*)\]\S* (\w[\w-]*)\(", line)
+        if m and m.group(2) != "parameter":
+            dims = [int(d) for d in m.group(1).split(",") if d]
+            if sorted(dims) == sorted(shape):
+                found.append(line.strip())
+    return found
+
+
 def xla_flops(fn: Callable, *args: Any) -> float | None:
     """FLOPs of `fn(*args)` from XLA's HLO cost analysis of a lowering with every `lax.scan`
     unrolled (the analysis counts a loop body once). Not compiled; while loops (generation)

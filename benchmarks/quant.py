@@ -175,11 +175,9 @@ def rm_thunks(cfg, params: dict[str, dict], lora, lora_cfg) -> dict:
 
 def dequant_in_hlo(*, repeats: int) -> dict:
     """What XLA:CPU makes of `linear` on one quantized [576, 1536] kernel (SmolLM2's
-    gate_proj): how many weight-sized float32 buffers the optimized HLO creates (a
-    dequantize fused into the dot would create none), and the time per call against the
-    fp32 kernel at 1, 16 and 1024 tokens (interleaved)."""
-    import re
-
+    gate_proj): how many weight-sized float32 buffers the optimized HLO's entry computation
+    creates (a dequantize fused into the dot creates none), and the time per call against
+    the fp32 kernel at 1, 16 and 1024 tokens (interleaved)."""
     from jaxrlhf.models import quant as Q
     from jaxrlhf.models.transformer import linear
 
@@ -188,10 +186,10 @@ def dequant_in_hlo(*, repeats: int) -> dict:
         "fp32": jnp.asarray(w),
         "int8": Q.quantize_int8(w),
         "nf4": Q.quantize_nf4(w),
+        "q4_0": Q.quantize_gguf(w, "Q4_0"),
         "q4_1": Q.quantize_gguf(w, "Q4_1"),
         "q8_0": Q.quantize_gguf(w, "Q8_0"),
     }
-    weight_sized = re.compile(r"= f32\[(576,1536|1536,576)\]\{[01],[01]\} (copy|transpose|fusion)")
     fn = jax.jit(lambda x, k: linear(x, {"kernel": k}, None, 1.0))
     out: dict = {}
     for tokens in (1, 16, 1024):
@@ -199,7 +197,7 @@ def dequant_in_hlo(*, repeats: int) -> dict:
         thunks = {}
         for name, k in kernels.items():
             hlo = fn.lower(x, k).compile().as_text()
-            n = sum(bool(weight_sized.search(line)) for line in hlo.splitlines())
+            n = len(C.entry_float_buffers(hlo, w.shape))
             out[f"{name}/t{tokens}"] = {"weight_sized_f32_buffers": n}
             thunks[name] = functools.partial(lambda x, k: C.block(fn(x, k)), x, k)
         timed = C.interleaved(thunks, repeats=repeats, warmup=2)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import types
 
 import gguf
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.common import entry_float_buffers
 from jaxrlhf.lora import LoraConfig, init_lora, merge, trainable_summary, tree_bytes, tree_size
 from jaxrlhf.models import loading
 from jaxrlhf.models import quant as Q
@@ -264,18 +264,6 @@ def test_kv_cache_decode_with_unmerged_lora_equals_dequantized(name, base, adapt
     assert rel_err(got.logprobs, want.logprobs) <= 1e-5
 
 
-def top_level_float_buffers(compiled_text: str, size: int) -> list[str]:
-    """Instructions of the optimized HLO's entry computation (the buffers that exist in
-    memory; a fusion's inner instructions do not) holding at least `size` float32s."""
-    entry = compiled_text[compiled_text.index("ENTRY") :]
-    found = []
-    for line in entry.splitlines()[1:]:
-        m = re.match(r"\s*(?:ROOT )?%\S+ = f32\[([\d,]*)\]", line)
-        if m and int(np.prod([int(d) for d in m.group(1).split(",") if d])) >= size:
-            found.append(line.strip()[:120])
-    return found
-
-
 @pytest.mark.parametrize("name", list(KINDS))
 @pytest.mark.parametrize("shape", [(64, 128), (128, 64)])
 def test_one_token_product_reads_the_packed_kernel(name, shape):
@@ -288,11 +276,11 @@ def test_one_token_product_reads_the_packed_kernel(name, shape):
     fn = jax.jit(Q.matmul)
     want = x @ Q.dequantize(qa)
     assert fn(x, qa).shape == want.shape and rel_err(fn(x, qa), want) <= 1e-5
-    assert top_level_float_buffers(fn.lower(x, qa).compile().as_text(), w.size) == []
+    assert entry_float_buffers(fn.lower(x, qa).compile().as_text(), w.shape) == []
     # More than one token: the dot with the dequantized weight (materialised per call).
     x3 = jnp.concatenate([x] * 3, axis=1)
     assert rel_err(fn(x3, qa), x3 @ Q.dequantize(qa)) <= 1e-5
-    assert top_level_float_buffers(fn.lower(x3, qa).compile().as_text(), w.size) != []
+    assert entry_float_buffers(fn.lower(x3, qa).compile().as_text(), w.shape) != []
 
 
 @pytest.mark.parametrize("name", ["int8", "nf4_dq", "q4_1", "q8_0"])
