@@ -20,6 +20,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -459,3 +461,44 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+# Runs `sys.argv[2:]` and writes "<wait status> <ru_maxrss KiB>" of that child to sys.argv[1].
+# A separate small process because Linux starts an exec'd child's ru_maxrss at the spawning
+# process's own high-water mark (exec keeps the old memory map's peak in the counter):
+# spawned from this benchmark, a child that allocates nothing would report this process's
+# resident set. Spawned from here, the floor is a bare interpreter's (~10 MiB).
+_PEAK_WRAPPER = (
+    "import os, subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[2:])\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "open(sys.argv[1], 'w').write(f'{status} {usage.ru_maxrss}')\n"
+    "sys.exit(0 if status == 0 else 1)\n"
+)
+
+
+def parse_peak(text: str) -> tuple[int, int]:
+    """(wait status, peak RSS in bytes) from `_PEAK_WRAPPER`'s "<status> <ru_maxrss KiB>"."""
+    status, kib = text.split()
+    return int(status), int(kib) * 1024
+
+
+def run_child(args: list[str], log_path: Path) -> dict:
+    """`python *args` in a fresh process, stdout and stderr to `log_path`: its wall time and
+    peak resident set (`ru_maxrss` of that process alone, from `os.wait4` in a small
+    intermediary process, `_PEAK_WRAPPER`)."""
+    peak_path = log_path.with_suffix(".peak")
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        subprocess.run(
+            [sys.executable, "-c", _PEAK_WRAPPER, str(peak_path), sys.executable, *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            check=False,
+        )
+    seconds = time.perf_counter() - t0
+    status, peak = parse_peak(peak_path.read_text()) if peak_path.exists() else (-1, 0)
+    if status != 0:
+        raise RuntimeError(f"python {' '.join(args)} failed (wait status {status}); see {log_path}")
+    return {"wall_s": seconds, "peak_rss": peak}

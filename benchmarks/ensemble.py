@@ -5,8 +5,8 @@ process, held-out accuracy of every member, of every separate run and of the ens
 
 Member k trains with seed k and data order k, as a separate run with `run.seed=k` does, so
 their accuracies should agree (tests/test_ensemble.py asserts the steps are equal); the cost
-is what differs. Each case runs in its own process (peak RSS from `os.wait4`), one after
-another on the same machine.
+is what differs. Each case runs in its own process (its own peak RSS: `common.run_child`),
+one after another on the same machine.
 
     make run                                   # writes runs/demo/pairs*.jsonl
     PYTHONPATH=. python -m benchmarks.ensemble [--pairs runs/demo] [--max-steps 16]
@@ -16,10 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from benchmarks import common as C
@@ -58,17 +54,14 @@ def child(spec: dict) -> None:
 
 def run_case(spec: dict) -> dict:
     """`child(spec)` in a fresh process: its wall time, peak RSS and evaluation."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.ensemble", "--child", json.dumps(spec)],
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    if status != 0:
-        raise SystemExit(f"case {spec} failed with status {status}")
+    Path(spec["run_dir"]).mkdir(parents=True, exist_ok=True)
+    log = Path(spec["run_dir"], "child.log")
+    try:
+        r = C.run_child(["-m", "benchmarks.ensemble", "--child", json.dumps(spec)], log)
+    except RuntimeError as e:
+        raise SystemExit(f"case {spec} failed: {e}") from e
     evaluated = json.loads(Path(spec["run_dir"], "bench_result.json").read_text())
-    return {"seconds": seconds, "peak_rss": usage.ru_maxrss * 1024, "eval": evaluated}
+    return {"seconds": r["wall_s"], "peak_rss": r["peak_rss"], "eval": evaluated}
 
 
 def main() -> None:

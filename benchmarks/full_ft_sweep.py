@@ -192,7 +192,9 @@ def main(argv=None) -> None:
     rm_rows = sweep_reward_models(
         arm, data, args.pairs, out, [float(x) for x in args.rm_lrs.split(",")]
     )
-    best = max(rm_rows, key=lambda r: r["accuracy"])
+    # The all-pairs ranking accuracy, when measured, judges the reward models (1,083 pairs
+    # against the eval set's 168: the same expected accuracy, a third of the noise).
+    best = max(rm_rows, key=lambda r: r["ranking"]["accuracy"] if args.ranking else r["accuracy"])
     lora_row = None
     if args.with_lora:
         lora_rm = str(args.pairs / "lora" / "rm" / "adapter")

@@ -22,7 +22,7 @@ Two more parts, each with its own results file:
 - memory (`quant_memory.json`): per kind, the base's load alone and a short real
   `jaxrlhf rm` (also with `model.remat=block`) and `jaxrlhf grpo` run (also with
   `generation.dequantize_base=true`), each in a fresh process: its peak resident set
-  (`os.wait4`, `run_child`), wall time and the frozen base's bytes as the run reports them;
+  (`os.wait4`, `common.run_child`), wall time and the frozen base's bytes as the run reports them;
 - dense (`quant_dense.json`): one whole rollout call (`rollout.engine.Sampler`) on the fp32
   base (adapter merged), on the kept GGUF base unmerged (packed, the default) and from the
   dense copy that `generation.dequantize_base=true` makes per call (its time included), at
@@ -36,10 +36,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import re
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -379,47 +376,6 @@ def frozen_mib(log_text: str) -> float | None:
     return float(found.group(1)) if found else None
 
 
-# Runs `sys.argv[2:]` and writes "<wait status> <ru_maxrss KiB>" of that child to sys.argv[1].
-# A separate small process because Linux starts an exec'd child's ru_maxrss at the spawning
-# process's own high-water mark (exec keeps the old memory map's peak in the counter):
-# spawned from this benchmark, a child that allocates nothing would report this process's
-# resident set. Spawned from here, the floor is a bare interpreter's (~10 MiB).
-_PEAK_WRAPPER = (
-    "import os, subprocess, sys\n"
-    "p = subprocess.Popen(sys.argv[2:])\n"
-    "_, status, usage = os.wait4(p.pid, 0)\n"
-    "open(sys.argv[1], 'w').write(f'{status} {usage.ru_maxrss}')\n"
-    "sys.exit(0 if status == 0 else 1)\n"
-)
-
-
-def parse_peak(text: str) -> tuple[int, int]:
-    """(wait status, peak RSS in bytes) from `_PEAK_WRAPPER`'s "<status> <ru_maxrss KiB>"."""
-    status, kib = text.split()
-    return int(status), int(kib) * 1024
-
-
-def run_child(args: list[str], log_path: Path) -> dict:
-    """`python *args` in a fresh process, stdout and stderr to `log_path`: its wall time and
-    peak resident set (`ru_maxrss` of that process alone, from `os.wait4` in a small
-    intermediary process, `_PEAK_WRAPPER`)."""
-    peak_path = log_path.with_suffix(".peak")
-    t0 = time.perf_counter()
-    with open(log_path, "w") as log:
-        subprocess.run(
-            [sys.executable, "-c", _PEAK_WRAPPER, str(peak_path), sys.executable, *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(C.ROOT)},
-            check=False,
-        )
-    seconds = time.perf_counter() - t0
-    status, peak = parse_peak(peak_path.read_text()) if peak_path.exists() else (-1, 0)
-    if status != 0:
-        raise RuntimeError(f"python {' '.join(args)} failed (wait status {status}); see {log_path}")
-    return {"wall_s": seconds, "peak_rss": peak}
-
-
 def whole_runs(out_dir: Path) -> dict:
     """Per command and kind: wall time, peak RSS, resident frozen base (one run each; the
     peak does not depend on the machine's load, the wall time does)."""
@@ -439,7 +395,7 @@ def whole_runs(out_dir: Path) -> dict:
     result = {}
     for name, args in cases.items():
         log_path = out_dir / (name.replace("/", "_").replace("+", "_") + ".log")
-        r = run_child(args, log_path)
+        r = C.run_child(args, log_path)
         r["frozen_mib"] = frozen_mib(log_path.read_text())
         r["loadavg_after"] = C.load_average()
         result[name] = r

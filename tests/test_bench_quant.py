@@ -7,6 +7,7 @@ import argparse
 
 import pytest
 
+from benchmarks import common as C
 from benchmarks import quant as Q
 from jaxrlhf.lora import TrainableSummary
 
@@ -25,11 +26,11 @@ def test_run_child_reports_each_childs_own_peak(tmp_path):
     # be its own, neither the maximum over all children so far (RUSAGE_CHILDREN) nor this
     # pytest process's resident set (jax imported, well over 100 MiB), which Linux carries
     # into the ru_maxrss of a child exec'd straight from here.
-    big = Q.run_child(
+    big = C.run_child(
         ["-c", "import numpy as np; a = np.ones(256 * 2**20 // 8); print(a.sum())"],
         tmp_path / "big.log",
     )
-    small = Q.run_child(["-c", "pass"], tmp_path / "small.log")
+    small = C.run_child(["-c", "pass"], tmp_path / "small.log")
     assert big["peak_rss"] >= 256 * MIB
     assert small["peak_rss"] < 100 * MIB
     assert (tmp_path / "big.log").read_text().strip() == str(float(256 * 2**20 // 8))
@@ -37,12 +38,12 @@ def test_run_child_reports_each_childs_own_peak(tmp_path):
 
 
 def test_parse_peak_reads_kib():
-    assert Q.parse_peak("0 2394928") == (0, 2394928 * 1024)
+    assert C.parse_peak("0 2394928") == (0, 2394928 * 1024)
 
 
 def test_a_failing_child_is_an_error_naming_its_log(tmp_path):
     with pytest.raises(RuntimeError, match="fail.log"):
-        Q.run_child(["-c", "raise SystemExit(3)"], tmp_path / "fail.log")
+        C.run_child(["-c", "raise SystemExit(3)"], tmp_path / "fail.log")
 
 
 def test_preference_pairs_prefer_the_upper_case_reply():

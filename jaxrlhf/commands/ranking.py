@@ -43,8 +43,14 @@ def ranked_pairs(gold, group, usable, *, min_gap: float) -> tuple[np.ndarray, np
     """All within-group pairs `(better, worse)` by gold, ties (gap < `min_gap`) and blank
     samples left out: two index arrays."""
     gold, group, usable = np.asarray(gold), np.asarray(group), np.asarray(usable, bool)
-    i, j = np.triu_indices(len(gold), k=1)
-    keep = (group[i] == group[j]) & usable[i] & usable[j] & (np.abs(gold[i] - gold[j]) >= min_gap)
+    members = np.argsort(group, kind="stable")
+    starts = np.flatnonzero(np.r_[True, group[members][1:] != group[members][:-1]])
+    sizes = np.diff(np.r_[starts, len(members)])
+    within = [np.triu_indices(n, k=1) for n in sizes]  # pairs inside each group only
+    i = np.concatenate([members[s + a] for s, (a, _) in zip(starts, within, strict=True)] + [[]])
+    j = np.concatenate([members[s + b] for s, (_, b) in zip(starts, within, strict=True)] + [[]])
+    i, j = i.astype(np.int64), j.astype(np.int64)
+    keep = usable[i] & usable[j] & (np.abs(gold[i] - gold[j]) >= min_gap)
     i, j = i[keep], j[keep]
     i_better = gold[i] > gold[j]
     return np.where(i_better, i, j), np.where(i_better, j, i)
