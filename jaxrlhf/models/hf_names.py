@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -95,11 +96,30 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+WeightHook = Callable[[tuple[str, ...], Any], Any]
+
+
+def _shape_of(state_dict: Mapping[str, Any], name: str) -> tuple[int, ...]:
+    """A tensor's shape, without reading it when the mapping can tell (`loading.LazyTensors`)."""
+    shape = getattr(state_dict, "shape", None)
+    return tuple(shape(name)) if callable(shape) else tuple(state_dict[name].shape)
+
+
 def params_from_state_dict(
-    state_dict: Mapping[str, np.ndarray], cfg: ModelConfig, *, source: str = "checkpoint"
+    state_dict: Mapping[str, np.ndarray],
+    cfg: ModelConfig,
+    *,
+    source: str = "checkpoint",
+    weight_hook: WeightHook | None = None,
 ) -> dict:
     """Our params tree (numpy) from HF-named tensors. Checks every shape and refuses unknown
-    names, naming the tensor at fault. `score.weight` and a `value` head are kept if present."""
+    names, naming the tensor at fault. `score.weight` and a `value` head are kept if present.
+
+    Each tensor is read from `state_dict` once, when its place in the tree is built (a lazy
+    mapping is read one tensor at a time), and `weight_hook(path, array)` — `path` its place
+    in the tree, e.g. `("layers", "q_proj", "kernel")`, the array one layer's, in our layout —
+    may replace it before the layers are stacked: a base is quantized while it loads
+    (`models.quant.quantizing_hook`) without its float copy ever existing whole."""
     expected = expected_shapes(cfg)
     optional = {"score.weight", "lm_head.weight", "value.weight", "value.bias"}
     ignored = re.compile(r".*rotary_emb\.inv_freq$")
@@ -118,39 +138,44 @@ def params_from_state_dict(
             + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         )
     for name, shape in expected.items():
-        got = tuple(state_dict[name].shape)
+        got = _shape_of(state_dict, name)
         if got != shape:
             raise ValueError(
                 f"Shape mismatch for tensor {name!r} in {source}: "
                 f"the config implies {shape}, the file has {got}"
             )
 
-    def get(name: str, transpose: bool) -> np.ndarray:
-        if is_quantized(state_dict[name]):  # kept in torch layout, read as its transpose
-            return dataclasses.replace(state_dict[name], transposed=transpose)
-        t = np.asarray(state_dict[name])
-        return np.ascontiguousarray(t.T) if transpose else t
+    def get(name: str, transpose: bool, path: tuple[str, ...] = ()) -> Any:
+        w = state_dict[name]
+        if is_quantized(w):  # kept in torch layout, read as its transpose
+            w = dataclasses.replace(w, transposed=transpose)
+        else:
+            t = np.asarray(w)
+            w = np.ascontiguousarray(t.T) if transpose else t
+        return weight_hook(path, w) if weight_hook is not None and path else w
 
-    def block_tensor(tmpl: str, i: int, transpose: bool) -> np.ndarray:
+    def block_tensor(tmpl: str, i: int, transpose: bool, path: tuple[str, ...]) -> Any:
         if "{e}" not in tmpl:
-            return get(tmpl.format(i=i), transpose)
-        return stack([get(tmpl.format(i=i, e=e), transpose) for e in range(cfg.num_experts)])
+            return get(tmpl.format(i=i), transpose, path)
+        experts = [get(tmpl.format(i=i, e=e), transpose) for e in range(cfg.num_experts)]
+        return stack(experts)
 
     layers: dict = {}
     for path, tmpl in layer_tensor_names(cfg).items():
         transpose = path[-1] == "kernel"
-        stacked = stack([block_tensor(tmpl, i, transpose) for i in range(cfg.num_layers)])
+        where = ("layers", *path)
+        stacked = stack([block_tensor(tmpl, i, transpose, where) for i in range(cfg.num_layers)])
         node = layers
         for key in path[:-2]:
             node = node.setdefault(key, {})
         node.setdefault(path[-2], {})[path[-1]] = stacked
     params: dict = {
-        "embed": get("model.embed_tokens.weight", False),
+        "embed": get("model.embed_tokens.weight", False, ("embed",)),
         "layers": layers,
         "final_norm": {"scale": get("model.norm.weight", False)},
     }
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = {"kernel": get("lm_head.weight", True)}
+        params["lm_head"] = {"kernel": get("lm_head.weight", True, ("lm_head", "kernel"))}
     if "score.weight" in state_dict:
         w = get("score.weight", True)
         if w.shape != (cfg.hidden_size, cfg.num_labels):

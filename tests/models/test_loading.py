@@ -241,6 +241,19 @@ def test_index_names_missing_shard(hf_copy):
         load_hf_folder(hf_copy)
 
 
+def test_tensor_in_two_shards_and_unreadable_dtype(hf_copy):
+    from safetensors.numpy import save_file
+
+    save_file(
+        {"model.norm.weight": np.ones(TINY["hidden_size"], np.float32)}, hf_copy / "b.safetensors"
+    )
+    with pytest.raises(ValueError, match=r"'model.norm.weight' appears in both .*safetensors"):
+        load_hf_folder(hf_copy)
+    save_file({"extra": np.ones(3, np.uint16)}, hf_copy / "b.safetensors")
+    with pytest.raises(ValueError, match=r"b\.safetensors: tensor 'extra' has dtype U16"):
+        load_hf_folder(hf_copy)
+
+
 def test_unsupported_architecture(hf_copy):
     raw = json.loads((hf_copy / "config.json").read_text())
     (hf_copy / "config.json").write_text(json.dumps(dict(raw, model_type="gpt_neox")))

@@ -368,6 +368,36 @@ def test_merge_and_export_dequantize(base, adapter, tmp_path):
     np.testing.assert_array_equal(back["embed"], ref["embed"])
 
 
+@pytest.mark.parametrize("name", ["int8", "nf4_dq"])
+def test_quantized_while_loading_equals_quantized_after(name, base, tmp_path):
+    # `load_quantized` on an HF folder quantizes each layer's array as it is read (the float
+    # checkpoint is never whole in memory) and gets the values `quantize_params` gives the
+    # loaded float tree, double-quantized absmax included (its groups are per layer).
+    folder = loading.save_hf_folder({k: v for k, v in base.items() if k != "score"}, CFG, tmp_path)
+    qcfg = Q.QuantConfig(**KINDS[name], skip=("o_proj",))
+    _, got, _ = Q.load_quantized(str(folder), qcfg)
+    _, float_params, _ = loading.load_model(folder)
+    want = Q.quantize_params(float_params, qcfg)
+    assert jax.tree.structure(got, is_leaf=Q.is_quantized) == jax.tree.structure(
+        want, is_leaf=Q.is_quantized
+    )
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(g, w)
+    assert not Q.is_quantized(got["layers"]["o_proj"]["kernel"])  # skipped: float
+    seen = []
+
+    def recording(path, w):
+        seen.append((path, np.shape(w)))
+        return Q.quantizing_hook(qcfg)(path, w)
+
+    loading.load_model(folder, weight_hook=recording)
+    shapes = dict(seen)
+    # One layer at a time ([in, out], not [L, in, out]), the embedding in its own layout.
+    assert shapes[("layers", "gate_proj", "kernel")] == (CFG.hidden_size, CFG.intermediate_size)
+    assert shapes[("embed",)] == (CFG.vocab_size, CFG.hidden_size)
+    assert sum(p == ("layers", "q_proj", "kernel") for p, _ in seen) == CFG.num_layers
+
+
 @pytest.mark.slow
 def test_default_gguf_kept_quantized_equals_dequantized_load():
     cfg, ref, tok = loading.load_model("default")
