@@ -56,6 +56,7 @@ from jaxrlhf.models.quant import (
     is_quantized,
     matmul,
     take_rows,
+    tied,
     vector_product,
 )
 
@@ -764,15 +765,17 @@ def lm_logits(
 ) -> jax.Array:
     """Vocabulary logits [B, T, V] in float32 (soft-capped: `cfg.final_logit_softcap`)."""
     head = params["lm_head"]["kernel"] if "lm_head" in params else params["embed"]
-    if is_quantized(head) and head.codes.ndim == 2 and is_one_vector(hidden):
-        # One decode token: read the packed rows (stored [V, D] for both the tied embedding
-        # and an lm_head kernel), no dense [D, V] weight.
-        return softcap(vector_product(hidden, head), logit_softcap)
+    if is_quantized(head):
+        head, hidden = tied(head, hidden)  # dequantized per call, not hoisted out of a loop
+        if head.codes.ndim == 2 and is_one_vector(hidden):
+            # One decode token: read the packed rows (stored [V, D] for both the tied
+            # embedding and an lm_head kernel), no dense [D, V] weight.
+            return softcap(vector_product(hidden, head), logit_softcap)
+        kernel = dense(head) if "lm_head" in params else dense(head).T
+    else:
+        kernel = lm_kernel(params)
     logits = jnp.einsum(
-        "btd,dv->btv",
-        hidden,
-        lm_kernel(params).astype(hidden.dtype),
-        preferred_element_type=jnp.float32,
+        "btd,dv->btv", hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32
     )
     return softcap(logits, logit_softcap)
 

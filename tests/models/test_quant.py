@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import types
 
 import gguf
@@ -281,6 +282,30 @@ def test_one_token_product_reads_the_packed_kernel(name, shape):
     x3 = jnp.concatenate([x] * 3, axis=1)
     assert rel_err(fn(x3, qa), x3 @ Q.dequantize(qa)) <= 1e-5
     assert entry_float_buffers(fn.lower(x3, qa).compile().as_text(), w.shape) != []
+
+
+def while_body(compiled_text: str) -> str:
+    """The body computation of the (one) while loop of an optimized HLO module."""
+    m = re.search(r"while\([^)]*\), condition=%\S+, body=%([\w.\-]+)", compiled_text)
+    start = compiled_text.index(f"\n%{m.group(1)} ") + 1
+    return re.split(r"\n(?=\S)", compiled_text[start:])[0]
+
+
+@pytest.mark.parametrize("name", ["int8", "q4_1"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_decode_loop_holds_no_dequantized_weight(name, rows, base, adapter, batch):
+    # The packed kernels are loop-invariant in the decode loop; without `quant.tied` XLA
+    # hoists their dequantize out of it, and the loop carries a float copy of every weight.
+    lcfg, lora = adapter
+    qp = jax.tree.map(jnp.asarray, quantized(base, name))
+    ids, mask = (jnp.concatenate([a] * 2)[:rows] for a in batch)
+    gen = make_generate_fn(CFG, SamplingConfig.for_model(CFG, max_new_tokens=4, greedy=True))
+    text = gen.jitted.lower(qp, ids, mask, jax.random.PRNGKey(0), lora, lcfg.scale)
+    body = while_body(text.compile().as_text())
+    # Loop-carried float matrices: with a quantized base only LoRA's (a dim of rank 4) are
+    # legitimate; a dequantized kernel (or a 4-bit kernel's half, [out, in/2]) is not.
+    carried = re.findall(r"= f32\[(\d+),(\d+)\]\{[\d,]*\} get-tuple-element", body)
+    assert "fusion" in body and [d for d in carried if min(map(int, d)) >= 16] == []
 
 
 @pytest.mark.parametrize("name", ["int8", "nf4_dq", "q4_1", "q8_0"])
