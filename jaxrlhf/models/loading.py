@@ -118,17 +118,19 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 class LazyTensors(Mapping):
-    """The tensors of a checkpoint's safetensors files by (prefix-normalised, see
-    `_normalised_name`) name, each read from its file when asked for and converted to `dtype`,
+    """The tensors of a checkpoint's safetensors files by name (prefix-normalised, see
+    `_normalised_name`, unless `normalise_names=False`), each read from its file when asked for and converted to `dtype`,
     not kept: loading holds one float tensor at a time beside the tree it builds. Headers
     are checked when the mapping is made (`check_safetensors_header`), a name in two files
     is refused; `shape(name)` reads no data."""
 
-    def __init__(self, files: Iterable[Path], *, dtype=None):
+    def __init__(self, files: Iterable[Path], *, dtype=None, normalise_names: bool = True):
         self.dtype = dtype
         self._entries: dict[str, tuple[Path, int, dict]] = {}
         headers = {file: check_safetensors_header(file) for file in files}
-        plain = any(n.startswith("model.") for h in headers.values() for n in h)
+        plain = not normalise_names or any(
+            n.startswith("model.") for h in headers.values() for n in h
+        )
         for file, header in headers.items():
             start = _data_start(file)
             for name, entry in header.items():
@@ -202,40 +204,10 @@ _NUMPY_DTYPES = {
 
 
 def read_safetensors(file: str | Path) -> dict[str, np.ndarray]:
-    """All tensors of one safetensors file as numpy arrays; bfloat16 (and float8) come back
-    as `ml_dtypes` arrays, read from the raw bytes."""
-    from safetensors import SafetensorError, safe_open
-
-    file = Path(file)
-    check_safetensors_header(file)  # before any data is read
-    out: dict[str, np.ndarray] = {}
-    try:
-        with safe_open(str(file), framework="numpy") as f:
-            raw = {n for n in f.keys() if f.get_slice(n).get_dtype() in _ML_DTYPES}
-            for name in f.keys():
-                if name not in raw:
-                    out[name] = f.get_tensor(name)
-    except SafetensorError as e:
-        raise ValueError(f"{file} is not a valid safetensors file: {e}") from e
-    if raw:
-        out.update(_read_raw(file, raw))
-    return out
-
-
-def _read_raw(file: Path, names: Iterable[str]) -> dict[str, np.ndarray]:
-    """Tensors read straight from the file: an 8-byte header length, a JSON header with each
-    tensor's dtype, shape and byte range, then the data (`safe_open` validated it already)."""
-    out = {}
-    with file.open("rb") as fh:
-        (header_len,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(header_len))
-        for name in names:
-            entry = header[name]
-            start, end = entry["data_offsets"]
-            fh.seek(8 + header_len + start)
-            data = fh.read(end - start)
-            out[name] = np.frombuffer(data, _ML_DTYPES[entry["dtype"]]).reshape(entry["shape"])
-    return out
+    """All tensors of one safetensors file as numpy arrays, names as stored; bfloat16 (and
+    float8) come back as `ml_dtypes` arrays (`LazyTensors` reads them)."""
+    tensors = LazyTensors([Path(file)], normalise_names=False)
+    return {name: tensors[name] for name in tensors}
 
 
 def _to_host(params: dict, dtype) -> dict:

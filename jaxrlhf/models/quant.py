@@ -605,22 +605,40 @@ def quantize_params(
     if cfg.kind == "none" and quantizer is None:
         return params
 
-    def q(w: Any, transposed: bool, name: str) -> Any:
-        return _quantize_named(w, cfg, transposed, name, quantizer)
+    def q(path: tuple[str, ...], w: Any) -> Any:
+        target = _quantized_as(path, cfg)
+        return w if target is None else _quantize_named(w, cfg, *target, quantizer)
 
     out = dict(params)
-    if "embed" not in cfg.skip and "embed" in params:
-        out["embed"] = q(params["embed"], False, "embed")
-    if "lm_head" not in cfg.skip and "lm_head" in params:
-        kernel = q(params["lm_head"]["kernel"], True, "lm_head")
-        out["lm_head"] = {**params["lm_head"], "kernel": kernel}
-    layers = dict(params.get("layers", {}))
-    for name, module in layers.items():
-        if name in QUANTIZABLE and name not in cfg.skip and "kernel" in module:
-            layers[name] = {**module, "kernel": q(module["kernel"], True, f"layers.{name}")}
+    if "embed" in params:
+        out["embed"] = q(("embed",), params["embed"])
+    if "lm_head" in params:
+        out["lm_head"] = {
+            **params["lm_head"],
+            "kernel": q(("lm_head", "kernel"), params["lm_head"]["kernel"]),
+        }
     if "layers" in params:
-        out["layers"] = layers
+        out["layers"] = {
+            name: {**module, "kernel": q(("layers", name, "kernel"), module["kernel"])}
+            if "kernel" in module
+            else module
+            for name, module in params["layers"].items()
+        }
     return out
+
+
+def _quantized_as(path: tuple[str, ...], cfg: QuantConfig) -> tuple[bool, str] | None:
+    """`(transposed, name)` if the weight at `path` in the params tree is one `cfg`
+    quantizes — the embedding, the LM head, a block's projection kernel, not in `cfg.skip`
+    — else None."""
+    if path == ("embed",) and "embed" not in cfg.skip:
+        return False, "embed"
+    if path == ("lm_head", "kernel") and "lm_head" not in cfg.skip:
+        return True, "lm_head"
+    if len(path) == 3 and path[0] == "layers" and path[2] == "kernel":
+        if path[1] in QUANTIZABLE and path[1] not in cfg.skip:
+            return True, f"layers.{path[1]}"
+    return None
 
 
 # ----------------------------------------------------------------------------- bookkeeping
@@ -693,10 +711,7 @@ def load_quantized(
             )
         cfg, params, tok = loading.load_gguf(path, dtype=dtype, keep_quantized=True)
         return cfg, {**params, **_skipped(params, quant.skip)}, tok
-    cfg, params, tok = loading.load_model(
-        path_or_name, dtype=dtype, weight_hook=quantizing_hook(quant)
-    )
-    return cfg, quantize_params(params, quant), tok  # (all quantized already: a no-op)
+    return loading.load_model(path_or_name, dtype=dtype, weight_hook=quantizing_hook(quant))
 
 
 def quantizing_hook(cfg: QuantConfig) -> Callable[[tuple[str, ...], Any], Any]:
@@ -705,23 +720,8 @@ def quantizing_hook(cfg: QuantConfig) -> Callable[[tuple[str, ...], Any], Any]:
     double quantization included, is per layer), so the float base is never whole."""
 
     def hook(path: tuple[str, ...], w: Any) -> Any:
-        if cfg.kind == "none" or is_quantized(w):
-            return w
-        if path == ("embed",) and "embed" not in cfg.skip:
-            name, transposed = "embed", False
-        elif path == ("lm_head", "kernel") and "lm_head" not in cfg.skip:
-            name, transposed = "lm_head", True
-        elif (
-            len(path) == 3
-            and path[0] == "layers"
-            and path[2] == "kernel"
-            and path[1] in QUANTIZABLE
-            and path[1] not in cfg.skip
-        ):
-            name, transposed = f"layers.{path[1]}", True
-        else:
-            return w
-        return _quantize_named(w, cfg, transposed, name)
+        target = None if cfg.kind == "none" else _quantized_as(path, cfg)
+        return w if target is None else _quantize_named(w, cfg, *target)
 
     return hook
 
