@@ -230,9 +230,14 @@ def test_forward_and_lora_gradients_equal_dequantized_model(name, base, adapter,
     for got, want in zip(outputs(qp, lora), outputs(ref, lora), strict=True):
         assert rel_err(got, want) <= 1e-5
     g_q, g_ref = grad(lora, qp), grad(lora, ref)
+    # The gradients' bound is float32 rounding of two different dot kernels, measured against
+    # a float64 computation of the same dequantized model on an AMD EPYC (AVX-512): XLA:CPU's
+    # kernel for the dense reference lands within 3e-8 of it, the one taking the fused
+    # dequantize within 1.1e-5 (NF4's LoRA-A of q_proj); with XLA's ynn dots switched off the
+    # two agree exactly, both 4.9e-6 from float64. One block scale 1% off moves them by 3e-2.
     for path, a in jax.tree_util.tree_leaves_with_path(g_q):
         b = functools.reduce(lambda t, k: t[k.key], path, g_ref)
-        assert rel_err(a, b) <= 1e-5, path
+        assert rel_err(a, b) <= 3e-5, path
     assert float(jnp.max(jnp.abs(g_q["layers"]["q_proj"]["lora_A"]))) > 0
 
 
