@@ -389,6 +389,45 @@ def test_sample_categorical_draws_from_the_softmax():
         assert np.all(freq[probs[row] == 0] == 0)
 
 
+def test_two_level_inversion_picks_the_token_of_the_full_cdf():
+    """Blocks of 64 over a 1000-token vocabulary (16 blocks, the last one partial): for 4,000
+    uniforms per row the token is the float64 inverse CDF's, `searchsorted(cdf, u·total)`,
+    wherever u is not within rounding of a boundary; filtered (-inf) tokens are never drawn,
+    even at u = 1 (where rounding at the top lands) with the whole last block filtered."""
+    rng = np.random.default_rng(0)
+    v, rows, n = 1000, 3, 4000
+    logits = rng.normal(0, 3, (rows, v)).astype(np.float32)
+    logits[1, rng.random(v) < 0.5] = -np.inf  # half the vocabulary filtered
+    logits[2, 960:] = -np.inf  # the whole last (partial) block and more
+    uniforms = np.concatenate([rng.random(n - 1), [1.0]]).astype(np.float32)
+    draw = jax.jit(jax.vmap(lambda u: sample_categorical(None, jnp.asarray(logits), u, block=64)))
+    got = np.asarray(draw(jnp.broadcast_to(jnp.asarray(uniforms)[:, None], (n, rows))))
+    for r in range(rows):
+        w = np.exp(logits[r].astype(np.float64) - logits[r].max())
+        cdf = np.cumsum(w)
+        target = uniforms.astype(np.float64) * cdf[-1]
+        want = np.searchsorted(cdf, target, side="right")
+        near = np.min(np.abs(cdf[None, :] - target[:, None]), axis=1) < 2e-6 * cdf[-1]
+        assert (~near).sum() > 0.99 * n
+        np.testing.assert_array_equal(got[~near, r], want[~near])
+        assert np.all(w[got[:, r]] > 0)
+
+
+def test_two_level_inversion_draws_from_the_softmax():
+    """The two-level path (blocks of 2 over 7 tokens, the last block partial): frequencies over
+    40k draws match softmax(logits) within a 4-sigma binomial bound; zero-probability tokens
+    (one mid-block, one alone in the last block) are never drawn."""
+    probs = np.asarray([0.3, 0.0, 0.1, 0.25, 0.05, 0.3, 0.0])
+    logits = jnp.log(jnp.asarray(probs, jnp.float32))[None]
+    n = 40_000
+    keys = jax.random.split(jax.random.key(1), n)
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: sample_categorical(k, logits, block=2)))(keys))
+    freq = np.bincount(draws[:, 0], minlength=7) / n
+    bound = 4 * np.sqrt(probs * (1 - probs) / n) + 1e-12
+    np.testing.assert_array_less(np.abs(freq - probs), bound)
+    assert np.all(freq[probs == 0] == 0)
+
+
 def test_repeated_prompts_are_prefilled_once_with_the_same_samples(model, prompts):
     """`prompt_repeats=k` runs each prompt once and copies its KV cache to its k rows: the
     same tokens and log-probs as prefilling every copy (same key), and the log-probs still
