@@ -224,7 +224,7 @@ def render_section(name: str, result: dict) -> str:
         "",
     ]
     used = result.get("roofline_used")
-    if used and name != "roofline":
+    if used and name not in ("roofline", "decode"):  # decode times its limits per row
         head += [
             "Shares are of the roofline measured in the same run: fp32 matmul "
             f"{used['matmul_fp32_gflops']:.1f} GFLOP/s, memory {used['bandwidth_gb_per_s']:.1f} GB/s.",
@@ -291,14 +291,24 @@ def headline(results: dict[str, dict]) -> str:
         )
     dec = results.get("decode")
     if dec and dec.get("rows"):
-        r = max(
-            (x for x in dec["rows"] if x["variant"] == "merged"),
-            key=lambda x: (x["params"], x["batch"]),
-        )
+        merged = [x for x in dec["rows"] if x["variant"] == "merged"]
+        biggest = max(x["params"] for x in merged)
+        by_batch = {x["batch"]: x for x in merged if x["params"] == biggest}
+        parts = []
+        for b in sorted(by_batch):
+            r = by_batch[b]
+            share, limit = (
+                (r.get("bandwidth_share"), "read")
+                if b == 1
+                else (r.get("roofline_share"), "fp32 matmul")
+            )
+            parts.append(
+                f"batch {b} {r['decode_tokens_per_s']:.0f} tokens/s "
+                f"({100 * (share or 0):.0f}% of the {limit} limit)"
+            )
         lines.append(
-            f"- Decode ({r['size']}, batch {r['batch']}): {r['decode_tokens_per_s']:.0f} tokens/s, "
-            f"{C_bytes(r['bytes_per_token'])} per token, "
-            f"{100 * (r.get('bandwidth_share') or 0):.0f}% of the measured bandwidth."
+            f"- Decode ({by_batch[min(by_batch)]['size']}): {', '.join(parts)}; limits timed "
+            "in the same rounds."
         )
     return "\n".join(lines) + "\n"
 
