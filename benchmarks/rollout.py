@@ -45,8 +45,7 @@ class Rollout:
         merge: bool = True,
         prompt_repeats: int = 1,
     ):
-        from jaxrlhf.lora import merge as merge_lora
-        from jaxrlhf.models.transformer import unstack_layers
+        from jaxrlhf.rollout.engine import merged_rollout_weights
         from jaxrlhf.rollout.sampling import SamplingConfig, make_generate_fn
 
         self.lora_cfg, self.frozen, self.merge = lora_cfg, frozen, merge
@@ -63,11 +62,10 @@ class Rollout:
         self.scale = jnp.asarray(lora_cfg.scale if lora_cfg else 1.0, jnp.float32)
         self.programs: dict[str, dict] = {}
         if lora_cfg is not None and merge:
-            # As `rollout.Sampler`: the merge writes the blocks as separate arrays,
-            # which the decode loop reads in place.
+            # `rollout.Sampler`'s own merge: block by block, into separate per-block arrays
+            # that the decode loop reads in place.
             def merge_fn(base, lora):
-                merged = merge_lora(base, lora, lora_cfg, with_heads=False)
-                return {**merged, "layers": unstack_layers(merged["layers"])}
+                return merged_rollout_weights(base, lora, lora_cfg)
 
             self._merge, self.programs["merge"] = C.compile_program(
                 merge_fn, frozen, policy_example
