@@ -37,7 +37,6 @@ def run(
     sizes: list[str],
     batches: tuple[int, ...],
     repeats: int,
-    roofline: dict | None,
     lora_batches: tuple[int, ...] = (16,),
 ) -> dict:
     from jaxrlhf.lora import init_lora
@@ -166,8 +165,8 @@ def render(result: dict) -> str:
 
 
 def main() -> None:
-    """`python -m benchmarks.decode --sizes 135M --batches 1,16,64`: the roofline, then the
-    decode table, printed (no file is written)."""
+    """`python -m benchmarks.decode --sizes 135M --batches 1,16,64`: the decode table with
+    its same-round limits, printed (no file is written)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -176,15 +175,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lora-batches", default="", help="batches that also run unmerged LoRA")
     args = parser.parse_args()
-    roof = R.run(quick=True)
     result = run(
         sizes=args.sizes.split(","),
         batches=tuple(int(b) for b in args.batches.split(",")),
         repeats=args.repeats,
-        roofline=roof,
         lora_batches=tuple(int(b) for b in args.lora_batches.split(",") if b),
     )
-    print(R.render(roof), render(result), sep="\n\n")
+    print(render(result))
 
 
 if __name__ == "__main__":

@@ -156,7 +156,6 @@ def run_benchmark(name: str, profile: dict, roofline: dict | None, args) -> dict
             sizes=sizes("decode"),
             batches=profile["decode_batches"],
             repeats=reps,
-            roofline=roofline,
         )
     if name == "multi_adapter":
         return multi_adapter.run(**profile["multi_adapter"], repeats=reps)

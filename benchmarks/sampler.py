@@ -47,6 +47,7 @@ def main() -> int:
     import numpy as np
 
     from benchmarks import common as C
+    from benchmarks import decode as D
     from benchmarks import roofline as R
     from benchmarks.rollout import Rollout
     from jaxrlhf.rollout import sampling as S
@@ -71,13 +72,13 @@ def main() -> int:
     )
     print("|---|---|---|---|---|---|")
     for b in (int(x) for x in args.batches.split(",")):
-        ids = C.random_ids(np.random.default_rng(b), (b, 32), cfg.vocab_size)
+        ids = C.random_ids(np.random.default_rng(b), (b, D.PROMPT_LEN), cfg.vocab_size)
         logits = jax.random.normal(jax.random.PRNGKey(b), (b, cfg.vocab_size))
         uniforms = jax.random.uniform(jax.random.PRNGKey(b + 1), (b,))
         thunks = {}
         for name, choose in samplers.items():
             S.choose_tokens = choose  # read when the decode programs are traced, just below
-            for n in (32, 1):
+            for n in (D.NEW_TOKENS, 1):
                 r = Rollout(cfg, params, params, ids, lora_cfg=None, new_tokens=n)
                 thunks[f"{name}/{n}"] = lambda r=r: r(params, jax.random.PRNGKey(0))
             alone = jax.jit(lambda lg, u, c=choose: c(lg, jax.random.PRNGKey(0), sampling, u))
@@ -86,11 +87,13 @@ def main() -> int:
         thunks.update(limits.thunks())
         timed = C.interleaved(thunks, repeats=args.repeats, warmup=1)
         same = limits.rates(timed)
-        cache = 2 * cfg.num_layers * b * 64 * cfg.num_kv_heads * cfg.head_dim * 4
+        context = D.PROMPT_LEN + D.NEW_TOKENS
+        step_bytes = D.decode_bytes(cfg, params, batch=b, cache=context)["total"]
         for name in samplers:
-            step = (timed[f"{name}/32"]["median_s"] - timed[f"{name}/1"]["median_s"]) / 31
-            gb_s = (C.tree_bytes(params) + cache) / step / 1e9
-            gflop_s = C.forward_flops(cfg, tokens=b, context=64, lm_tokens=b) / step / 1e9
+            long, short = timed[f"{name}/{D.NEW_TOKENS}"], timed[f"{name}/1"]
+            step = (long["median_s"] - short["median_s"]) / (D.NEW_TOKENS - 1)
+            gb_s = step_bytes / step / 1e9
+            gflop_s = C.forward_flops(cfg, tokens=b, context=context, lm_tokens=b) / step / 1e9
             print(
                 f"| {b} | {name} | {step * 1e3:.1f} | {gb_s / same['read_gb_per_s']:.0%} of "
                 f"{same['read_gb_per_s']:.1f} GB/s | {gflop_s / same['matmul_fp32_gflops']:.0%} of "

@@ -196,9 +196,10 @@ def sample_categorical(
     `uniforms` [B] in [0, 1): the draws to use instead of ones made from `key`.
 
     The CDF is inverted in two levels: the running sum of `block`-token block masses picks
-    the block, then the running sum inside that one block picks the token. A cumulative sum
-    over the whole vocabulary (a reduce-window on CPU) cost 2 ms of a 38 ms batch-16 decode
-    step at V = 49k and grew faster than the batch; two levels read the weights once."""
+    the block, then the running sum inside that one block picks the token. One cumulative
+    sum over the whole vocabulary (a reduce-window on CPU) took, alone at V = 49k, 3.2 ms
+    for 16 rows and 62 ms for 64 (two levels: 0.9 and 2.4 ms); inside the decode loop XLA
+    had fused most of it, and the step gains 2 ms at batch 1 (BENCHMARKS.md)."""
     b, v = logits.shape
     weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # unnormalised p
     if uniforms is None:
