@@ -136,6 +136,7 @@ def build_case(
         flops_xla=(rollout.flops + flops_upd) if flops_upd else None,
         flops_analytic=rollout.flops + analytic_upd,
         notes="generation FLOPs are analytic (a while loop)",
+        hlo=upd_c.as_text,
     )
 
 

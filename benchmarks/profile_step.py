@@ -28,14 +28,15 @@ def main() -> int:
 
     _setup_env()
     import jax
+    import numpy as np
 
     from benchmarks import common as C
-    from benchmarks import dpo, rm
+    from benchmarks import dpo, grpo, rm
 
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--step", choices=("rm", "dpo"), default="rm")
+    p.add_argument("--step", choices=("rm", "dpo", "grpo"), default="rm")
     p.add_argument("--size", default="10M", choices=sorted(C.SIZES))
     p.add_argument("--mode", choices=("lora", "full"), default="lora")
     p.add_argument("--steps", type=int, default=2)
@@ -47,9 +48,14 @@ def main() -> int:
     if args.step == "rm":
         batch = rm.pair_batch(cfg)
         case, _ = rm.build_case(args.mode, cfg, params, batch, flops=False)
-    else:
+    elif args.step == "dpo":
         batch = dpo.dpo_batch(cfg)
         case = dpo.build_case(args.mode, cfg, params, batch, flops=False)
+    else:  # a whole iteration is traced; the op names resolve in the update's HLO
+        prompts = C.random_ids(
+            np.random.default_rng(0), (grpo.PROMPTS, grpo.PROMPT_LEN), cfg.vocab_size
+        )
+        case = grpo.build_case(args.mode, cfg, params, prompts, flops=False)
     hlo = case.hlo() if case.hlo else ""
     case.run()
     with tempfile.TemporaryDirectory() as d:

@@ -142,6 +142,7 @@ def logical_axes_for(names: list[str], ndim: int) -> tuple[str | None, ...]:
         i, o = _PROJ_AXES[parent]
         axes = {
             "kernel": ("layers", i, o),
+            "kernel_t": ("layers", o, i),  # rollout weights (`transformer.kernels_out_in`)
             "bias": ("layers", o),
             "lora_A": ("layers", i, "lora_rank"),
             "lora_B": ("layers", "lora_rank", o),

@@ -67,6 +67,11 @@ def test_chunked_logprobs_and_gradients_equal_a_full_log_softmax(chunk_size, tem
         )
         for g, w in zip(got, want, strict=True):
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5)
+        # the kernel frozen (LoRA, the reference): the hidden states' gradient by the other rule
+        got_h = jax.grad(_loss)(
+            hidden, kernel, weights, with_entropy, lambda h, k, e=with_entropy: chunked(h, k, e)
+        )
+        np.testing.assert_allclose(np.asarray(got_h), np.asarray(want[0]), atol=1e-5, rtol=1e-5)
 
 
 def _loss(h, k, weights, with_entropy, fn):

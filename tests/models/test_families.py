@@ -575,6 +575,13 @@ def test_softcapped_logprob_gradient_equals_autodiff():
         strict=True,
     ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+    # a frozen kernel takes the other backward rule (the direction formed in the forward)
+    np.testing.assert_allclose(
+        np.asarray(jax.grad(ours)(hidden, kernel)),
+        np.asarray(jax.grad(reference)(hidden, kernel)),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 # ----------------------------------------------------------------------------- refusals
