@@ -9,6 +9,9 @@ plus the first token); the decode step time is their difference over N − 1 ste
 step reads every weight once (the tied embedding twice: the gathered rows and the vocabulary
 projection, counted once here) and the whole KV cache (`2·L·B·S·KVH·hd` floats, S = P + N:
 the cache is allocated at full length and attention runs over every slot, masked). The
+"merged" row samples as `rollout.Sampler` does by default: a LoRA adapter folded into
+per-block weights whose kernels are stored [out, in] (`merged_rollout_weights`); both of its
+programs run the merge, so the step time excludes it and the prefill column includes it. The
 "unmerged LoRA" row samples with the adapter applied on the fly (`generation.merge_adapter:
 false`) instead of merged into the weights.
 """
@@ -51,14 +54,16 @@ def run(
         adapter = init_lora(jax.random.PRNGKey(1), params, lora_cfg, cfg)
         for b in batches:
             ids = C.random_ids(np.random.default_rng(b), (b, PROMPT_LEN), cfg.vocab_size)
-            variants = [("merged", None, False)]
+            # "merged": the adapter folded in as `rollout.Sampler` does (per-block arrays,
+            # kernels stored [out, in]); the merge runs in both timed programs and cancels.
+            variants = [("merged", lora_cfg, True)]
             if b in lora_batches:
                 variants.append(("unmerged LoRA", lora_cfg, False))
             # Every program of this batch size is timed in one interleaved round-robin, so
             # the merged/unmerged comparison shares the machine's load.
             thunks, built = {}, {}
             for name, lcfg, merge in variants:
-                policy = params if lcfg is None else adapter
+                policy = adapter
                 long = Rollout(
                     cfg, params, policy, ids, lora_cfg=lcfg, new_tokens=NEW_TOKENS, merge=merge
                 )
@@ -70,7 +75,7 @@ def run(
             thunks.update(limits.thunks())
             timed = C.interleaved(thunks, repeats=repeats, warmup=1)
             same = limits.rates(timed)
-            for name, lcfg, _ in variants:
+            for name, _, merge in variants:
                 long = built[name]
                 t = {"long": timed[f"{name}/long"], "short": timed[f"{name}/short"]}
                 step_s = (t["long"]["median_s"] - t["short"]["median_s"]) / (NEW_TOKENS - 1)
@@ -79,14 +84,14 @@ def run(
                     params,
                     batch=b,
                     cache=PROMPT_LEN + NEW_TOKENS,
-                    lora=adapter if lcfg is not None else None,
+                    lora=None if merge else adapter,
                 )
                 step_flops = C.forward_flops(
                     cfg,
                     tokens=b,
                     context=PROMPT_LEN + NEW_TOKENS,
                     lm_tokens=b,
-                    lora_r=16 if lcfg else None,
+                    lora_r=None if merge else 16,
                 )
                 row = {
                     "size": size,
