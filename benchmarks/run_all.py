@@ -135,7 +135,14 @@ repeats of the same step (the allocator keeps and reuses freed memory), so the c
 programs' own accounting is used instead.
 
 To see which XLA ops a step spends its time in:
-`.venv/bin/python benchmarks/profile_step.py --step rm --size 135M --mode lora`.
+`.venv/bin/python benchmarks/profile_step.py --step rm --size 135M --mode lora` (`--step
+dpo`, `--step grpo` too).
+
+**Machines.** Each section names the machine it ran on, and the machine under this project
+has changed: compare ratios within a section, not absolute times across sections. On
+2026-12-02 the roofline, decode and TRL sections were re-run on an AMD EPYC of the Zen 3
+generation (AVX2; fp32 matmul ~110 GFLOP/s, read ~22 GB/s); other sections come from an
+AMD EPYC with AVX-512 (fp32 matmul ~430 GFLOP/s) or an Intel Xeon, as their lines say.
 
 **Re-run:** `make bench` (everything, 30–45 minutes on two cores: the sections below took 44 minutes together), or
 `.venv/bin/python benchmarks/run_all.py --only rm` (one benchmark; repeat `--only` for
