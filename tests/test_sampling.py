@@ -459,3 +459,37 @@ def test_repeated_prompts_must_be_copies(model, prompts):
         fn(params, ids, mask, jax.random.key(0), prompt_repeats=2)
     with pytest.raises(ValueError, match="does not divide the 4 rows"):
         fn(params, ids, mask, jax.random.key(0), prompt_repeats=3)
+
+
+@pytest.mark.parametrize("rows", [1, 16, 65])
+def test_rollout_kernels_stored_out_in_give_the_same_products(rows):
+    """`kernels_out_in` (the merged rollout weights' layout) changes the orientation of the
+    products, not their values: `linear` with `kernel_t` equals `linear` with `kernel` on both
+    sides of `FEW_ROWS` (with a bias), and the tied LM head's few-row branch equals the
+    [D, V] product; the router and quantized kernels are left alone."""
+    from jaxrlhf.models import transformer as T
+    from jaxrlhf.models.quant import QuantConfig, is_quantized, quantize_params
+
+    rng = np.random.default_rng(rows)
+    x = jnp.asarray(rng.normal(size=(rows, 1, 24)), jnp.float32)
+    w = {"kernel": jnp.asarray(rng.normal(size=(24, 40)), jnp.float32)}
+    w["bias"] = jnp.asarray(rng.normal(size=(40,)), jnp.float32)
+    block = {"q_proj": w, "router": {"kernel": w["kernel"]}, "input_norm": {"scale": x[0, 0]}}
+    out = T.kernels_out_in(block)
+    assert set(out["q_proj"]) == {"kernel_t", "bias"}
+    assert out["router"] is block["router"] and out["input_norm"] is block["input_norm"]
+    np.testing.assert_array_equal(np.asarray(out["q_proj"]["kernel_t"]), np.asarray(w["kernel"]).T)
+    want = T.linear(x, w, None, 1.0)
+    got = jax.jit(lambda x, p: T.linear(x, p, None, 1.0))(x, out["q_proj"])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+    table = jnp.asarray(rng.normal(size=(50, 24)), jnp.float32)
+    logits = T.lm_logits({"embed": table}, x)
+    np.testing.assert_allclose(
+        np.asarray(logits), np.asarray(jnp.einsum("btd,vd->btv", x, table)), rtol=1e-5, atol=1e-5
+    )
+    big = jnp.asarray(rng.normal(size=(2, 64, 128)), jnp.float32)
+    q = quantize_params({"layers": {"q_proj": {"kernel": big}}}, QuantConfig(kind="int8"))
+    one_block = T.unstack_layers(q["layers"])[0]  # a 2-D quantized kernel
+    assert is_quantized(one_block["q_proj"]["kernel"])
+    assert T.kernels_out_in(one_block)["q_proj"] is one_block["q_proj"]
