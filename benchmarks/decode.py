@@ -56,26 +56,25 @@ def run(
             ids = C.random_ids(np.random.default_rng(b), (b, PROMPT_LEN), cfg.vocab_size)
             # "merged": the adapter folded in as `rollout.Sampler` does (per-block arrays,
             # kernels stored [out, in]); the merge runs in both timed programs and cancels.
-            variants = [("merged", lora_cfg, True)]
+            variants = [("merged", True)]
             if b in lora_batches:
-                variants.append(("unmerged LoRA", lora_cfg, False))
+                variants.append(("unmerged LoRA", False))
             # Every program of this batch size is timed in one interleaved round-robin, so
             # the merged/unmerged comparison shares the machine's load.
             thunks, built = {}, {}
-            for name, lcfg, merge in variants:
-                policy = adapter
-                long = Rollout(
-                    cfg, params, policy, ids, lora_cfg=lcfg, new_tokens=NEW_TOKENS, merge=merge
+            for name, merge in variants:
+                long, short = (
+                    Rollout(cfg, params, adapter, ids, lora_cfg=lora_cfg, new_tokens=n, merge=merge)
+                    for n in (NEW_TOKENS, 1)
                 )
-                short = Rollout(cfg, params, policy, ids, lora_cfg=lcfg, new_tokens=1, merge=merge)
                 key = jax.random.PRNGKey(0)
-                thunks[f"{name}/long"] = lambda r=long, p=policy, k=key: r(p, k)
-                thunks[f"{name}/short"] = lambda r=short, p=policy, k=key: r(p, k)
+                thunks[f"{name}/long"] = lambda r=long, p=adapter, k=key: r(p, k)
+                thunks[f"{name}/short"] = lambda r=short, p=adapter, k=key: r(p, k)
                 built[name] = long
             thunks.update(limits.thunks())
             timed = C.interleaved(thunks, repeats=repeats, warmup=1)
             same = limits.rates(timed)
-            for name, _, merge in variants:
+            for name, merge in variants:
                 long = built[name]
                 t = {"long": timed[f"{name}/long"], "short": timed[f"{name}/short"]}
                 step_s = (t["long"]["median_s"] - t["short"]["median_s"]) / (NEW_TOKENS - 1)

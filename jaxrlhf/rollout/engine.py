@@ -78,9 +78,9 @@ def merged_rollout_weights(base: Any, lora: Any, lora_cfg: LoraConfig) -> Any:
     quantized weight left (embedding, LM head, untargeted kernels) dequantized, and the
     blocks as separate arrays — what the decode loop reads in place
     (`models.transformer.unstack_layers`) — with their projection kernels stored [out, in]
-    (`kernels_out_in`: the orientation XLA:CPU multiplies fastest at a few rows). Merged block by block, so the rollout holds one
-    dense copy and XLA's temporaries are one block's (SmolLM2-135M, GGUF base: 79 MiB,
-    against 503 MiB when the stacked merge is made and then split)."""
+    (`kernels_out_in`, for the decode's few-row products). Merged block by block, so the
+    rollout holds one dense copy and XLA's temporaries are one block's (SmolLM2-135M, GGUF
+    base: 79 MiB, against 503 MiB when the stacked merge is made and then split)."""
     blocks = unstack_layers(base["layers"])
     adapters = unstack_layers(lora["layers"]) if lora.get("layers") else [{}] * len(blocks)
     merged = [
