@@ -92,9 +92,32 @@ def load_average() -> list[float] | None:
         return None
 
 
+def cpu_times() -> list[int] | None:
+    """The machine's CPU time counters (`/proc/stat`'s `cpu` line), in clock ticks."""
+    try:
+        return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_share(start: list[int] | None, end: list[int] | None) -> float | None:
+    """Share of CPU time the hypervisor gave to other guests between two `cpu_times()`.
+
+    The guest's load average does not see it: on a shared VM host an idle-looking machine can
+    lose a third of its cycles, and every absolute time measured then is that much slower.
+    """
+    if not start or not end or len(start) < 8 or len(end) < 8:
+        return None
+    delta = [b - a for a, b in zip(start[:8], end[:8], strict=True)]
+    total = sum(delta)  # user nice system idle iowait irq softirq steal (guest is in user)
+    return delta[7] / total if total > 0 else None
+
+
 def machine_line(m: dict) -> str:
     load = m.get("loadavg_start")
     load_s = f"; 1-min load average at start {load[0]:.1f}" if load else ""
+    if m.get("cpu_steal") is not None:
+        load_s += f"; CPU time stolen by the VM host during the run {100 * m['cpu_steal']:.0f}%"
     parts = [f"{m['cpu']}, {m['cores']} cores, {m.get('memory_gib')} GiB", f"jax {m['jax']}"]
     for pkg in ("torch", "transformers", "trl", "peft"):
         if m.get(pkg):

@@ -139,10 +139,13 @@ To see which XLA ops a step spends its time in:
 dpo`, `--step grpo` too).
 
 **Machines.** Each section names the machine it ran on, and the machine under this project
-has changed: compare ratios within a section, not absolute times across sections. On
-2026-12-02 the roofline, decode and TRL sections were re-run on an AMD EPYC of the Zen 3
+has changed: compare ratios within a section, not absolute times across sections. The
+roofline and TRL sections were last run on an Intel Xeon with AVX-512 and AMX (2026-12-02;
+fp32 matmul ~186 GFLOP/s, read ~34 GB/s); the decode section on an AMD EPYC of the Zen 3
 generation (AVX2; fp32 matmul ~110 GFLOP/s, read ~22 GB/s); other sections come from an
-AMD EPYC with AVX-512 (fp32 matmul ~430 GFLOP/s) or an Intel Xeon, as their lines say.
+AMD EPYC with AVX-512 (fp32 matmul ~430 GFLOP/s) or an Intel Xeon, as their lines say. These
+are VMs on shared hosts: from 2026-12-03 each section also says how much CPU time the host
+took from the run (`/proc/stat`'s steal), which the guest's load average does not show.
 
 **Re-run:** `make bench` (everything, 30–45 minutes on two cores: the sections below took 44 minutes together), or
 `.venv/bin/python benchmarks/run_all.py --only rm` (one benchmark; repeat `--only` for
@@ -402,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {C.machine_line(machine)}", flush=True)
     t_start = time.perf_counter()
     t0 = time.perf_counter()
+    ticks = C.cpu_times()
     roofline = roof.run(quick=args.quick)
+    machine["cpu_steal"] = C.steal_share(ticks, C.cpu_times())
     roofline["meta"] = {
         "command": command.strip(),
         "machine": machine,
@@ -416,12 +421,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.perf_counter()
         bench_machine = C.machine_info()
+        ticks = C.cpu_times()
         # Other jobs' load moves the ceiling: re-measure it, keep the best seen.
         rate = roof.matmul_fp32_gflops()
         roofline.setdefault("matmul_fp32_samples", [roofline["matmul_fp32_gflops"]]).append(rate)
         roofline["matmul_fp32_gflops"] = max(roofline["matmul_fp32_samples"])
         C.save_result("roofline", roofline)
         result = run_benchmark(name, profile, roofline, args)
+        bench_machine["cpu_steal"] = C.steal_share(ticks, C.cpu_times())
         result["meta"] = {
             "command": command.strip(),
             "machine": bench_machine,
