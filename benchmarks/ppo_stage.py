@@ -34,7 +34,8 @@ def load_common():
 
 
 def demo_train_prompts(seed: int, n_eval: int, n_train: int) -> list[str]:
-    """The demo's training prompts: its one shuffle by the seed, after the held-out ones."""
+    """The demo's training prompts: its one shuffle by the seed, after the held-out ones
+    (`commands.demo.split_prompts` today; written out because older checkouts lack it)."""
     from jaxrlhf.commands.demo import demo_prompts
 
     prompts = demo_prompts()

@@ -142,7 +142,8 @@ dpo`, `--step grpo` too).
 has changed: compare ratios within a section, not absolute times across sections. The
 roofline, decode and TRL sections were last run on an Intel Xeon with AVX-512 and AMX
 (2026-12-02/03; fp32 matmul 140–186 GFLOP/s, read 25–34 GB/s, as the host's load moved; the
-decode section's Zen 3 and AVX-512 EPYC results are in docs/rollout_engine.md); other sections come from an
+decode section's Zen 3 and AVX-512 EPYC results are in docs/rollout_engine.md); other
+sections come from an
 AMD EPYC with AVX-512 (fp32 matmul ~430 GFLOP/s) or an Intel Xeon, as their lines say. These
 are VMs on shared hosts: from 2026-12-03 each section also says how much CPU time the host
 took from the run (`/proc/stat`'s steal), which the guest's load average does not show.
