@@ -36,6 +36,10 @@ class ModelSection:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     """Storage dtype of the frozen base params (trainable params stay float32)."""
     remat: Literal["none", "block"] = "none"
+    layer_loop: Literal["auto", "scan", "unroll"] = "auto"
+    """The training forward's loop over the blocks: `scan` (compile time flat in depth),
+    `unroll`, or `auto` (scan; unrolled for bfloat16 on the CPU, where XLA's scan copies its
+    stacked bf16 residuals at every block: docs/speed.md)."""
     tiny: dict = dataclasses.field(default_factory=dict)
     """Overrides of `tiny_config` when path is `tiny` (e.g. {num_layers: 2, vocab_size: 256})."""
     adapter: str | None = None
@@ -54,6 +58,7 @@ class ModelSection:
         check_literal(self, "dtype", ("float32", "bfloat16"))
         check_literal(self, "param_dtype", ("float32", "bfloat16"))
         check_literal(self, "remat", ("none", "block"))
+        check_literal(self, "layer_loop", ("auto", "scan", "unroll"))
         if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
             raise ValueError(
                 f"model.router_aux_loss_coef must be >= 0 (0 turns the MoE aux loss off), "

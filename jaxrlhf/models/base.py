@@ -38,7 +38,7 @@ def load_base(model: ModelSection, *, seed: int = 0, log=print) -> tuple[ModelCo
 
         cfg, params, tokenizer = load_model(model.path, dtype=jnp.float32)
         params = jax.device_get(params)
-    cfg = cfg.replace(dtype=model.dtype, remat=model.remat)
+    cfg = cfg.replace(dtype=model.dtype, remat=model.remat, layer_loop=model.layer_loop)
     cfg = with_router_aux_loss_coef(cfg, model.router_aux_loss_coef, path=model.path)
     if model.adapter:
         params = merge_adapter_into_base(params, cfg, model.adapter, log=log)

@@ -89,6 +89,10 @@ class ModelConfig:
 
     remat: Literal["none", "block"] = "none"
     """`block` recomputes each decoder block in the backward pass (less memory, ~1/3 more FLOPs)."""
+    layer_loop: Literal["auto", "scan", "unroll"] = "auto"
+    """How the uncached forward runs the blocks: `scan` (compile time flat in depth),
+    `unroll` (a Python loop), `auto` (scan, but unrolled for bfloat16 on the CPU:
+    `models.transformer.scans_layers`). The same numbers either way."""
 
     # ---- family switches (defaults are Llama's) -----------------------------------------
     norm_offset: float = 0.0
@@ -147,6 +151,10 @@ class ModelConfig:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(
                 f"ModelConfig.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}"
+            )
+        if self.layer_loop not in ("auto", "scan", "unroll"):
+            raise ValueError(
+                f"ModelConfig.layer_loop must be 'auto', 'scan' or 'unroll', got {self.layer_loop!r}"
             )
         if self.remat not in ("none", "block"):
             raise ValueError(f"ModelConfig.remat must be 'none' or 'block', got {self.remat!r}")

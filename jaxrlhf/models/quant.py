@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrlhf.models import dots
+
 Params = dict[str, Any]
 QuantKind = Literal["none", "int8", "nf4", "gguf"]
 KINDS = ("none", "int8", "nf4", "gguf")
@@ -375,11 +377,11 @@ def matmul(x: jax.Array, w: Any) -> jax.Array:
     in memory), everything else a dot with the dequantized weight (materialised per call,
     never hoisted out of a loop: `tied`)."""
     if not is_quantized(w):
-        return jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
+        return dots.matmul(x, w.astype(x.dtype))
     w, x = tied(w, x)
     if w.transposed and w.codes.ndim == 2 and is_one_vector(x):
         return vector_product(x, w).astype(x.dtype)
-    return jnp.einsum("...i,io->...o", x, dense(w, x.dtype))
+    return dots.matmul(x, dense(w, x.dtype))
 
 
 def dense(w: Any, dtype=None) -> jax.Array:

@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrlhf.models import dots
 from jaxrlhf.models.config import ModelConfig, rope_inv_freq
 from jaxrlhf.models.quant import (
     dense,
@@ -291,10 +292,10 @@ def linear(
     adapter (all zero: the base). x is then [B, T, in]."""
     if "kernel_t" in weights:  # stored [out, in] for decoding (`kernels_out_in`)
         kt = weights["kernel_t"].astype(x.dtype)
-        if _rows(x) <= FEW_ROWS:
+        if _rows(x) <= FEW_ROWS and x.dtype == jnp.float32:
             y = _weight_left(kt, x)
         else:
-            y = jnp.einsum("...i,oi->...o", x, kt)
+            y = dots.matmul_t(x, kt)
     else:
         y = matmul(x, weights["kernel"])
     if "bias" in weights:
@@ -334,8 +335,8 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> ja
 
 
 def _lora_delta_fwd(x, a, b, scale):
-    xa = jnp.einsum("...i,ir->...r", x, a)
-    return jnp.einsum("...r,ro->...o", xa, b) * scale, (x, a, b, xa, scale)
+    xa = dots.einsum("...i,ir->...r", x, a)
+    return dots.einsum("...r,ro->...o", xa, b) * scale, (x, a, b, xa, scale)
 
 
 def _lora_delta_bwd(res, g):
@@ -343,11 +344,13 @@ def _lora_delta_bwd(res, g):
     tokens_x = x.reshape(-1, x.shape[-1])  # [N, in]
     tokens_g = g.reshape(-1, g.shape[-1])  # [N, out]
     tokens_xa = xa.reshape(-1, xa.shape[-1])  # [N, r]
-    g_xa_unscaled = tokens_g @ b.T  # [N, r]
+    g_xa_unscaled = dots.einsum("no,ro->nr", tokens_g, b)  # [N, r]
     g_xa = g_xa_unscaled * scale
-    g_a = (g_xa.T @ tokens_x).T  # [in, r]: the [r, N] transpose is the small one
-    g_b = (tokens_xa.T @ tokens_g) * scale  # [r, out]
-    g_x = (g_xa @ a.T).reshape(x.shape)
+    g_a = dots.einsum(
+        "rn,ni->ri", g_xa.T, tokens_x
+    ).T  # [in, r]: the [r, N] transpose is the small one
+    g_b = dots.einsum("rn,no->ro", tokens_xa.T, tokens_g) * scale  # [r, out]
+    g_x = dots.einsum("nr,ir->ni", g_xa, a).reshape(x.shape)
     g_scale = jnp.sum(g_xa_unscaled * tokens_xa).astype(scale.dtype).reshape(scale.shape)
     return g_x, g_a, g_b, g_scale
 
@@ -376,11 +379,11 @@ def _attention(q, k, v, mask, cfg: ModelConfig):
     b, t, _, hd = q.shape
     groups = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, t, cfg.num_kv_heads, groups, hd)
-    scores = jnp.einsum("btkgh,bksh->bkgts", q, k).astype(jnp.float32) * cfg.attention_scale
+    scores = dots.einsum("btkgh,bksh->bkgts", q, k).astype(jnp.float32) * cfg.attention_scale
     scores = softcap(scores, cfg.attn_logit_softcap)
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksh->btkgh", probs, v)
+    out = dots.einsum("bkgts,bksh->btkgh", probs, v)
     return out.reshape(b, t, cfg.num_heads * hd)
 
 
@@ -718,9 +721,16 @@ def backbone(
             rng,
         )
 
+    # the training forward's blocks are recomputed in the backward with `remat="block"`;
+    # the cached forward is never differentiated
+    unrolled_block = (
+        jax.checkpoint(block, static_argnums=(5,), prevent_cse=False)
+        if (cache is None and cfg.remat == "block")
+        else block
+    )
     new_cache = None
     router_logits = None
-    if cache is None and not isinstance(layers, list):
+    if cache is None and not isinstance(layers, list) and scans_layers(cfg):
 
         def step(x, xs):
             sliding = xs[3] if mixed else all(flags)
@@ -743,7 +753,7 @@ def backbone(
                 block_kv = None
             else:
                 block_kv = (kv[0][i], kv[1][i], None) if per_layer else (*kv, i)
-            x, out_kv, logits = block(
+            x, out_kv, logits = unrolled_block(
                 x,
                 layer,
                 None if layer_lora is None else layer_lora[i],
@@ -767,6 +777,17 @@ def backbone(
     if with_router_logits:
         return x, new_cache, router_logits
     return x, new_cache
+
+
+def scans_layers(cfg: ModelConfig) -> bool:
+    """Whether the uncached forward runs its blocks as a `lax.scan` (`cfg.layer_loop`). `auto`
+    scans, except for low-precision activations on the CPU: there XLA stores each block's
+    bf16 residuals into the stacked `[L, ...]` buffers through a float32 round trip of the
+    whole buffer at every block (L² traffic; docs/speed.md, "bfloat16 on the CPU"), which an
+    unrolled loop never forms."""
+    if cfg.layer_loop != "auto":
+        return cfg.layer_loop == "scan"
+    return cfg.dtype == "float32" or jax.default_backend() != "cpu"
 
 
 def unstack_layers(layers: Params) -> list[Params]:

@@ -1,0 +1,125 @@
+"""Products of low-precision operands, accumulated in float32.
+
+`x·W` with bfloat16 `x` and `W` is what `torch.nn.Linear` computes in bfloat16: float32
+accumulation, the result rounded to bfloat16. On the CPU, XLA reaches its fast bfloat16
+kernels (AMX and AVX-512-BF16 on Intel) only when the dot itself returns float32; a dot that
+returns bfloat16 runs 3–6× slower than one that returns float32 and is then rounded
+(docs/speed.md, "bfloat16 on the CPU"). So every low-precision product here asks for
+float32 and rounds after, and its backward does the same with the cotangent rounded to the
+operands' dtype (as PyTorch's bfloat16 backward does), instead of JAX's default transpose,
+which multiplies the float32 cotangent by the bfloat16 weight and so leaves the fast path.
+Float32 operands take plain `jnp.einsum`, bit for bit what they took before.
+
+GPUs and TPUs accumulate bfloat16 dots in float32 inside the kernel already, so there these
+functions emit the plain dot (the same numbers, and the program XLA tunes for those chips).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _accumulate_in_f32(*operands: jax.Array) -> bool:
+    """True where a product of these operands should ask XLA for a float32 result: low
+    precision operands on the CPU."""
+    low = any(jnp.dtype(a.dtype).itemsize < 4 for a in operands)
+    return low and jax.default_backend() == "cpu"
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """`jnp.einsum(spec, a, b)` in a's dtype, accumulated in float32. The backward is JAX's
+    own (float32 cotangents): use it where no gradient flows, such as attention in a
+    rollout, or where the backward is written by hand (`lora_delta`)."""
+    if not _accumulate_in_f32(a, b):
+        return jnp.einsum(spec, a, b)
+    return _dot(spec, a, b, a.dtype)
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`x · w` for x [..., in] and w [in, out], in x's dtype, accumulated in float32 (with the
+    backward described above)."""
+    if not _accumulate_in_f32(x, w):
+        return jnp.einsum("...i,io->...o", x, w)
+    return _lowp_matmul(x, w)
+
+
+def matmul_t(x: jax.Array, w_t: jax.Array) -> jax.Array:
+    """`x · w_tᵀ` for a weight stored [out, in] (the rollout layout), accumulated in float32."""
+    if not _accumulate_in_f32(x, w_t):
+        return jnp.einsum("...i,oi->...o", x, w_t)
+    return _lowp_matmul_t(x, w_t)
+
+
+def _dot(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
+    """The product asked for in float32 with its dimensions in `dot_general`'s own order
+    (batch, a's free, b's free), rounded to `dtype`, and only then transposed to `spec`'s
+    output: XLA:CPU runs a bf16 × bf16 → f32 dot whose result it would lay out transposed
+    in a kernel that has no such dot ("Unsupported element type for DotThunk")."""
+    lhs, rest = spec.split(",")
+    rhs, out = rest.split("->")
+    if "..." in lhs:  # leading dims of a, kept in front
+        n = a.ndim - len(lhs.replace("...", ""))
+        dims = "".join(chr(0x3B1 + i) for i in range(n))  # Greek letters: not in any spec
+        lhs, rhs, out = (x.replace("...", dims) for x in (lhs, rhs, out))
+    if sorted(set(lhs) | set(rhs)) != sorted(set(out) | (set(lhs) & set(rhs))):
+        raise ValueError(f"dots: {spec!r} sums an axis of one operand alone; not supported")
+    batch = [c for c in lhs if c in rhs and c in out]
+    contract = [c for c in lhs if c in rhs and c not in out]
+    free_a = [c for c in lhs if c not in rhs]
+    free_b = [c for c in rhs if c not in lhs]
+    y = jax.lax.dot_general(
+        a,
+        b,
+        (
+            (tuple(lhs.index(c) for c in contract), tuple(rhs.index(c) for c in contract)),
+            (tuple(lhs.index(c) for c in batch), tuple(rhs.index(c) for c in batch)),
+        ),
+        preferred_element_type=jnp.float32,
+    ).astype(dtype)
+    natural = batch + free_a + free_b
+    return jnp.transpose(y, tuple(natural.index(c) for c in out))
+
+
+@jax.custom_vjp
+def _lowp_matmul(x, w):
+    return _dot("...i,io->...o", x, w, x.dtype)
+
+
+def _lowp_matmul_fwd(x, w):
+    return _lowp_matmul(x, w), (x, w)
+
+
+def _lowp_matmul_bwd(res, g):
+    x, w = res
+    g = g.astype(x.dtype)
+    g_x = _dot("...o,io->...i", g, w, x.dtype)
+    tokens_x = x.reshape(-1, x.shape[-1])
+    tokens_g = g.reshape(-1, g.shape[-1])
+    g_w = _dot("ni,no->io", tokens_x, tokens_g, w.dtype)
+    return g_x, g_w
+
+
+_lowp_matmul.defvjp(_lowp_matmul_fwd, _lowp_matmul_bwd)
+
+
+@jax.custom_vjp
+def _lowp_matmul_t(x, w_t):
+    return _dot("...i,oi->...o", x, w_t, x.dtype)
+
+
+def _lowp_matmul_t_fwd(x, w_t):
+    return _lowp_matmul_t(x, w_t), (x, w_t)
+
+
+def _lowp_matmul_t_bwd(res, g):
+    x, w_t = res
+    g = g.astype(x.dtype)
+    g_x = _dot("...o,oi->...i", g, w_t, x.dtype)
+    tokens_x = x.reshape(-1, x.shape[-1])
+    tokens_g = g.reshape(-1, g.shape[-1])
+    g_w = _dot("no,ni->oi", tokens_g, tokens_x, w_t.dtype)
+    return g_x, g_w
+
+
+_lowp_matmul_t.defvjp(_lowp_matmul_t_fwd, _lowp_matmul_t_bwd)

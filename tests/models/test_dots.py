@@ -1,0 +1,158 @@
+"""Low-precision products accumulated in float32 (`models.dots`) and the layer loop's two
+forms (`ModelConfig.layer_loop`)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jaxrlhf.lora import LoraConfig, init_lora
+from jaxrlhf.models import dots
+from jaxrlhf.models.config import tiny_config
+from jaxrlhf.models.transformer import forward, init_params, scans_layers
+
+BF16 = jnp.bfloat16
+
+
+def _bf16(rng, shape):
+    """Random values that bfloat16 holds exactly, as float32 numpy and as a bf16 array."""
+    x = rng.standard_normal(shape).astype(ml_dtypes.bfloat16).astype(np.float32)
+    return x, jnp.asarray(x, BF16)
+
+
+def _assert_rounded_f32(got, exact):
+    """`got` (bf16) is the float32 product rounded to bf16: within half a bf16 ulp of the
+    exact value, up to the float32 summation order (one ulp in all)."""
+    got = np.asarray(got.astype(jnp.float32))
+    ulp = np.abs(exact) * 2.0**-7 + 1e-30
+    assert got.shape == exact.shape
+    assert np.all(np.abs(got - exact) <= ulp), np.max(np.abs(got - exact) / ulp)
+
+
+@pytest.mark.parametrize(
+    "spec, sa, sb",
+    [
+        ("...i,io->...o", (2, 5, 64), (64, 48)),
+        ("...i,oi->...o", (2, 5, 64), (48, 64)),
+        # attention's second product: its transposed output made XLA:CPU fail with
+        # "Unsupported element type for DotThunk" when asked for float32 directly
+        ("bkgts,bksh->btkgh", (2, 3, 2, 8, 16), (2, 3, 16, 32)),
+        ("btkgh,bksh->bkgts", (2, 8, 3, 2, 32), (2, 3, 16, 32)),
+    ],
+)
+def test_bf16_products_are_float32_products_rounded(spec, sa, sb):
+    rng = np.random.default_rng(0)
+    a, a16 = _bf16(rng, sa)
+    b, b16 = _bf16(rng, sb)
+    exact = np.einsum(spec, a.astype(np.float64), b.astype(np.float64))
+    fn = {"...i,io->...o": dots.matmul, "...i,oi->...o": dots.matmul_t}.get(spec)
+    got = jax.jit(fn if fn else lambda x, y: dots.einsum(spec, x, y))(a16, b16)
+    assert got.dtype == BF16
+    _assert_rounded_f32(got, exact)
+
+
+def test_float32_products_are_plain_einsums():
+    rng = np.random.default_rng(1)
+    a = jnp.asarray(rng.standard_normal((4, 64)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((64, 32)), jnp.float32)
+    np.testing.assert_array_equal(dots.matmul(a, w), jnp.einsum("...i,io->...o", a, w))
+    np.testing.assert_array_equal(dots.matmul_t(a, w.T), jnp.einsum("...i,oi->...o", a, w.T))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_bf16_matmul_backward_rounds_the_cotangent_and_accumulates_in_f32(transposed):
+    """d/dx and d/dw of Σ c ⊙ (x·W): the cotangent c (bf16) times the other operand,
+    accumulated in float32 and rounded, as PyTorch's bf16 backward."""
+    rng = np.random.default_rng(2)
+    x, x16 = _bf16(rng, (3, 7, 64))
+    w, w16 = _bf16(rng, (64, 40))
+    c, c16 = _bf16(rng, (3, 7, 40))
+
+    def loss(x, w):
+        y = dots.matmul_t(x, w.T) if transposed else dots.matmul(x, w)
+        return jnp.sum((y * c16).astype(jnp.float32))
+
+    gx, gw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x16, w16)
+    assert gx.dtype == BF16 and gw.dtype == BF16
+    c64, x64, w64 = (v.astype(np.float64) for v in (c, x, w))
+    _assert_rounded_f32(gx, c64 @ w64.T)
+    _assert_rounded_f32(gw, np.einsum("bti,bto->io", x64, c64))
+
+
+def test_bf16_sum_of_one_operand_is_refused():
+    a = jnp.ones((2, 3), BF16)
+    with pytest.raises(ValueError, match="sums an axis"):
+        dots.einsum("ij,kl->il", a, a)
+
+
+def _lora_case(cfg):
+    params = init_params(jax.random.PRNGKey(0), cfg)
+    lcfg = LoraConfig(r=4, alpha=8)
+    lora = init_lora(jax.random.PRNGKey(1), params, lcfg, cfg)
+    lora = jax.tree.map(lambda x: x + 0.01 if x.ndim else x, lora)  # B ≠ 0: a live adapter
+    ids = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, cfg.vocab_size)
+    mask = jnp.ones_like(ids).at[1, :3].set(0)
+    return params, lora, lcfg.scale, ids, mask
+
+
+@pytest.mark.parametrize("remat", ["none", "block"])
+def test_unrolled_layer_loop_equals_the_scan(remat):
+    """The same logits and the same adapter gradients from both loops, plain and with
+    `remat="block"` (checkpointed blocks in the unrolled loop too)."""
+    base = tiny_config(num_layers=3, remat=remat)
+    params, lora, scale, ids, mask = _lora_case(base)
+    out = {}
+    for loop in ("scan", "unroll"):
+        cfg = dataclasses.replace(base, layer_loop=loop)
+
+        def loss(lora, cfg=cfg):
+            logits = forward(params, ids, mask, cfg=cfg, lora=lora, lora_scale=scale)
+            return jnp.sum(jnp.where(mask[..., None] > 0, logits, 0.0) ** 2) / 1e3, logits
+
+        (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(lora)
+        out[loop] = (logits, grads)
+    np.testing.assert_allclose(out["scan"][0], out["unroll"][0], rtol=1e-5, atol=1e-5)
+    for g_scan, g_unroll in zip(
+        jax.tree.leaves(out["scan"][1]), jax.tree.leaves(out["unroll"][1]), strict=True
+    ):
+        np.testing.assert_allclose(g_scan, g_unroll, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_layer_loop_unrolls_bf16_on_cpu_only():
+    cfg = tiny_config()
+    assert jax.default_backend() == "cpu"
+    assert scans_layers(cfg)
+    assert not scans_layers(dataclasses.replace(cfg, dtype="bfloat16"))
+    assert scans_layers(dataclasses.replace(cfg, dtype="bfloat16", layer_loop="scan"))
+    assert not scans_layers(dataclasses.replace(cfg, layer_loop="unroll"))
+    with pytest.raises(ValueError, match="layer_loop"):
+        dataclasses.replace(cfg, layer_loop="loop")
+
+
+def test_bf16_forward_and_grads_follow_float32():
+    """The bf16 model (bf16 base, f32-accumulated products, the unrolled loop) computes the
+    float32 model's logits and adapter gradients to bfloat16 accuracy."""
+    cfg32 = tiny_config(num_layers=2)
+    params, lora, scale, ids, mask = _lora_case(cfg32)
+    cfg16 = dataclasses.replace(cfg32, dtype="bfloat16")
+    params16 = jax.tree.map(lambda x: x.astype(BF16), params)
+
+    def run(cfg, p):
+        def loss(lora):
+            logits = forward(p, ids, mask, cfg=cfg, lora=lora, lora_scale=scale)
+            logits = logits.astype(jnp.float32)
+            return jnp.sum(jax.nn.log_softmax(logits)[..., 0] * mask), logits
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(lora)
+
+    (_, l32), g32 = run(cfg32, params)
+    (_, l16), g16 = run(cfg16, params16)
+    assert np.max(np.abs(np.asarray(l16) - np.asarray(l32))) < 0.05 * np.max(np.abs(l32))
+    for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g16), strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.linalg.norm(a - b) <= 0.05 * np.linalg.norm(a) + 1e-6
