@@ -14,7 +14,6 @@ each phase's seconds per round and the CPU share the VM host stole. Not part of
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -24,13 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> int:
-    import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from benchmarks import common as C
     from benchmarks import grpo
-    from jaxrlhf.models.transformer import cast_params
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", default="135M", choices=sorted(C.SIZES))
@@ -42,8 +38,7 @@ def main() -> int:
     prompts = C.random_ids(
         np.random.default_rng(0), (grpo.PROMPTS, grpo.PROMPT_LEN), cfg.vocab_size
     )
-    cfg16 = dataclasses.replace(cfg, dtype="bfloat16")
-    params16 = jax.device_get(cast_params(params, jnp.bfloat16))
+    cfg16, params16 = C.in_dtype(cfg, params, "bfloat16")
     cases = {
         "float32": grpo.build_case("lora", cfg, params, prompts, flops=False),
         "bfloat16": grpo.build_case("lora", cfg16, params16, prompts, flops=False),

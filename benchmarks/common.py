@@ -389,6 +389,21 @@ def random_params(cfg, seed: int = 0) -> dict:
     return jax.device_get(init_params(jax.random.PRNGKey(seed), cfg))
 
 
+def in_dtype(cfg, params_host: dict, dtype: str):
+    """`cfg` and `params_host` with the frozen base stored and computed in `dtype`
+    (`model.dtype` = `model.param_dtype`); adapters, heads and optimizer state stay fp32."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from jaxrlhf.models.transformer import cast_params
+
+    if dtype == "float32":
+        return cfg, params_host
+    cast = jax.device_get(cast_params(params_host, jnp.dtype(dtype)))
+    return dataclasses.replace(cfg, dtype=dtype), cast
+
+
 def size_info(cfg) -> dict:
     return {
         "params": int(cfg.num_params()),

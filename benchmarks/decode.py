@@ -14,6 +14,11 @@ per-block weights whose kernels are stored [out, in] (`merged_rollout_weights`);
 programs run the merge, so the step time excludes it and the prefill column includes it. The
 "unmerged LoRA" row samples with the adapter applied on the fly (`generation.merge_adapter:
 false`) instead of merged into the weights.
+
+`dtype="bfloat16"` runs the same programs with the frozen base (and so the KV cache) in
+bf16: the bytes a step reads halve, and the limits add the rate of a 2048² bf16 product
+accumulated in fp32 (the form every bf16 product of the decoder takes on the CPU,
+`models/dots.py`), timed in the same rounds beside the fp32 one.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ PROMPT_LEN, NEW_TOKENS = 32, 32
 
 def decode_bytes(cfg, params: dict, *, batch: int, cache: int, lora: dict | None = None) -> dict:
     weights = C.tree_bytes({k: v for k, v in params.items() if k not in ("score", "value")})
-    kv = 2 * cfg.num_layers * batch * cache * cfg.num_kv_heads * cfg.head_dim * 4
+    width = np.dtype(cfg.dtype).itemsize if cfg.dtype != "bfloat16" else 2
+    kv = 2 * cfg.num_layers * batch * cache * cfg.num_kv_heads * cfg.head_dim * width
     extra = C.tree_bytes(lora) if lora is not None else 0
     return {"weights": weights + extra, "kv_cache": kv, "total": weights + extra + kv}
 
@@ -41,15 +47,23 @@ def run(
     batches: tuple[int, ...],
     repeats: int,
     lora_batches: tuple[int, ...] = (16,),
+    dtype: str = "float32",
 ) -> dict:
     from jaxrlhf.lora import init_lora
 
-    limits = R.SameRoundLimits()
-    result = {"benchmark": "decode", "prompt": PROMPT_LEN, "new_tokens": NEW_TOKENS, "rows": []}
+    limits = R.SameRoundLimits(bf16=dtype == "bfloat16")
+    result = {
+        "benchmark": "decode",
+        "prompt": PROMPT_LEN,
+        "new_tokens": NEW_TOKENS,
+        "dtype": dtype,
+        "rows": [],
+    }
     for size in sizes:
         print(f"[decode] {size}", flush=True)
-        cfg = C.model_config(size)
-        params = C.copy_tree(C.random_params(cfg))
+        base = C.model_config(size)
+        cfg, params = C.in_dtype(base, C.random_params(base), dtype)
+        params = C.copy_tree(params)
         lora_cfg = C.lora_config()
         adapter = init_lora(jax.random.PRNGKey(1), params, lora_cfg, cfg)
         for b in batches:
@@ -112,6 +126,10 @@ def run(
                 if row["achieved_gb_per_s"]:
                     row["bandwidth_share"] = row["achieved_gb_per_s"] / same["read_gb_per_s"]
                 C.with_rates(row, flops=step_flops, seconds=step_s, roofline=same)
+                if same.get("matmul_bf16_gflops") and step_s > 0:
+                    row["bf16_matmul_share"] = (
+                        step_flops / step_s / 1e9 / same["matmul_bf16_gflops"]
+                    )
                 result["rows"].append(row)
         del params, adapter
     return result
@@ -141,7 +159,8 @@ def render(result: dict) -> str:
         )
     return "\n".join(
         [
-            f"Prompt {result['prompt']} tokens, {result['new_tokens']} new tokens, fp32, sampling "
+            f"Prompt {result['prompt']} tokens, {result['new_tokens']} new tokens, "
+            f"{result.get('dtype', 'float32')}, sampling "
             "at temperature 1 with no early stop. Decode step = (time for N tokens − time for 1) / "
             "(N − 1). The limits are timed in the same rounds as the row's programs.",
             "",
@@ -178,14 +197,23 @@ def main() -> None:
     parser.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lora-batches", default="", help="batches that also run unmerged LoRA")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
     result = run(
         sizes=args.sizes.split(","),
         batches=tuple(int(b) for b in args.batches.split(",")),
         repeats=args.repeats,
         lora_batches=tuple(int(b) for b in args.lora_batches.split(",") if b),
+        dtype=args.dtype,
     )
     print(render(result))
+    for r in result["rows"]:
+        if "bf16_matmul_share" in r:
+            print(
+                f"batch {r['batch']} {r['variant']}: "
+                f"{100 * r['bf16_matmul_share']:.0f}% of the bf16 matmul limit "
+                f"({r['limits_same_rounds']['matmul_bf16_gflops']:.0f} GFLOP/s)"
+            )
 
 
 if __name__ == "__main__":

@@ -36,11 +36,13 @@ class SameRoundLimits:
     (`common.interleaved`), so a share is taken against the machine as it ran in those same
     minutes: on this shared VM both ceilings moved by up to 30% between runs a few minutes
     apart. `read`: 16 chained matrix-vector products over a 256 MiB float32 matrix (what a
-    batch-1 decode step does, at its best); `matmul`: 8 chained 2048² fp32 products."""
+    batch-1 decode step does, at its best); `matmul`: 8 chained 2048² fp32 products;
+    `bf16=True` adds `matmul_bf16`: the same products of bf16 matrices accumulated in fp32
+    and rounded to bf16 (`models/dots.py`'s form)."""
 
     READ_N, READ_REPS, MM_N, MM_REPS = 8192, 16, 2048, 8
 
-    def __init__(self):
+    def __init__(self, bf16: bool = False):
         k1, k2 = jax.random.split(jax.random.PRNGKey(3))
         self.w = jax.random.normal(k1, (self.READ_N, self.READ_N), jnp.float32) / self.READ_N**0.5
         self.x = jax.random.normal(k2, (self.READ_N,), jnp.float32)
@@ -51,21 +53,35 @@ class SameRoundLimits:
 
         self._read = chain(lambda w, y: w @ y, self.READ_REPS)
         self._matmul = chain(lambda a, y: a @ y, self.MM_REPS)
+        self.bf16 = bf16
+        if bf16:
+            from jaxrlhf.models import dots
+
+            self.a16 = self.a.astype(jnp.bfloat16)
+            self._matmul16 = chain(dots.matmul, self.MM_REPS)
 
     def thunks(self) -> dict:
-        return {
+        out = {
             "limit/read": lambda: C.block(self._read(self.w, self.x)),
             "limit/matmul": lambda: C.block(self._matmul(self.a, self.a)),
         }
+        if self.bf16:
+            out["limit/matmul_bf16"] = lambda: C.block(self._matmul16(self.a16, self.a16))
+        return out
 
     def rates(self, timed: dict) -> dict:
         """{read_gb_per_s, matmul_fp32_gflops} from `interleaved`'s medians."""
         read_bytes = self.READ_REPS * self.w.size * 4
         flops = self.MM_REPS * 2 * self.MM_N**3
-        return {
+        out = {
             "read_gb_per_s": round(read_bytes / timed["limit/read"]["median_s"] / 1e9, 2),
             "matmul_fp32_gflops": round(flops / timed["limit/matmul"]["median_s"] / 1e9, 2),
         }
+        if "limit/matmul_bf16" in timed:
+            out["matmul_bf16_gflops"] = round(
+                flops / timed["limit/matmul_bf16"]["median_s"] / 1e9, 2
+            )
+        return out
 
 
 def run(*, quick: bool = False) -> dict:

@@ -7,7 +7,7 @@
 
 Benchmarks: roofline, decode, multi_adapter, rm, padding, dpo, grpo, ppo, algorithms (KTO,
 ORPO, CPO, SimPO, RLOO, REINFORCE++ on SmolLM2-135M's own weights), trl (jaxrlhf vs TRL +
-PEFT). The roofline runs every time (the others report shares of it). A run with --only
+PEFT; trl_bf16 the same with a bfloat16 base on both sides). The roofline runs every time (the others report shares of it). A run with --only
 rewrites only those sections of BENCHMARKS.md; the others keep their earlier results (each
 states its date).
 """
@@ -59,6 +59,7 @@ ORDER = (
     "ppo",
     "algorithms",
     "trl",
+    "trl_bf16",
 )
 TITLES = {
     "roofline": "Roofline: matmul rate and memory bandwidth",
@@ -71,6 +72,7 @@ TITLES = {
     "ppo": "PPO iteration: LoRA vs full fine-tuning",
     "algorithms": "KTO, ORPO, CPO, SimPO steps and RLOO, REINFORCE++ iterations: LoRA vs full fine-tuning",
     "trl": "jaxrlhf vs TRL + PEFT (PyTorch)",
+    "trl_bf16": "jaxrlhf vs TRL + PEFT (PyTorch), bfloat16 base",
 }
 
 FULL = {
@@ -127,7 +129,8 @@ raw numbers in `benchmarks/results/*.json`):
   KV cache) against the measured memory bandwidth; merged vs unmerged LoRA.
 - **jaxrlhf vs TRL + PEFT** — the same model, weights, batch and LoRA settings (r=16, α=32,
   all seven projections) in both; TRL's real `Trainer.train()` loop timed step by step with a
-  callback, alternating with jaxrlhf steps in the same process.
+  callback, alternating with jaxrlhf steps in the same process; once in fp32 and once with
+  the frozen base in bfloat16 on both sides (adapters fp32), the precision of most RLHF runs.
 
 Compilation, model construction and data preparation are outside every timed region.
 Process peak-RSS deltas are not reported: measured in-process they varied 3× between
@@ -188,9 +191,11 @@ def run_benchmark(name: str, profile: dict, roofline: dict | None, args) -> dict
     if name == "algorithms":
         size = (args.sizes or [profile["algorithms_model"]])[0]
         return algorithms.run(repeats=reps, roofline=roofline, size=size)
-    if name == "trl":
+    if name in ("trl", "trl_bf16"):
         return vs_trl.run(
-            size=args.trl_size or profile["trl_size"], steps=args.repeats or profile["trl_steps"]
+            size=args.trl_size or profile["trl_size"],
+            steps=args.repeats or profile["trl_steps"],
+            dtype="bfloat16" if name == "trl_bf16" else "float32",
         )
     raise ValueError(name)
 
@@ -221,6 +226,7 @@ def render_section(name: str, result: dict) -> str:
         "ppo": ppo.render,
         "algorithms": algorithms.render,
         "trl": vs_trl.render,
+        "trl_bf16": vs_trl.render,
     }[name](result)
     meta = result.get("meta", {})
     m = meta.get("machine", {})
@@ -270,16 +276,16 @@ def headline(results: dict[str, dict]) -> str:
             f"{lo.get('gflops_per_s', 0):.1f} GFLOP/s = "
             f"{100 * (lo.get('roofline_share') or 0):.0f}% of the fp32 matmul roofline."
         )
-    trl = results.get("trl")
-    if trl and trl.get("rows"):
+    for key, precision in (("trl", "fp32"), ("trl_bf16", "bf16 base")):
+        trl = results.get(key)
         parts = [
             f"{r['name']} {r['speedup_jaxrlhf_over_trl']:.2f}×"
-            for r in trl["rows"]
+            for r in (trl or {}).get("rows", [])
             if "speedup_jaxrlhf_over_trl" in r
         ]
         if parts:
             lines.append(
-                f"- jaxrlhf / TRL + PEFT throughput ({trl['size']}): "
+                f"- jaxrlhf / TRL + PEFT throughput ({trl['size']}, {precision}): "
                 + ", ".join(parts)
                 + " (>1: jaxrlhf faster)."
             )

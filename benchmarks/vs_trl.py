@@ -4,7 +4,10 @@ The model is SmolLM2-135M's config with random weights, built once in jaxrlhf an
 into a transformers model (`state_dict_from_params`), so both sides compute the same function.
 LoRA: r=16, alpha=32, dropout 0, all seven projections (+ the score head for the reward model).
 Both sides run fp32 on the CPU, no gradient checkpointing (jaxrlhf's default; TRL's
-default is on, which recomputes activations), AdamW with clipping at 1.0.
+default is on, which recomputes activations), AdamW with clipping at 1.0. With
+`dtype="bfloat16"` both hold and compute the frozen base in bf16 (jaxrlhf: `model.dtype` =
+`model.param_dtype`; torch: the model cast with `.to(bfloat16)`, no autocast) and keep the
+LoRA adapters and their optimizer in fp32 (PEFT upcasts adapters by default).
 
 What is timed on the TRL side: `Trainer.train()` with a callback; one step is
 `on_step_begin` → `on_step_end`, i.e. `training_step` (for GRPO: generation, reward, loss;
@@ -61,8 +64,9 @@ def text(ids) -> str:
     return " ".join(f"t{int(i)}" for i in ids)
 
 
-def hf_model(cfg, params: dict, *, seq_cls: bool):
-    """A transformers Llama (causal LM or sequence classifier) holding `params`."""
+def hf_model(cfg, params: dict, *, seq_cls: bool, dtype: str = "float32"):
+    """A transformers Llama (causal LM or sequence classifier) holding `params` (fp32) in
+    `dtype`."""
     from transformers import AutoConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     from jaxrlhf.models.config import to_hf_dict
@@ -86,7 +90,7 @@ def hf_model(cfg, params: dict, *, seq_cls: bool):
     allowed = {"lm_head.weight"} if not seq_cls else set()
     if set(missing) - allowed or unexpected:
         raise RuntimeError(f"weights do not fit: missing {missing}, unexpected {unexpected}")
-    return model.float()
+    return model.to(getattr(torch, dtype))
 
 
 def peft_config(task: str):
@@ -142,12 +146,13 @@ def _alternating_callback(jax_step):
 def _train_alternating(trainer_fn, jax_run, *, steps: int, warmup: int) -> dict:
     cb = _alternating_callback(jax_run)
     trainer = trainer_fn(cb, warmup + steps)
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    trained = [p for p in trainer.model.parameters() if p.requires_grad]
     trainer.train()
     return {
         "trl": C.summarize(cb.trl[warmup:]),
         "jaxrlhf": C.summarize(cb.jax[warmup:]),
-        "trl_trainable_params": int(trainable),
+        "trl_trainable_params": int(sum(p.numel() for p in trained)),
+        "trl_trainable_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in trained}),
         "attn_implementation": getattr(trainer.model.config, "_attn_implementation", None),
     }
 
@@ -204,7 +209,9 @@ def _grpo_unshared_flops(cfg) -> float:
     return generate + update
 
 
-def compare_rm(cfg, params, tok, *, steps: int, warmup: int, out_dir: str) -> dict:
+def compare_rm(
+    cfg, params, tok, *, steps: int, warmup: int, out_dir: str, dtype: str = "float32"
+) -> dict:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
@@ -217,11 +224,14 @@ def compare_rm(cfg, params, tok, *, steps: int, warmup: int, out_dir: str) -> di
         for _ in range(2)
     )
     case, parts = rm.build_case(
-        "lora", cfg, params, rm.pair_batch(cfg, chosen=c, rejected=r), flops=False
+        "lora",
+        *C.in_dtype(cfg, params, dtype),
+        rm.pair_batch(cfg, chosen=c, rejected=r),
+        flops=False,
     )
     case.run()
     score = {"score": {"kernel": np.asarray(parts["holder"]["state"].trainable["score"]["kernel"])}}
-    model = hf_model(cfg, {**params, **score}, seq_cls=True)
+    model = hf_model(cfg, {**params, **score}, seq_cls=True, dtype=dtype)
     ds = Dataset.from_dict(
         {"chosen_ids": c.tolist() * (steps + warmup), "rejected_ids": r.tolist() * (steps + warmup)}
     )
@@ -250,7 +260,9 @@ def compare_rm(cfg, params, tok, *, steps: int, warmup: int, out_dir: str) -> di
     )
 
 
-def compare_dpo(cfg, params, tok, *, steps: int, warmup: int, out_dir: str) -> dict:
+def compare_dpo(
+    cfg, params, tok, *, steps: int, warmup: int, out_dir: str, dtype: str = "float32"
+) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -263,8 +275,8 @@ def compare_dpo(cfg, params, tok, *, steps: int, warmup: int, out_dir: str) -> d
     r = C.random_ids(rng, (n, lr), cfg.vocab_size)
     eos = np.full((n, 1), 2, np.int32)
     batch = dpo.dpo_batch(cfg, ids=(p, np.concatenate([c, eos], 1), np.concatenate([r, eos], 1)))
-    case = dpo.build_case("lora", cfg, params, batch, flops=False)
-    model = hf_model(cfg, params, seq_cls=False)
+    case = dpo.build_case("lora", *C.in_dtype(cfg, params, dtype), batch, flops=False)
+    model = hf_model(cfg, params, seq_cls=False, dtype=dtype)
     rows = {
         "prompt": [text(x) for x in p],
         "chosen": [" " + text(x) for x in c],
@@ -301,7 +313,9 @@ def compare_dpo(cfg, params, tok, *, steps: int, warmup: int, out_dir: str) -> d
     )
 
 
-def compare_grpo(cfg, params, tok, *, steps: int, warmup: int, out_dir: str) -> dict:
+def compare_grpo(
+    cfg, params, tok, *, steps: int, warmup: int, out_dir: str, dtype: str = "float32"
+) -> dict:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -314,8 +328,10 @@ def compare_grpo(cfg, params, tok, *, steps: int, warmup: int, out_dir: str) -> 
         # The same Python reward TRL gets: the length of each decoded completion.
         return np.asarray([len(s) for s in tok.batch_decode(tokens.tolist())], np.float32)
 
-    case = grpo.build_case("lora", cfg, params, prompts, reward=jax_reward, flops=False)
-    model = hf_model(cfg, params, seq_cls=False)
+    case = grpo.build_case(
+        "lora", *C.in_dtype(cfg, params, dtype), prompts, reward=jax_reward, flops=False
+    )
+    model = hf_model(cfg, params, seq_cls=False, dtype=dtype)
     ds = Dataset.from_dict({"prompt": [text(x) for x in prompts] * (steps + warmup)})
 
     def reward_len(completions, **kwargs):
@@ -363,7 +379,9 @@ def run(
     steps: int,
     warmup: int = 2,
     only: tuple[str, ...] = ("rm", "dpo", "grpo"),
+    dtype: str = "float32",
 ) -> dict:
+    """`dtype`: of the frozen base on both sides (float32 or bfloat16)."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     try:
         import peft  # noqa: F401
@@ -382,6 +400,7 @@ def run(
         "steps": steps,
         "warmup": warmup,
         "trl_version": trl.__version__,
+        "dtype": dtype,
         "rows": [],
     }
     fns = {"rm": compare_rm, "dpo": compare_dpo, "grpo": compare_grpo}
@@ -390,7 +409,9 @@ def run(
             print(f"[trl] {name} ({size})", flush=True)
             try:
                 result["rows"].append(
-                    fns[name](cfg, params, tok, steps=steps, warmup=warmup, out_dir=out_dir)
+                    fns[name](
+                        cfg, params, tok, steps=steps, warmup=warmup, out_dir=out_dir, dtype=dtype
+                    )
                 )
             except Exception as e:  # noqa: BLE001 - report, keep the other comparisons
                 import traceback
@@ -433,6 +454,21 @@ def _share(row: dict, side: str, roof: float | None) -> str:
     return f"{100 * row[f'{side}_gflops_per_s'] / roof:.0f}%"
 
 
+def _precision(result: dict) -> str:
+    dtype = result.get("dtype", "float32")
+    if dtype == "float32":
+        return "fp32 on both sides"
+    peft = ", ".join(
+        f"{r['name']} {'+'.join(r['trl_trainable_dtypes'])}"
+        for r in result["rows"]
+        if r.get("trl_trainable_dtypes")
+    )
+    return (
+        f"the frozen base in {dtype} on both sides; trained parameters fp32 in jaxrlhf, in "
+        f"PEFT: {peft or '?'}"
+    )
+
+
 def render(result: dict) -> str:
     if result.get("skipped"):
         return f"Skipped: {result['skipped']}"
@@ -461,7 +497,8 @@ def render(result: dict) -> str:
     return "\n".join(
         [
             f"Model: {_model_name(result['size'])}, random weights ({m['params'] / 1e6:.0f}M params), the "
-            f"same weights in both; torch threads {result['torch_threads']}; TRL "
+            f"same weights in both; {_precision(result)}; torch threads "
+            f"{result['torch_threads']}; TRL "
             f"{result['trl_version']}. {result['steps']} timed steps per side after "
             f"{result['warmup']} warm-up, alternating TRL and jaxrlhf steps in one process. "
             f"PPO: {result['ppo']}.",
