@@ -1,6 +1,7 @@
 """Where a step's time goes: the XLA ops that take longest, from a `jax.profiler` trace.
 
     python benchmarks/profile_step.py --step rm --size 135M --mode lora [--top 25]
+                                      [--dtype bfloat16]
 
 Not part of `run_all.py`. Compiles the step, runs it once, traces `--steps` more, and prints
 the top ops by total time per step, each with the JAX operation it came from (the HLO
@@ -41,10 +42,13 @@ def main() -> int:
     p.add_argument("--mode", choices=("lora", "full"), default="lora")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="the frozen base's"
+    )
     args = p.parse_args()
 
-    cfg = C.model_config(args.size)
-    params = C.random_params(cfg)
+    base = C.model_config(args.size)
+    cfg, params = C.in_dtype(base, C.random_params(base), args.dtype)
     if args.step == "rm":
         batch = rm.pair_batch(cfg)
         case, _ = rm.build_case(args.mode, cfg, params, batch, flops=False)

@@ -77,3 +77,59 @@ def test_chunked_logprobs_and_gradients_equal_a_full_log_softmax(chunk_size, tem
 def _loss(h, k, weights, with_entropy, fn):
     lp, ent = fn(h, k)
     return jnp.sum(weights * lp) + (0.3 * jnp.sum(ent) if with_entropy else 0.0)
+
+
+def _plain_capped(hidden, kernel, targets, temperature, cap):
+    z = jnp.einsum("btd,dv->btv", hidden, kernel)
+    return _plain_logits(cap * jnp.tanh(z / cap) / temperature, targets)
+
+
+def _plain_logits(logits, targets):
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return picked, -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+@pytest.mark.parametrize("cap", [None, 3.0])
+def test_a_metric_entropy_has_the_values_and_no_gradient(cap):
+    """`entropy_grad=False`: the same log-probs and entropy, and the gradient of a loss that
+    adds the entropy is the gradient of the log-probs alone (the entropy is a logged metric),
+    for a trained and a frozen kernel."""
+    hidden, kernel, targets = _inputs(1)
+    weights = jax.random.normal(jax.random.PRNGKey(4), (B, T))
+    temperature = 0.8
+
+    def plain(h, k):
+        if cap is None:
+            return _plain(h, k, targets, temperature)
+        return _plain_capped(h, k, targets, temperature, cap)
+
+    def metric(h, k):
+        return token_logprobs(
+            {"embed": k.T, "lm_head": {"kernel": k}},
+            h,
+            targets,
+            temperature=temperature,
+            chunk_size=4,
+            with_entropy=True,
+            entropy_grad=False,
+            logit_softcap=cap,
+        )
+
+    lp, ent = metric(hidden, kernel)
+    ref_lp, ref_ent = plain(hidden, kernel)
+    np.testing.assert_allclose(np.asarray(lp), np.asarray(ref_lp), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ent), np.asarray(ref_ent), atol=1e-5)
+
+    def stopped(h, k):
+        lp, ent = plain(h, k)
+        return lp, jax.lax.stop_gradient(ent)
+
+    got = jax.grad(_loss, argnums=(0, 1))(hidden, kernel, weights, True, metric)
+    want = jax.grad(_loss, argnums=(0, 1))(hidden, kernel, weights, True, stopped)
+    with_ent = jax.grad(_loss, argnums=(0, 1))(hidden, kernel, weights, True, plain)
+    for g, w, e in zip(got, want, with_ent, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5)
+        assert np.abs(np.asarray(w) - np.asarray(e)).max() > 1e-3  # the entropy's part is real
+    got_h = jax.grad(_loss)(hidden, kernel, weights, True, metric)  # the kernel frozen
+    np.testing.assert_allclose(np.asarray(got_h), np.asarray(want[0]), atol=1e-5, rtol=1e-5)

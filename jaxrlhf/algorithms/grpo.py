@@ -286,6 +286,7 @@ def response_logprobs(
     with_entropy: bool = False,
     group: int = 1,
     with_aux_loss: bool = False,
+    entropy_grad: bool = True,
 ) -> tuple[jax.Array, ...]:
     """log p (and the entropy) of the response tokens, [B, N], from `[prompt | response]`
     sequences [B, P + N]: token P + j is predicted from the hidden state at P + j − 1.
@@ -328,6 +329,7 @@ def response_logprobs(
         chunk_size=chunk_size,
         with_entropy=with_entropy,
         logit_softcap=model_cfg.final_logit_softcap,
+        entropy_grad=entropy_grad,
     )
     return (lp, entropy, aux) if with_aux_loss else (lp, entropy)
 
@@ -345,7 +347,8 @@ def policy_logprobs(
     with_aux_loss: bool = False,
 ) -> tuple[jax.Array, ...]:
     """log π_θ of the response tokens: the frozen base + the unmerged adapter `cfg.lora`
-    (LoRA) or the trained params (full fine-tuning); see `response_logprobs`."""
+    (LoRA) or the trained params (full fine-tuning); see `response_logprobs`. The entropy
+    is only logged by the group-rollout losses, so it carries no gradient."""
     params, lora, scale = model_views(trainable, frozen, cfg.lora)
     return response_logprobs(
         params,
@@ -360,6 +363,7 @@ def policy_logprobs(
         with_entropy=with_entropy,
         group=cfg.num_generations if cfg.share_prompt else 1,
         with_aux_loss=with_aux_loss,
+        entropy_grad=False,
     )
 
 

@@ -136,6 +136,7 @@ def policy_outputs(
     adapters: Adapters,
     cfg: PPOConfig,
     with_entropy: bool = True,
+    entropy_grad: bool = True,
 ) -> dict:
     """log π and entropy of the response tokens [B, N], V [B, N] (shared critic, or
     the separate critic's own pass), and `aux_loss`: the policy forward's MoE router aux
@@ -158,6 +159,7 @@ def policy_outputs(
         chunk_size=cfg.logprob_chunk,
         with_entropy=with_entropy,
         logit_softcap=model_cfg.final_logit_softcap,
+        entropy_grad=entropy_grad,
     )
     out = {"logprobs": logprobs, "entropy": entropy, "aux_loss": aux}
     if cfg.value_model == "shared":
@@ -320,6 +322,7 @@ def ppo_loss(
         adapters=adapters,
         cfg=cfg,
         with_entropy=True,
+        entropy_grad=cfg.entropy_coef != 0,  # else only logged: the cheaper metric path
     )
     pg_loss, pg_metrics = ppo_policy_loss(
         out["logprobs"],

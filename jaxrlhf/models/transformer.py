@@ -884,11 +884,17 @@ def token_logprobs(
     chunk_size: int = 128,
     with_entropy: bool = False,
     logit_softcap: float | None = None,
+    entropy_grad: bool = True,
 ) -> tuple[jax.Array, jax.Array | None]:
     """log p(targets[b, t] | hidden[b, t]) [B, T] (and the entropy) in float32, computed
     `chunk_size` positions at a time so a full [B, T, V] float32 log-softmax never exists
     (the backward keeps per-token vectors, not logits: `_chunk_logprobs`). A model with a
-    final soft-cap (Gemma 2) must pass `logit_softcap=cfg.final_logit_softcap`: p = softmax(cap·tanh(z/cap)/T)."""
+    final soft-cap (Gemma 2) must pass `logit_softcap=cfg.final_logit_softcap`: p = softmax(cap·tanh(z/cap)/T).
+
+    `entropy_grad=False`: the entropy is a metric, with no gradient (GRPO's logged entropy,
+    PPO's at `entropy_coef` 0); it is then read off the logits the log-probabilities already
+    form, and the log-probabilities keep their hand-written backward (two vocabulary
+    products a chunk instead of differentiating the softmax through three)."""
     kernel = lm_kernel(params).astype(hidden.dtype)
     b, t, d = hidden.shape
     chunk = min(chunk_size, t)
@@ -912,7 +918,17 @@ def token_logprobs(
             return _chunk_logprobs_capped(h_c, kernel, y_c, t, cap), None
         return _chunk_logprobs(h_c, kernel, y_c, t), None
 
-    one_chunk = chunk_with_entropy if with_entropy else chunk
+    def chunk_with_metric_entropy(h_c, y_c):
+        t = jnp.asarray(temperature, jnp.float32)
+        if logit_softcap is not None:
+            cap = jnp.asarray(logit_softcap, jnp.float32)
+            return _chunk_logprobs_entropy_capped(h_c, kernel, y_c, t, cap)
+        return _chunk_logprobs_entropy(h_c, kernel, y_c, t)
+
+    if not with_entropy:
+        one_chunk = chunk
+    else:
+        one_chunk = chunk_with_entropy if entropy_grad else chunk_with_metric_entropy
 
     lp, ent = jax.lax.map(lambda xs: one_chunk(*xs), (h.swapaxes(0, 1), y.swapaxes(0, 1)))
     lp = lp.swapaxes(0, 1).reshape(b, -1)[:, :t]
@@ -970,13 +986,47 @@ def _logit_grads(logits, lse, t, y_c, temperature):
     return d if t is None else d * (1.0 - t * t)
 
 
+@jax.custom_vjp
+def _chunk_logprobs_entropy(h_c, kernel, y_c, temperature):
+    """(`_chunk_logprobs`, the entropy of the same softmax as a value with no gradient)."""
+    lp, logits, lse, _ = _chunk_values(h_c, kernel, y_c, temperature)
+    return lp, _entropy(logits, lse)
+
+
+@jax.custom_vjp
+def _chunk_logprobs_entropy_capped(h_c, kernel, y_c, temperature, cap):
+    """`_chunk_logprobs_entropy` with soft-capped logits."""
+    lp, logits, lse, _ = _chunk_values(h_c, kernel, y_c, temperature, cap)
+    return lp, _entropy(logits, lse)
+
+
+def _entropy(logits, lse):
+    """H(softmax(logits)) = lse − Σ p·l, as `token_logprobs`' differentiable entropy."""
+    return lse - jnp.sum(jnp.exp(logits - lse[..., None]) * logits, axis=-1)
+
+
 def _chunk_fwd(h_c, kernel, y_c, temperature, cap=None):
+    lp, _, _, res = _chunk_fwd_parts(h_c, kernel, y_c, temperature, cap)
+    return lp, res
+
+
+def _chunk_entropy_fwd(h_c, kernel, y_c, temperature, cap=None):
+    lp, logits, lse, res = _chunk_fwd_parts(h_c, kernel, y_c, temperature, cap)
+    return (lp, _entropy(logits, lse)), res
+
+
+def _chunk_entropy_bwd(n_args, res, g):
+    return _chunk_bwd(n_args, res, g[0])  # the entropy's cotangent is dropped: a metric
+
+
+def _chunk_fwd_parts(h_c, kernel, y_c, temperature, cap=None):
+    """(log p, logits, lse, the residuals of `_chunk_bwd`) of one chunk."""
     trained = kernel.perturbed
     h_c, kernel, y_c, temperature = (a.value for a in (h_c, kernel, y_c, temperature))
     cap = None if cap is None else cap.value
     lp, logits, lse, t = _chunk_values(h_c, kernel, y_c, temperature, cap)
     if trained:
-        return lp, (h_c, kernel, y_c, temperature, cap, lse)
+        return lp, logits, lse, (h_c, kernel, y_c, temperature, cap, lse)
     # (onehot − p)·dl/dz contracted with W here, split so no [b, c, V] one-hot is formed:
     # dl_y/dz_y · W[:, y] − Σ_v p_v · dl_v/dz_v · W[:, v]
     probs = jnp.exp(logits - lse[..., None]) / temperature
@@ -988,7 +1038,7 @@ def _chunk_fwd(h_c, kernel, y_c, temperature, cap=None):
     k32 = kernel.astype(jnp.float32)
     direction = jnp.take(k32.T, y_c, axis=0) * picked_scale[..., None]
     direction = direction - jnp.einsum("bcv,dv->bcd", probs, k32)
-    return lp, (kernel, direction)
+    return lp, logits, lse, (kernel, direction)
 
 
 def _chunk_bwd(n_args, res, g):
@@ -1007,6 +1057,12 @@ def _chunk_bwd(n_args, res, g):
 
 _chunk_logprobs.defvjp(_chunk_fwd, functools.partial(_chunk_bwd, 4), symbolic_zeros=True)
 _chunk_logprobs_capped.defvjp(_chunk_fwd, functools.partial(_chunk_bwd, 5), symbolic_zeros=True)
+_chunk_logprobs_entropy.defvjp(
+    _chunk_entropy_fwd, functools.partial(_chunk_entropy_bwd, 4), symbolic_zeros=True
+)
+_chunk_logprobs_entropy_capped.defvjp(
+    _chunk_entropy_fwd, functools.partial(_chunk_entropy_bwd, 5), symbolic_zeros=True
+)
 
 
 # ----------------------------------------------------------------------------- conveniences
