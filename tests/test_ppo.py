@@ -147,7 +147,7 @@ def test_an_entropy_bonus_reaches_the_policy_gradient():
             has_aux=True,
         )(trainable)
 
-    (g0, m0), (g1, m1), (g2, m2) = grads(0.0), grads(0.1), grads(0.2)
+    (g0, m0), (g1, m1), (g2, _) = grads(0.0), grads(0.1), grads(0.2)
     np.testing.assert_allclose(float(m0["policy/entropy"]), float(m1["policy/entropy"]), rtol=1e-6)
     a0, a1, a2 = (np.asarray(g["policy"]["layers"]["q_proj"]["lora_A"]) for g in (g0, g1, g2))
     assert np.abs(a1 - a0).max() > 1e-6  # the bonus is in the gradient
