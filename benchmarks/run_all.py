@@ -32,7 +32,9 @@ def _setup_env() -> None:
         for f in os.environ.get("XLA_FLAGS", "").split()
         if "xla_force_host_platform_device_count" not in f
     ]
-    os.environ["XLA_FLAGS"] = " ".join(flags)
+    from jaxrlhf.cli import with_xla_cpu_flags  # the CLI's XLA flags: measure what users run
+
+    os.environ["XLA_FLAGS"] = with_xla_cpu_flags(" ".join(flags))
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     for k, v in (
         ("HF_HUB_OFFLINE", "1"),

@@ -11,8 +11,24 @@ import argparse
 import os
 import sys
 
+# This jaxlib hands reductions to YNNPACK by default, and its row sums over the LM head's
+# [tokens, vocabulary] logits are slow: without them the profiled ops of a bf16 GRPO update
+# fell from 6.3 to 5.1 s on a 2-core EPYC (docs/speed.md). Products stay on YNNPACK; a
+# user's own setting of the option wins.
+XLA_CPU_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_REDUCE"
+
+
+def with_xla_cpu_flags(xla_flags: str) -> str:
+    """`xla_flags` (the XLA_FLAGS value) with `XLA_CPU_FLAGS` added unless it already sets
+    the YNN fusion types."""
+    if "xla_cpu_experimental_ynn_fusion_type" in xla_flags:
+        return xla_flags
+    return f"{xla_flags} {XLA_CPU_FLAGS}".strip()
+
 
 def _setup_env() -> None:
+    # XLA reads its flags when the backend starts (the first array), after this runs.
+    os.environ["XLA_FLAGS"] = with_xla_cpu_flags(os.environ.get("XLA_FLAGS", ""))
     # Quiet, offline defaults; XLA's CPU collectives need a larger thread pool on small hosts.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -124,3 +124,28 @@ def test_missing_data_file_exits_2(tmp_path, capsys):
 def test_plot_without_metrics_exits_2(tmp_path, capsys):
     assert cli.main(["plot", str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_the_cli_keeps_reductions_off_ynnpack_unless_the_user_chose():
+    # Checked on a compiled log-sum-exp: with the CLI's flag the reduction is XLA's own loop.
+    import subprocess
+    import sys
+
+    assert cli.with_xla_cpu_flags("") == cli.XLA_CPU_FLAGS
+    assert cli.with_xla_cpu_flags("--xla_foo=1") == f"--xla_foo=1 {cli.XLA_CPU_FLAGS}"
+    own = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT"
+    assert cli.with_xla_cpu_flags(own) == own
+    probe = (
+        "import jax, jax.numpy as jnp;"
+        "f = jax.jit(lambda x: jax.nn.logsumexp(x, axis=-1));"
+        "print(f.lower(jnp.ones((64, 4096))).compile().as_text().count('__ynn_fusion'))"
+    )
+
+    def ynn_fusions(flags: str) -> int:
+        env = {"PATH": "/usr/bin:/bin", "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.strip())
+
+    assert ynn_fusions(cli.with_xla_cpu_flags("")) == 0
+    assert ynn_fusions("") > 0  # the flag is what keeps them off in this jaxlib
