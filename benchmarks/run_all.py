@@ -32,9 +32,6 @@ def _setup_env() -> None:
         for f in os.environ.get("XLA_FLAGS", "").split()
         if "xla_force_host_platform_device_count" not in f
     ]
-    from jaxrlhf.cli import with_xla_cpu_flags  # the CLI's XLA flags: measure what users run
-
-    os.environ["XLA_FLAGS"] = with_xla_cpu_flags(" ".join(flags))
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     for k, v in (
         ("HF_HUB_OFFLINE", "1"),
@@ -47,6 +44,11 @@ def _setup_env() -> None:
         os.environ.setdefault(k, v)
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+    # The CLI's XLA flags, to measure what users run. Imported last: it imports jax, which
+    # reads JAX_PLATFORMS on import; XLA reads its flags later, when the backend starts.
+    from jaxrlhf.cli import with_xla_cpu_flags
+
+    os.environ["XLA_FLAGS"] = with_xla_cpu_flags(" ".join(flags))
 
 
 ROOFLINE_KEYS = ("matmul_fp32_gflops", "bandwidth_gb_per_s")
