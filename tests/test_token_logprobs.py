@@ -133,3 +133,37 @@ def test_a_metric_entropy_has_the_values_and_no_gradient(cap):
         assert np.abs(np.asarray(w) - np.asarray(e)).max() > 1e-3  # the entropy's part is real
     got_h = jax.grad(_loss)(hidden, kernel, weights, True, metric)  # the kernel frozen
     np.testing.assert_allclose(np.asarray(got_h), np.asarray(want[0]), atol=1e-5, rtol=1e-5)
+
+
+def test_a_bf16_kernel_gives_the_float32_gradients_to_bf16_accuracy():
+    """A bf16 base, its LM head frozen (LoRA) or trained: the log-probs and the gradients,
+    whose vocabulary products take the probabilities (or the logits' cotangent) in bf16 with
+    a float32 sum, follow the float32 computation on the same bf16-representable inputs."""
+    hidden, kernel, targets = _inputs(2)
+    hidden = hidden.astype(jnp.bfloat16)
+    kernel = (kernel * 4).astype(jnp.bfloat16)  # peaked softmaxes: probabilities near 1 and 0
+    weights = jax.random.normal(jax.random.PRNGKey(5), (B, T))
+
+    def chunked(h, k):
+        return token_logprobs(
+            {"embed": k.T, "lm_head": {"kernel": k}}, h, targets, temperature=0.7, chunk_size=4
+        )
+
+    def plain(h, k):
+        return _plain(h.astype(jnp.float32), k.astype(jnp.float32), targets, 0.7)
+
+    lp, _ = chunked(hidden, kernel)
+    np.testing.assert_allclose(np.asarray(lp), np.asarray(plain(hidden, kernel)[0]), atol=2e-5)
+    got = jax.grad(_loss)(hidden, kernel, weights, False, chunked)
+    want = np.asarray(jax.grad(_loss)(hidden, kernel, weights, False, plain), np.float32)
+    assert got.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(got, np.float32) - want)
+    assert err.max() <= 2.0**-7 * np.abs(want).max(), err.max() / np.abs(want).max()
+    # a trained kernel (full fine-tuning): the cotangent of the logits in bf16, as PyTorch's
+    got_hk = jax.grad(_loss, argnums=(0, 1))(hidden, kernel, weights, False, chunked)
+    want_hk = jax.grad(_loss, argnums=(0, 1))(hidden, kernel, weights, False, plain)
+    for g, w in zip(got_hk, want_hk, strict=True):
+        assert g.dtype == jnp.bfloat16
+        w = np.asarray(w, np.float32)
+        err = np.abs(np.asarray(g, np.float32) - w)
+        assert err.max() <= 2.0**-7 * np.abs(w).max(), err.max() / np.abs(w).max()

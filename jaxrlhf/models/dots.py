@@ -36,6 +36,14 @@ def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return _dot(spec, a, b, a.dtype)
 
 
+def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """`jnp.einsum(spec, a, b)` accumulated and returned in float32, for products whose
+    result feeds float32 arithmetic (the LM head's gradient direction). JAX's own backward."""
+    if not _accumulate_in_f32(a, b):
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    return _dot(spec, a, b, jnp.float32)
+
+
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """`x · w` for x [..., in] and w [in, out], in x's dtype, accumulated in float32 (with the
     backward described above)."""

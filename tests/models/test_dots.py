@@ -84,6 +84,25 @@ def test_bf16_matmul_backward_rounds_the_cotangent_and_accumulates_in_f32(transp
     _assert_rounded_f32(gw, np.einsum("bti,bto->io", x64, c64))
 
 
+def test_einsum_f32_keeps_the_float32_accumulation_of_bf16_operands():
+    """`einsum_f32`: bf16 operands, the float32 sum unrounded (the LM head's gradient
+    direction, which feeds float32 arithmetic); float32 operands, the plain einsum."""
+    rng = np.random.default_rng(3)
+    p, p16 = _bf16(rng, (2, 3, 300))
+    w, w16 = _bf16(rng, (16, 300))
+    got = jax.jit(lambda a, b: dots.einsum_f32("bcv,dv->bcd", a, b))(p16, w16)
+    assert got.dtype == jnp.float32
+    exact = np.einsum("bcv,dv->bcd", p.astype(np.float64), w.astype(np.float64))
+    scale = np.abs(p).max() * np.abs(w).max() * 300
+    np.testing.assert_allclose(np.asarray(got), exact, atol=scale * 2.0**-22, rtol=0)
+    rounded = np.asarray(dots.einsum("bcv,dv->bcd", p16, w16), np.float32)
+    assert np.abs(exact - rounded).max() > 100 * np.abs(exact - np.asarray(got)).max()
+    p32, w32 = jnp.asarray(p), jnp.asarray(w)
+    np.testing.assert_array_equal(
+        dots.einsum_f32("bcv,dv->bcd", p32, w32), jnp.einsum("bcv,dv->bcd", p32, w32)
+    )
+
+
 def test_bf16_sum_of_one_operand_is_refused():
     a = jnp.ones((2, 3), BF16)
     with pytest.raises(ValueError, match="sums an axis"):
