@@ -16,6 +16,8 @@ functions emit the plain dot (the same numbers, and the program XLA tunes for th
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -42,6 +44,26 @@ def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     if not _accumulate_in_f32(a, b):
         return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
     return _dot(spec, a, b, jnp.float32)
+
+
+def einsum_grad(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """`jnp.einsum(spec, a, b)` in a's dtype, accumulated in float32, with the backward
+    described above for any spec: the cotangent rounded to the operands' dtype, each
+    gradient a float32-accumulated product. For products that gradients flow through and
+    that `matmul` does not cover (a mixture's stacked experts, their LoRA)."""
+    if not _accumulate_in_f32(a, b):
+        return jnp.einsum(spec, a, b)
+    return _lowp_einsum(spec, a, b)
+
+
+def ragged_dot(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """`jax.lax.ragged_dot(x, w, group_sizes)` (rows sorted by group, each through its own
+    w[g]) in x's dtype, accumulated in float32; JAX's own backward. In bf16 on the CPU the
+    float32-result form ran the forward 2.4× faster (8 experts, 512 rows, 576 -> 256)."""
+    if not _accumulate_in_f32(x, w):
+        return jax.lax.ragged_dot(x, w, group_sizes)
+    y = jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -87,6 +109,26 @@ def _dot(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
     ).astype(dtype)
     natural = batch + free_a + free_b
     return jnp.transpose(y, tuple(natural.index(c) for c in out))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lowp_einsum(spec, a, b):
+    return _dot(spec, a, b, a.dtype)
+
+
+def _lowp_einsum_fwd(spec, a, b):
+    return _lowp_einsum(spec, a, b), (a, b)
+
+
+def _lowp_einsum_bwd(spec, res, g):
+    a, b = res
+    lhs, rest = spec.split(",")
+    rhs, out = rest.split("->")
+    g = g.astype(a.dtype)
+    return _dot(f"{out},{rhs}->{lhs}", g, b, a.dtype), _dot(f"{lhs},{out}->{rhs}", a, g, b.dtype)
+
+
+_lowp_einsum.defvjp(_lowp_einsum_fwd, _lowp_einsum_bwd)
 
 
 @jax.custom_vjp

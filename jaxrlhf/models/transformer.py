@@ -526,20 +526,21 @@ def route(router_logits: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Ar
 
 def _expert_linear_dense(x_en, w, lora, lora_scale):
     """Every expert on every token: x [E, N, in] · W [E, in, out] (+ LoRA) -> [E, N, out]."""
-    y = jnp.einsum("eni,eio->eno", x_en, read_kernel(w, x_en.dtype))
+    y = dots.einsum_grad("eni,eio->eno", x_en, read_kernel(w, x_en.dtype))
     if lora is not None:
-        xa = jnp.einsum("eni,eir->enr", x_en, lora["lora_A"].astype(x_en.dtype))
-        y = y + jnp.einsum("enr,ero->eno", xa, lora["lora_B"].astype(x_en.dtype)) * lora_scale
+        xa = dots.einsum_grad("eni,eir->enr", x_en, lora["lora_A"].astype(x_en.dtype))
+        delta = dots.einsum_grad("enr,ero->eno", xa, lora["lora_B"].astype(x_en.dtype))
+        y = y + delta * lora_scale
     return y
 
 
 def _expert_linear_ragged(x_sorted, w, lora, lora_scale, group_sizes):
     """Rows sorted by expert, each through its own expert: `jax.lax.ragged_dot` (+ LoRA)."""
-    y = jax.lax.ragged_dot(x_sorted, read_kernel(w, x_sorted.dtype), group_sizes)
+    y = dots.ragged_dot(x_sorted, read_kernel(w, x_sorted.dtype), group_sizes)
     if lora is not None:
         a, bb = (lora[n].astype(x_sorted.dtype) for n in ("lora_A", "lora_B"))
-        xa = jax.lax.ragged_dot(x_sorted, a, group_sizes)
-        y = y + jax.lax.ragged_dot(xa, bb, group_sizes) * lora_scale
+        xa = dots.ragged_dot(x_sorted, a, group_sizes)
+        y = y + dots.ragged_dot(xa, bb, group_sizes) * lora_scale
     return y
 
 
@@ -576,7 +577,7 @@ def moe_mlp(
         out = _expert_linear_dense(
             jax.nn.silu(gate) * up, experts["down_proj"], lora.get("down_proj"), lora_scale
         )
-        y = jnp.einsum("end,ne->nd", out, combine.astype(out.dtype))
+        y = dots.einsum_grad("end,ne->nd", out, combine.astype(out.dtype))
     else:
         k = cfg.num_experts_per_tok
         flat = chosen.reshape(-1)

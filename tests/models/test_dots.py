@@ -84,6 +84,49 @@ def test_bf16_matmul_backward_rounds_the_cotangent_and_accumulates_in_f32(transp
     _assert_rounded_f32(gw, np.einsum("bti,bto->io", x64, c64))
 
 
+@pytest.mark.parametrize(
+    "spec, sa, sb",
+    [
+        ("eni,eio->eno", (3, 5, 64), (3, 64, 40)),  # a mixture's stacked experts
+        ("end,ne->nd", (4, 6, 32), (6, 4)),  # their routing-weighted combination
+    ],
+)
+def test_bf16_einsum_grad_rounds_the_cotangent_and_accumulates_in_f32(spec, sa, sb):
+    """`einsum_grad`: the product and both gradients of Σ c ⊙ einsum(a, b) are float32
+    products of bf16 operands (the cotangent c rounded first), rounded to bf16."""
+    rng = np.random.default_rng(5)
+    a, a16 = _bf16(rng, sa)
+    b, b16 = _bf16(rng, sb)
+    out_shape = np.einsum(spec, a, b).shape
+    c, c16 = _bf16(rng, out_shape)
+
+    def loss(x, y):
+        return jnp.sum((dots.einsum_grad(spec, x, y) * c16).astype(jnp.float32))
+
+    value, (ga, gb) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(a16, b16)
+    assert ga.dtype == BF16 and gb.dtype == BF16
+    lhs, rest = spec.split(",")
+    rhs, out = rest.split("->")
+    a64, b64, c64 = (v.astype(np.float64) for v in (a, b, c))
+    _assert_rounded_f32(dots.einsum_grad(spec, a16, b16), np.einsum(spec, a64, b64))
+    _assert_rounded_f32(ga, np.einsum(f"{out},{rhs}->{lhs}", c64, b64))
+    _assert_rounded_f32(gb, np.einsum(f"{lhs},{out}->{rhs}", a64, c64))
+    a32, b32 = jnp.asarray(a), jnp.asarray(b)
+    np.testing.assert_array_equal(dots.einsum_grad(spec, a32, b32), jnp.einsum(spec, a32, b32))
+
+
+def test_bf16_ragged_dot_is_the_float32_product_rounded():
+    rng = np.random.default_rng(6)
+    x, x16 = _bf16(rng, (10, 64))
+    w, w16 = _bf16(rng, (3, 64, 24))
+    sizes = np.array([4, 0, 6], np.int32)
+    got = jax.jit(dots.ragged_dot)(x16, w16, jnp.asarray(sizes))
+    assert got.dtype == BF16
+    group = np.repeat(np.arange(3), sizes)
+    exact = np.einsum("ni,nio->no", x.astype(np.float64), w.astype(np.float64)[group])
+    _assert_rounded_f32(got, exact)
+
+
 def test_einsum_f32_keeps_the_float32_accumulation_of_bf16_operands():
     """`einsum_f32`: bf16 operands, the float32 sum unrounded (the LM head's gradient
     direction, which feeds float32 arithmetic); float32 operands, the plain einsum."""
@@ -164,6 +207,37 @@ def test_bf16_forward_and_grads_follow_float32():
     def run(cfg, p):
         def loss(lora):
             logits = forward(p, ids, mask, cfg=cfg, lora=lora, lora_scale=scale)
+            logits = logits.astype(jnp.float32)
+            return jnp.sum(jax.nn.log_softmax(logits)[..., 0] * mask), logits
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(lora)
+
+    (_, l32), g32 = run(cfg32, params)
+    (_, l16), g16 = run(cfg16, params16)
+    assert np.max(np.abs(np.asarray(l16) - np.asarray(l32))) < 0.05 * np.max(np.abs(l32))
+    for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g16), strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.linalg.norm(a - b) <= 0.05 * np.linalg.norm(a) + 1e-6
+
+
+@pytest.mark.parametrize("dispatch", ["dense", "ragged"])
+def test_bf16_mixture_of_experts_follows_float32(dispatch):
+    """A bf16 mixture (experts, their LoRA and the combination on `dots`) computes the
+    float32 model's logits and adapter gradients to bfloat16 accuracy, both dispatches."""
+    cfg32 = tiny_config(num_layers=2, num_experts=4, num_experts_per_tok=2, moe_dispatch=dispatch)
+    params = init_params(jax.random.PRNGKey(0), cfg32)
+    lcfg = LoraConfig(r=4, alpha=8, target_modules=("q_proj", "gate_proj", "down_proj"))
+    lora = init_lora(jax.random.PRNGKey(1), params, lcfg, cfg32)
+    lora = jax.tree.map(lambda x: x + 0.01 if x.ndim else x, lora)
+    assert lora["layers"]["experts"]["down_proj"]["lora_A"].shape[:2] == (2, 4)
+    ids = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, cfg32.vocab_size)
+    mask = jnp.ones_like(ids).at[1, :3].set(0)
+    cfg16 = dataclasses.replace(cfg32, dtype="bfloat16")
+    params16 = jax.tree.map(lambda x: x.astype(BF16), params)
+
+    def run(cfg, p):
+        def loss(lora):
+            logits = forward(p, ids, mask, cfg=cfg, lora=lora, lora_scale=lcfg.scale)
             logits = logits.astype(jnp.float32)
             return jnp.sum(jax.nn.log_softmax(logits)[..., 0] * mask), logits
 
