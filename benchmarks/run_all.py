@@ -5,7 +5,7 @@
     python benchmarks/run_all.py --quick         # a 1–2 minute smoke version (a 2M model);
                                                  # results/quick/*.json, BENCHMARKS.md untouched
 
-Benchmarks: roofline, decode, multi_adapter, rm, padding, dpo, grpo, ppo, algorithms (KTO,
+Benchmarks: roofline, decode (decode_bf16 with a bfloat16 base), multi_adapter, rm, padding, dpo, grpo, ppo, algorithms (KTO,
 ORPO, CPO, SimPO, RLOO, REINFORCE++ on SmolLM2-135M's own weights), trl (jaxrlhf vs TRL +
 PEFT; trl_bf16 the same with a bfloat16 base on both sides). The roofline runs every time (the others report shares of it). A run with --only
 rewrites only those sections of BENCHMARKS.md; the others keep their earlier results (each
@@ -55,6 +55,7 @@ ROOFLINE_KEYS = ("matmul_fp32_gflops", "bandwidth_gb_per_s")
 ORDER = (
     "roofline",
     "decode",
+    "decode_bf16",
     "multi_adapter",
     "rm",
     "padding",
@@ -68,6 +69,7 @@ ORDER = (
 TITLES = {
     "roofline": "Roofline: matmul rate and memory bandwidth",
     "decode": "Decode (KV-cache sampler)",
+    "decode_bf16": "Decode (KV-cache sampler), bfloat16 base",
     "multi_adapter": "Several adapters in one rollout batch",
     "rm": "Reward-model step: LoRA vs full fine-tuning",
     "padding": "Padding: buckets, length grouping, prompt once",
@@ -82,6 +84,7 @@ TITLES = {
 FULL = {
     "sizes": {
         "decode": ["10M", "60M", "135M"],
+        "decode_bf16": ["135M"],
         "rm": ["10M", "60M", "135M"],
         "dpo": ["10M", "135M"],
         "grpo": ["10M", "60M"],
@@ -97,7 +100,7 @@ FULL = {
     "multi_adapter": {"model_path": "default", "size": "135M"},  # SmolLM2-135M itself
 }
 QUICK = {
-    "sizes": {k: ["2M"] for k in ("decode", "rm", "dpo", "grpo", "ppo")},
+    "sizes": {k: ["2M"] for k in ("decode", "decode_bf16", "rm", "dpo", "grpo", "ppo")},
     "repeats": 2,
     "decode_batches": (16,),
     "breakdown": ("2M",),
@@ -171,11 +174,12 @@ def run_benchmark(name: str, profile: dict, roofline: dict | None, args) -> dict
 
     sizes = lambda n: args.sizes or profile["sizes"][n]  # noqa: E731
     reps = args.repeats or profile["repeats"]
-    if name == "decode":
+    if name in ("decode", "decode_bf16"):
         return decode.run(
-            sizes=sizes("decode"),
+            sizes=sizes(name),
             batches=profile["decode_batches"],
             repeats=reps,
+            dtype="bfloat16" if name == "decode_bf16" else "float32",
         )
     if name == "multi_adapter":
         return multi_adapter.run(**profile["multi_adapter"], repeats=reps)
@@ -224,6 +228,7 @@ def render_section(name: str, result: dict) -> str:
     body = {
         "roofline": roofline.render,
         "decode": decode.render,
+        "decode_bf16": decode.render,
         "multi_adapter": multi_adapter.render,
         "rm": rm.render,
         "padding": padding.render,
@@ -246,7 +251,7 @@ def render_section(name: str, result: dict) -> str:
         "",
     ]
     used = result.get("roofline_used")
-    if used and name not in ("roofline", "decode"):  # decode times its limits per row
+    if used and name not in ("roofline", "decode", "decode_bf16"):  # decode times its own
         head += [
             "Shares are of the roofline measured in the same run: fp32 matmul "
             f"{used['matmul_fp32_gflops']:.1f} GFLOP/s, memory {used['bandwidth_gb_per_s']:.1f} GB/s.",
@@ -311,28 +316,36 @@ def headline(results: dict[str, dict]) -> str:
             f"({last['slots_over_unshared']:.2f} token slots per real token); epoch "
             f"{last['speedup_over_max']:.2f}× faster than padding to max_length."
         )
-    dec = results.get("decode")
-    if dec and dec.get("rows"):
-        merged = [x for x in dec["rows"] if x["variant"] == "merged"]
-        biggest = max(x["params"] for x in merged)
-        by_batch = {x["batch"]: x for x in merged if x["params"] == biggest}
-        parts = []
-        for b in sorted(by_batch):
-            r = by_batch[b]
-            share, limit = (
-                (r.get("bandwidth_share"), "read")
-                if b == 1
-                else (r.get("roofline_share"), "fp32 matmul")
-            )
-            parts.append(
-                f"batch {b} {r['decode_tokens_per_s']:.0f} tokens/s "
-                f"({100 * (share or 0):.0f}% of the {limit} limit)"
-            )
-        lines.append(
-            f"- Decode ({by_batch[min(by_batch)]['size']}): {', '.join(parts)}; limits timed "
-            "in the same rounds."
-        )
+    for key in ("decode", "decode_bf16"):
+        dec = results.get(key)
+        if dec and dec.get("rows"):
+            lines.append(decode_headline(dec))
     return "\n".join(lines) + "\n"
+
+
+def decode_headline(dec: dict) -> str:
+    """The merged rows of the largest model: batch 1 against the read limit, larger batches
+    against the fp32 matmul limit, both timed in the same rounds."""
+    merged = [x for x in dec["rows"] if x["variant"] == "merged"]
+    biggest = max(x["params"] for x in merged)
+    by_batch = {x["batch"]: x for x in merged if x["params"] == biggest}
+    parts = []
+    for b in sorted(by_batch):
+        r = by_batch[b]
+        share, limit = (
+            (r.get("bandwidth_share"), "read")
+            if b == 1
+            else (r.get("roofline_share"), "fp32 matmul")
+        )
+        parts.append(
+            f"batch {b} {r['decode_tokens_per_s']:.0f} tokens/s "
+            f"({100 * (share or 0):.0f}% of the {limit} limit)"
+        )
+    precision = "" if dec.get("dtype", "float32") == "float32" else ", bf16 base"
+    return (
+        f"- Decode ({by_batch[min(by_batch)]['size']}{precision}): {', '.join(parts)}; "
+        "limits timed in the same rounds."
+    )
 
 
 def C_bytes(n: float) -> str:
