@@ -150,11 +150,11 @@ dpo`, `--step grpo` too).
 
 **Machines.** Each section names the machine it ran on, and the machine under this project
 has changed: compare ratios within a section, not absolute times across sections. The
-decode and fp32 TRL sections were last run on an Intel Xeon with AVX-512 and AMX
-(2026-12-02/03; fp32 matmul 140–186 GFLOP/s, read 25–34 GB/s, as the host's load moved; the
-decode section's Zen 3 and AVX-512 EPYC results are in docs/rollout_engine.md); the
-roofline and the bf16 TRL section on an AMD EPYC with AVX-512 (2026-12-04, fp32 matmul
-~180–200 GFLOP/s, with YNNPACK's reductions off as the CLI runs: docs/speed.md); other
+fp32 TRL section was last run on an Intel Xeon with AVX-512 and AMX (2026-12-02/03; fp32
+matmul 140–186 GFLOP/s, read 25–34 GB/s, as the host's load moved; the decode section's
+earlier Zen 3 and Xeon results are in docs/rollout_engine.md); the roofline, both decode
+sections and the bf16 TRL section on an AMD EPYC with AVX-512 (2026-12-04/05, fp32 matmul
+~180–210 GFLOP/s, with YNNPACK's reductions off as the CLI runs: docs/speed.md); other
 sections come from an
 AMD EPYC with AVX-512 (fp32 matmul ~430 GFLOP/s) or an Intel Xeon, as their lines say. These
 are VMs on shared hosts: from 2026-12-03 each section also says how much CPU time the host
