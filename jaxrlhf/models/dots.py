@@ -71,14 +71,43 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     backward described above)."""
     if not _accumulate_in_f32(x, w):
         return jnp.einsum("...i,io->...o", x, w)
-    return _lowp_matmul(x, w)
+    return _on_two_rows(_lowp_matmul, x, w) if _is_one_row(x) else _lowp_matmul(x, w)
 
 
 def matmul_t(x: jax.Array, w_t: jax.Array) -> jax.Array:
     """`x · w_tᵀ` for a weight stored [out, in] (the rollout layout), accumulated in float32."""
     if not _accumulate_in_f32(x, w_t):
         return jnp.einsum("...i,oi->...o", x, w_t)
-    return _lowp_matmul_t(x, w_t)
+    return _on_two_rows(_lowp_matmul_t, x, w_t) if _is_one_row(x) else _lowp_matmul_t(x, w_t)
+
+
+def row_logits(x: jax.Array, table: jax.Array, *, transposed: bool) -> jax.Array:
+    """One row's vocabulary logits in float32: `x · table` for an lm_head kernel [D, V], or
+    `x · tableᵀ` for a tied embedding [V, D] (`transposed`), x [..., D] a single row. Low
+    precision on the CPU goes through two rows (`_on_two_rows`); otherwise the plain
+    einsum (for float32, the same program as before)."""
+    if not _accumulate_in_f32(x, table):
+        w = table.T if transposed else table
+        return jnp.einsum("...i,io->...o", x, w, preferred_element_type=jnp.float32)
+    spec = "ni,oi->no" if transposed else "ni,io->no"
+    return _on_two_rows(lambda r, w: _dot(spec, r, w, jnp.float32), x, table)
+
+
+def _is_one_row(x: jax.Array) -> bool:
+    return x.size == x.shape[-1]
+
+
+def _on_two_rows(product, x: jax.Array, w: jax.Array) -> jax.Array:
+    """`product(x, w)` for a single row x [..., in] (a batch-1 decode step), computed on that
+    row and a row of zeros, which adds nothing to the first. XLA:CPU runs a one-row bf16 →
+    f32 dot as a float32 one, on a float32 copy of the whole weight (inside a decode loop
+    it hoists that conversion out: a float32 copy of every weight per call), while two rows
+    take its bf16 kernel on the weight as it lies. On an AVX-512 EPYC the bare products of
+    SmolLM2-135M's shapes ran 3–11× faster (38 vs 3.3–3.6 ms for its 49,152 × 576 table),
+    and its bf16 batch-1 generate (32 tokens) 1.27 → 0.96 s with 765 → 340 MB of temporaries."""
+    rows = jnp.pad(x.reshape(1, x.shape[-1]), ((0, 1), (0, 0)))
+    y = product(rows, w)[:1]
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _dot(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:

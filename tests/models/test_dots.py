@@ -56,6 +56,62 @@ def test_bf16_products_are_float32_products_rounded(spec, sa, sb):
     _assert_rounded_f32(got, exact)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_one_bf16_row_is_the_float32_product_rounded(transposed):
+    """A single row (a batch-1 decode step) goes through two rows (`_on_two_rows`): the same
+    rounded float32 product, of every leading shape of one row."""
+    rng = np.random.default_rng(7)
+    x, x16 = _bf16(rng, (1, 1, 64))
+    w, w16 = _bf16(rng, (48, 64) if transposed else (64, 48))
+    fn = dots.matmul_t if transposed else dots.matmul
+    exact = x.astype(np.float64) @ (w.T if transposed else w).astype(np.float64)
+    got = jax.jit(fn)(x16, w16)
+    assert got.dtype == BF16
+    _assert_rounded_f32(got, exact)
+    _assert_rounded_f32(jax.jit(fn)(x16[0, 0], w16), exact[0, 0])
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_one_row_logits_keep_the_float32_sum(transposed):
+    """`row_logits`: one row against the vocabulary table ([V, D] tied, [D, V] lm_head), the
+    float32 sum unrounded for bf16 operands, the plain einsum for float32 ones."""
+    rng = np.random.default_rng(8)
+    x, x16 = _bf16(rng, (1, 1, 96))
+    w, w16 = _bf16(rng, (300, 96) if transposed else (96, 300))
+    kernel = (w.T if transposed else w).astype(np.float64)
+    got = jax.jit(lambda a, b: dots.row_logits(a, b, transposed=transposed))(x16, w16)
+    assert got.dtype == jnp.float32 and got.shape == (1, 1, 300)
+    exact = x.astype(np.float64) @ kernel
+    scale = np.abs(x).max() * np.abs(w).max() * 96
+    np.testing.assert_allclose(np.asarray(got), exact, atol=scale * 2.0**-22, rtol=0)
+    x32, w32 = jnp.asarray(x), jnp.asarray(w)
+    plain = jnp.einsum("...i,io->...o", x32, w32.T if transposed else w32)
+    np.testing.assert_array_equal(dots.row_logits(x32, w32, transposed=transposed), plain)
+
+
+@pytest.mark.parametrize(
+    "product",
+    [
+        dots.matmul,
+        dots.matmul_t,
+        lambda x, w: dots.row_logits(x, w, transposed=True).astype(x.dtype),
+        lambda x, w: dots.row_logits(x, w, transposed=False).astype(x.dtype),
+    ],
+)
+def test_a_one_row_bf16_loop_keeps_no_float32_copy_of_the_weight(product):
+    """XLA:CPU runs a one-row bf16 dot on a float32 copy of the weight, and in a loop hoists
+    that copy out: a decode loop held a float32 copy of every weight (SmolLM2-135M: 765 vs
+    340 MB of temporaries). Through two rows, the loop's temporaries stay a few rows."""
+    w = jnp.ones((768, 768), BF16)
+    x = jnp.ones((1, 1, 768), BF16)
+
+    def loop(w, x):
+        return jax.lax.fori_loop(0, 4, lambda i, x: product(x, w) * 0.5, x)
+
+    compiled = jax.jit(loop).lower(w, x).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < w.size  # under a bf16 copy's half
+
+
 def test_float32_products_are_plain_einsums():
     rng = np.random.default_rng(1)
     a = jnp.asarray(rng.standard_normal((4, 64)), jnp.float32)
